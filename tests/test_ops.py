@@ -1,0 +1,245 @@
+"""The compiled odconv2d op against the reference: values, gradients, registration, bad input."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import odconv
+from conftest import GRID, case_id, make_inputs, requires_extension, tolerances, unpack
+from odconv.reference import odconv2d_reference
+
+NAMES = ("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att")
+
+
+def ext(inputs, stride, padding, dilation, groups):
+    return torch.ops.odconv.odconv2d(*inputs, list(stride), list(padding), list(dilation), groups)
+
+
+def assert_matches_reference(inputs, stride, padding, dilation, groups, dtype, ref_inputs=None):
+    """Output and all six gradients of the extension equal the float64 reference's, to dtype precision."""
+    ref_inputs = ref_inputs or [t.detach().double().requires_grad_() for t in inputs]
+    out = ext(inputs, stride, padding, dilation, groups)
+    expected = odconv2d_reference(*ref_inputs, stride, padding, dilation, groups)
+    rtol, atol = tolerances(dtype)
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, inputs, grad.to(dtype), allow_unused=False)
+    want = torch.autograd.grad(expected, ref_inputs, grad)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape, name
+        # gradients are sums over the batch/pixels: scale the absolute tolerance by their magnitude
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad {name}: {m}")
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_extension_matches_reference(case, dtype):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+    assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_extension_low_precision(dtype):
+    inputs64 = make_inputs(4, 8, 8, 6, 3, 4, 1)
+    inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+    # compare against the reference evaluated on the rounded inputs, in float64
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    expected = odconv2d_reference(*ref_inputs, (1, 1), (1, 1), (1, 1), 1)
+    # bf16 output rounding (2^-8 relative) on values of magnitude ~|expected|
+    torch.testing.assert_close(out.double(), expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@requires_extension
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "expanded_attention"])
+def test_extension_strided_inputs(layout):
+    dtype = torch.float32
+    inputs = make_inputs(3, 6, 8, 7, 3, 3, 2, dtype=dtype, requires_grad=False)
+    x, weight, channel, filt, spatial, kern = inputs
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.transpose(3, 4).contiguous().transpose(3, 4)
+    elif layout == "non_contiguous":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # stride 2 along W
+        weight = weight.transpose(0, 1).contiguous().transpose(0, 1)
+        filt = torch.cat([filt, filt], dim=1)[:, ::2]
+    else:
+        channel = channel[:1].expand(3, -1)
+        spatial = spatial.transpose(1, 2)
+    inputs = [t.detach().requires_grad_() for t in (x, weight, channel, filt, spatial, kern)]
+    assert not all(t.is_contiguous() for t in inputs)
+    assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 2, dtype)
+
+
+@requires_extension
+@pytest.mark.parametrize("case", [GRID[0], GRID[3], GRID[5], GRID[8], GRID[10]], ids=case_id)
+def test_gradcheck(case):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups)
+    assert torch.autograd.gradcheck(lambda *t: ext(t, stride, padding, dilation, groups), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+def test_only_requested_gradients_are_computed():
+    x, weight, channel, filt, spatial, kern = make_inputs(2, 4, 6, 5, 3, 2, 1)
+    x.requires_grad_(False)
+    out = ext([x, weight, channel, filt, spatial, kern], (1, 1), (1, 1), (1, 1), 1)
+    out.sum().backward()
+    assert x.grad is None and weight.grad is not None and kern.grad is not None
+    mask_out = torch.ops.odconv.odconv2d_backward(torch.ones_like(out), x, weight, channel, filt, spatial, kern,
+                                                  [1, 1], [1, 1], [1, 1], 1, [True, False])
+    assert not mask_out[1].any() and mask_out[0].any()
+
+
+@requires_extension
+@pytest.mark.parametrize("case", [GRID[0], GRID[4], GRID[7]], ids=case_id)
+def test_opcheck(case):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)
+    args = (*inputs, list(stride), list(padding), list(dilation), groups)
+    torch.library.opcheck(torch.ops.odconv.odconv2d.default, args)
+    out = torch.ops.odconv.odconv2d(*args).detach()
+    plain = [t.detach() for t in inputs]
+    backward_args = (torch.randn_like(out), *plain, list(stride), list(padding), list(dilation), groups, [True, True])
+    torch.library.opcheck(torch.ops.odconv.odconv2d_backward.default, backward_args)
+
+
+@requires_extension
+def test_compile_one_graph_for_all_batch_sizes():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(odconv.ODConv2d(4, 8, 3, padding=1), torch.nn.ReLU(),
+                                odconv.ODConv2d(8, 8, 3, padding=1, groups=2, kernel_num=2))
+    compiled_model = copy.deepcopy(eager)
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True, dynamic=True)
+    backend_calls = []
+    for batch in (2, 3, 5, 7):
+        x = torch.randn(batch, 4, 6, 6)
+        want = eager(x)
+        want_grads = torch.autograd.grad(want.square().sum(), list(eager.parameters()))
+        got = compiled(x)
+        got_grads = torch.autograd.grad(got.square().sum(), list(compiled_model.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        backend_calls.append(backend.frame_count)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert backend_calls[0] >= 1 and len(set(backend_calls)) == 1, f"recompiled: backend calls after each batch {backend_calls}"
+
+
+# ---- bad input: every message names the argument and the expected and received values ----------
+
+def _good():
+    return make_inputs(2, 4, 6, 5, 3, 2, 2, dtype=torch.float32, requires_grad=False)
+
+
+def _bad_cases():
+    x, w, ch, f, s, a = _good()
+    return {
+        "x_ndim": ((x[0], w, ch, f, s, a), {}, ["x", "4-D", "3-D"]),
+        "weight_ndim": ((x, w[0], ch, f, s, a), {}, ["weight", "5-D", "4-D"]),
+        "channel_mismatch": ((x, w[:, :, :1], ch, f, s, a), {}, ["weight.size(2)", "2", "1"]),
+        "groups_not_dividing": ((x, w, ch, f, s, a), {"groups": 3}, ["groups", "3", "Cin = 4"]),
+        "channel_att_shape": ((x, w, ch[:, :3], f, s, a), {}, ["channel_att", "(2, 4)", "(2, 3)"]),
+        "filter_att_shape": ((x, w, ch, f[:1], s, a), {}, ["filter_att", "(2, 6)", "(1, 6)"]),
+        "spatial_att_shape": ((x, w, ch, f, s[:, :2], a), {}, ["spatial_att", "(2, 3, 3)", "(2, 2, 3)"]),
+        "kernel_att_shape": ((x, w, ch, f, s, a[:, :1]), {}, ["kernel_att", "(2, 2)", "(2, 1)"]),
+        "dtype": ((x, w.double(), ch, f, s, a), {}, ["weight", "torch.float32", "torch.float64"]),
+        "att_dtype": ((x, w, ch, f, s.double(), a), {}, ["spatial_att", "float", "double"]),
+        "stride_zero": ((x, w, ch, f, s, a), {"stride": 0}, ["stride", ">= 1", "0"]),
+        "stride_negative": ((x, w, ch, f, s, a), {"stride": (1, -2)}, ["stride", ">= 1", "-2"]),
+        "padding_negative": ((x, w, ch, f, s, a), {"padding": -1}, ["padding", ">= 0", "-1"]),
+        "input_too_small": ((x[..., :2, :2], w, ch, f, s, a), {"padding": 0}, ["kernel", "3 x 3", "2 x 2"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_cases()))
+def test_bad_input_python_wrapper(name):
+    args, kwargs, fragments = _bad_cases()[name]
+    kwargs = {"groups": 2, "padding": 1, **kwargs}
+    with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+        odconv.odconv2d(*args, **kwargs)
+    for fragment in fragments:
+        assert fragment.replace("float32", "float").replace("float64", "double") in str(info.value).replace(
+            "float32", "float").replace("float64", "double"), (fragment, str(info.value))
+
+
+@requires_extension
+@pytest.mark.parametrize("name", list(_bad_cases()))
+def test_bad_input_compiled_op(name):
+    args, kwargs, fragments = _bad_cases()[name]
+    kwargs = {"groups": 2, "padding": 1, "stride": 1, **kwargs}
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.odconv.odconv2d(*args, pair(kwargs["stride"]), pair(kwargs["padding"]), [1, 1], kwargs["groups"])
+    message = str(info.value).replace("float32", "Float").replace("float64", "Double")
+    for fragment in fragments:
+        fragment = fragment.replace("torch.float32", "Float").replace("torch.float64", "Double")
+        fragment = fragment.replace("float", "Float").replace("double", "Double")
+        assert fragment in message, (fragment, message)
+
+
+def test_bad_input_device_mismatch():
+    x, w, ch, f, s, a = _good()
+    with pytest.raises(ValueError, match=r"filter_att must be on the device of x \(cpu\), got meta"):
+        odconv.odconv2d(x, w, ch, f.to("meta"), s, a, padding=1, groups=2)
+
+
+@requires_extension
+def test_backward_rejects_wrong_grad_shape():
+    x, w, ch, f, s, a = _good()
+    with pytest.raises(RuntimeError, match=r"grad_out must have the output's shape .* = \(2, 6, 5, 5\), got \(2, 6, 4, 5\)"):
+        torch.ops.odconv.odconv2d_backward(torch.zeros(2, 6, 4, 5), x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 2,
+                                           [True, True])
+
+
+# ---- backend selection ------------------------------------------------------------------------
+
+def _backend_in_subprocess(env_value):
+    env = dict(os.environ, ODCONV_BACKEND=env_value)
+    code = "import json, odconv; print(json.dumps(odconv.backend_info()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_backend_env_forces_reference():
+    info = _backend_in_subprocess("reference")
+    assert info["cpu"] == {"backend": "reference", "reason": "ODCONV_BACKEND=reference"}
+    assert info["cuda"]["backend"] == "reference"
+
+
+def test_backend_info_reports_extension_when_required():
+    """CI builds with ODCONV_REQUIRE_EXTENSION=1: there the extension must serve the CPU."""
+    info = odconv.backend_info()
+    assert set(info) >= {"cpu", "cuda", "requested", "build"}
+    if os.environ.get("ODCONV_REQUIRE_EXTENSION") == "1":
+        assert info["cpu"]["backend"] == "extension", info
+    else:
+        assert info["cpu"]["backend"] in ("extension", "reference") and info["cpu"]["reason"]
+
+
+def test_reference_backend_gives_same_result():
+    inputs = make_inputs(2, 4, 6, 5, 3, 2, 2, requires_grad=False)
+    code = ("import torch, odconv, sys; t = torch.load(sys.argv[1]); "
+            "torch.save(odconv.odconv2d(*t, padding=1, groups=2), sys.argv[1])")
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.pt")
+        torch.save(inputs, path)
+        subprocess.run([sys.executable, "-c", code, path], env=dict(os.environ, ODCONV_BACKEND="reference"), check=True)
+        out_reference = torch.load(path)
+    torch.testing.assert_close(out_reference, odconv.odconv2d(*inputs, padding=1, groups=2), rtol=1e-12, atol=1e-12)
