@@ -44,7 +44,7 @@ GTSRB_CLASSES = [
 # Preprocessing of every image, in training and prediction alike (saved in each checkpoint):
 # resize the whole image (the sign with its ~10 % margin) to size x size, equalise the luminance
 # histogram (GTSRB has many dark, low-contrast images), then normalise with mean/std.
-PREPROCESS_DEFAULTS = {"size": 48, "equalize": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+PREPROCESS_DEFAULTS = {"size": 32, "equalize": True, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 @dataclass(frozen=True)

@@ -79,29 +79,35 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
   return tiles;
 }
 
-// A (batch, rows, cols) strided view of memory owned by a working buffer or an input.
-at::Tensor view3(
-    const void* ptr,
-    at::IntArrayRef sizes,
-    at::IntArrayRef strides,
-    const at::TensorOptions& options) {
-  return at::from_blob(const_cast<void*>(ptr), sizes, strides, options);
-}
+// A strided (batch, rows, cols) matrix in memory owned by a working buffer or an input.
+struct Mat {
+  const void* ptr;
+  int64_t batch, rows, cols;
+  int64_t batch_stride, row_stride, col_stride;
 
-// c = a @ b (accumulate == false) or c += a @ b, each a batch of matrices; a batch of one uses the
-// plain matrix product, which has less overhead.
-void batched_gemm(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (c.size(0) == 1) {
-    at::Tensor c2 = c.select(0, 0);
+  at::Tensor tensor(const at::TensorOptions& options) const {
+    void* p = const_cast<void*>(ptr);
+    if (batch == 1) return at::from_blob(p, {rows, cols}, {row_stride, col_stride}, options);
+    return at::from_blob(p, {batch, rows, cols}, {batch_stride, row_stride, col_stride}, options);
+  }
+  Mat t() const { return {ptr, batch, cols, rows, batch_stride, col_stride, row_stride}; }
+};
+
+// c = a @ b (accumulate == false) or c += a @ b, for each matrix of the batch. A batch of one uses
+// the plain matrix product, which has less overhead.
+void batched_gemm(const Mat& c, const Mat& a, const Mat& b, bool accumulate, const at::TensorOptions& options) {
+  at::Tensor ct = c.tensor(options);
+  const at::Tensor at_ = a.tensor(options), bt = b.tensor(options);
+  if (c.batch == 1) {
     if (accumulate)
-      c2.addmm_(a.select(0, 0), b.select(0, 0));
+      ct.addmm_(at_, bt);
     else
-      at::mm_out(c2, a.select(0, 0), b.select(0, 0));
+      at::mm_out(ct, at_, bt);
   } else {
     if (accumulate)
-      c.baddbmm_(a, b);
+      ct.baddbmm_(at_, bt);
     else
-      at::bmm_out(c, a, b);
+      at::bmm_out(ct, at_, bt);
   }
 }
 
@@ -162,6 +168,7 @@ void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
           if (ih < 0 || ih >= H) continue;
           const scalar_t* in = row + oh * Wo;
           scalar_t* out = gxc + ih * W + w_off;
+#pragma omp simd
           for (int64_t ow = lo; ow < hi; ++ow)
             out[ow * g.stride_w] = static_cast<scalar_t>(static_cast<acc_t>(out[ow * g.stride_w]) + static_cast<acc_t>(in[ow]));
         }
@@ -180,34 +187,65 @@ void input_scale(const scalar_t* ch, const scalar_t* s, const Geometry& g, acc_t
   }
 }
 
-// agg[i] = sum_k a[k] * w[k*k_stride + i] for i in [0, n).
-template <typename scalar_t, typename acc_t>
-inline void aggregate(const scalar_t* w, int64_t k_stride, const acc_t* a, int64_t K, int64_t n, acc_t* agg) {
-  const acc_t a0 = a[0];
-  for (int64_t i = 0; i < n; ++i) agg[i] = a0 * static_cast<acc_t>(w[i]);
-  for (int64_t k = 1; k < K; ++k) {
-    const acc_t ak = a[k];
-    const scalar_t* wk = w + k * k_stride;
-    for (int64_t i = 0; i < n; ++i) agg[i] += ak * static_cast<acc_t>(wk[i]);
+// One row of the tile: agg[j] = sum_k a[k] * w[k*k_stride + j] (if kStoreAgg) and
+// kern[j] = f * m[j] * agg[j], in a single pass over the K rows (K fixed at compile time so the
+// k loop unrolls and the j loop vectorises).
+template <int K, bool kStoreAgg, typename scalar_t, typename acc_t>
+inline void aggregate_row(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t J, acc_t f,
+                          const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ kern) {
+  acc_t ak[K];
+  for (int k = 0; k < K; ++k) ak[k] = a[k];
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) {
+    acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
+    for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
+    if constexpr (kStoreAgg) agg[j] = sum;
+    kern[j] = static_cast<scalar_t>(sum * f * m[j]);
   }
 }
 
-// Fills agg (A) and kern (Wb) for the rows of one tile of sample b; both laid out (groups, rows, J).
+// The same for any K: K passes through agg.
 template <typename scalar_t, typename acc_t>
+inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
+                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ kern) {
+  const acc_t a0 = a[0];
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) agg[j] = a0 * static_cast<acc_t>(w[j]);
+  for (int64_t k = 1; k < K; ++k) {
+    const acc_t ak = a[k];
+    const scalar_t* __restrict__ wk = w + k * k_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) agg[j] += ak * static_cast<acc_t>(wk[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) kern[j] = static_cast<scalar_t>(agg[j] * f * m[j]);
+}
+
+template <bool kStoreAgg, typename scalar_t, typename acc_t>
+void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J, acc_t f,
+                            const acc_t* m, acc_t* agg, scalar_t* kern) {
+  switch (K) {
+    case 1: return aggregate_row<1, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
+    case 2: return aggregate_row<2, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
+    case 3: return aggregate_row<3, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
+    case 4: return aggregate_row<4, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
+    case 8: return aggregate_row<8, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
+    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, agg, kern);
+  }
+}
+
+// Fills kern (Wb) and, if kStoreAgg, agg (A) for the rows of one tile of a sample; both laid out
+// (groups, rows, J).
+template <bool kStoreAgg, typename scalar_t, typename acc_t>
 void build_tile_kernel(
     const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
     const Tile& t, acc_t* agg, scalar_t* kern) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-    const acc_t* mg = m + gi * J;
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
       const int64_t slot = ((gi - t.g0) * t.rows() + (r - t.r0)) * J;
-      acc_t* agg_row = agg + slot;
-      aggregate(weight + o * J, k_stride, a, K, J, agg_row);
-      scalar_t* kern_row = kern + slot;
-      const acc_t fo = f[o];
-      for (int64_t j = 0; j < J; ++j) kern_row[j] = static_cast<scalar_t>(agg_row[j] * fo * mg[j]);
+      aggregate_row_dispatch<kStoreAgg>(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, agg + slot, kern + slot);
     }
   }
 }
@@ -252,15 +290,15 @@ at::Tensor forward_kernel(
       input_scale(ch.const_data_ptr<scalar_t>() + b * g.in_channels, s.const_data_ptr<scalar_t>() + b * g.taps(), g, m);
       scalar_t* yb = out.data_ptr<scalar_t>() + b * g.out_channels * P;
       for (const Tile& t : tiles) {
-        build_tile_kernel(
+        build_tile_kernel</*kStoreAgg=*/false>(
             weight.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>() + b * g.kernel_num,
             f.const_data_ptr<acc_t>() + b * g.out_channels, m, g, t, agg, kern);
         const int64_t nG = t.groups(), T = t.rows();
         batched_gemm(
-            view3(yb + (t.g0 * Cog + t.r0) * P, {nG, T, P}, {Cog * P, P, 1}, opts),
-            view3(kern, {nG, T, J}, {T * J, J, 1}, opts),
-            view3(cols + t.g0 * J * P, {nG, J, P}, {J * P, P, 1}, opts),
-            /*accumulate=*/false);
+            Mat{yb + (t.g0 * Cog + t.r0) * P, nG, T, P, Cog * P, P, 1},
+            Mat{kern, nG, T, J, T * J, J, 1},
+            Mat{cols + t.g0 * J * P, nG, J, P, J * P, P, 1},
+            /*accumulate=*/false, opts);
       }
     }
   });
@@ -288,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_ch = at::zeros({g.batch, g.in_channels}, acc_opts);
   at::Tensor grad_f = at::zeros({g.batch, g.out_channels}, acc_opts);
   at::Tensor grad_s = at::zeros({g.batch, g.taps()}, acc_opts);
-  at::Tensor grad_a = at::zeros({g.batch, g.kernel_num}, acc_opts);
+  at::Tensor grad_a = want_params ? at::empty({g.batch, g.kernel_num}, acc_opts) : at::zeros({g.batch, g.kernel_num}, acc_opts);
 
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cog = g.out_per_group;
   const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps();
@@ -304,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_chunk = want_params ? at::empty({chunk, N}, acc_opts) : at::Tensor();
 
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  const at::Tensor weight_acc = want_params ? weight.to(acc_type).view({K, N}) : at::Tensor();
   for (int64_t c0 = 0; c0 < g.batch && (want_x || want_params); c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
     at::parallel_for(c0, c1, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -336,40 +375,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         input_scale(chb, sb, g, m);
         std::fill(gm, gm + g.groups * J, acc_t(0));
         acc_t* gf_b = grad_f.data_ptr<acc_t>() + b * g.out_channels;
-        acc_t* ga_b = grad_a.data_ptr<acc_t>() + b * K;
         acc_t* gchunk_b = want_params ? g_chunk.data_ptr<acc_t>() + (b - c0) * N : nullptr;
 
         bool first_tile = true;
         for (const Tile& t : tiles) {
-          build_tile_kernel(w_ptr, ab, fb, m, g, t, agg, kern);
+          build_tile_kernel</*kStoreAgg=*/true>(w_ptr, ab, fb, m, g, t, agg, kern);
           const int64_t nG = t.groups(), T = t.rows();
-          const auto gy_view = view3(gyb + (t.g0 * Cog + t.r0) * P, {nG, T, P}, {Cog * P, P, 1}, opts);
+          const Mat gy_tile{gyb + (t.g0 * Cog + t.r0) * P, nG, T, P, Cog * P, P, 1};
           if (want_x) {
-            // gcols[g] (+)= Wb[g]^T @ gy[g]; tiles of one group (G == 1) accumulate.
+            // gcols[g] (+)= Wb[g]^T @ gy[g]; the tiles of one group (G == 1) accumulate.
             batched_gemm(
-                view3(gcols + t.g0 * J * P, {nG, J, P}, {J * P, P, 1}, opts),
-                view3(kern, {nG, J, T}, {T * J, 1, J}, opts), gy_view,
-                /*accumulate=*/g.groups == 1 && !first_tile);
+                Mat{gcols + t.g0 * J * P, nG, J, P, J * P, P, 1}, Mat{kern, nG, T, J, T * J, J, 1}.t(), gy_tile,
+                /*accumulate=*/g.groups == 1 && !first_tile, opts);
           }
           first_tile = false;
           if (!want_params) continue;
           // Q = gy[g] @ cols[g]^T for the rows of the tile.
           scalar_t* q = q_buf.data_ptr<scalar_t>();
           batched_gemm(
-              view3(q, {nG, T, J}, {T * J, J, 1}, opts), gy_view,
-              view3(cols + t.g0 * J * P, {nG, P, J}, {J * P, 1, P}, opts),
-              /*accumulate=*/false);
+              Mat{q, nG, T, J, T * J, J, 1}, gy_tile, Mat{cols + t.g0 * J * P, nG, J, P, J * P, P, 1}.t(),
+              /*accumulate=*/false, opts);
           for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-            const acc_t* mg = m + gi * J;
-            acc_t* gmg = gm + gi * J;
+            const acc_t* __restrict__ mg = m + gi * J;
+            acc_t* __restrict__ gmg = gm + gi * J;
             for (int64_t r = t.r0; r < t.r1; ++r) {
               const int64_t o = gi * Cog + r;
               const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
-              const scalar_t* q_row = q + slot;
-              const acc_t* agg_row = agg + slot;
-              acc_t* g_row = gchunk_b + o * J;
+              const scalar_t* __restrict__ q_row = q + slot;
+              const acc_t* __restrict__ agg_row = agg + slot;
+              acc_t* __restrict__ g_row = gchunk_b + o * J;
               const acc_t fo = fb[o];
               acc_t gf = 0;
+#pragma omp simd reduction(+ : gf)
               for (int64_t j = 0; j < J; ++j) {
                 const acc_t qv = static_cast<acc_t>(q_row[j]);
                 const acc_t rv = qv * agg_row[j];
@@ -378,12 +415,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 g_row[j] = qv * fo * mg[j];
               }
               gf_b[o] = gf;
-              for (int64_t k = 0; k < K; ++k) {
-                const scalar_t* wk = w_ptr + k * N + o * J;
-                acc_t dot = 0;
-                for (int64_t j = 0; j < J; ++j) dot += g_row[j] * static_cast<acc_t>(wk[j]);
-                ga_b[k] += dot;
-              }
             }
           }
         }
@@ -404,8 +435,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
     if (want_params) {
-      // grad_W += a[c0:c1]^T @ G_chunk, a (K x Bc) @ (Bc x Cout*J) product run by all threads.
-      grad_w.addmm_(a.narrow(0, c0, c1 - c0).t(), g_chunk.narrow(0, 0, c1 - c0));
+      // Two products over the chunk, run by all threads:
+      //   grad_W += a[c0:c1]^T @ G_chunk          (K x Bc) @ (Bc x Cout*J)
+      //   grad_a[c0:c1] = G_chunk @ W^T            (Bc x Cout*J) @ (Cout*J x K)
+      const at::Tensor g_rows = g_chunk.narrow(0, 0, c1 - c0);
+      grad_w.addmm_(a.narrow(0, c0, c1 - c0).t(), g_rows);
+      at::Tensor grad_a_rows = grad_a.narrow(0, c0, c1 - c0);
+      at::mm_out(grad_a_rows, g_rows, weight_acc.t());
     }
   }
 
