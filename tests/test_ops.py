@@ -243,3 +243,41 @@ def test_reference_backend_gives_same_result():
         subprocess.run([sys.executable, "-c", code, path], env=dict(os.environ, ODCONV_BACKEND="reference"), check=True)
         out_reference = torch.load(path)
     torch.testing.assert_close(out_reference, odconv.odconv2d(*inputs, padding=1, groups=2), rtol=1e-12, atol=1e-12)
+
+
+# ---- blocking edges of the CPU kernel: several weight tiles, several chunks of samples, uneven
+# splits, one output channel, batch 1, groups > 1 with tiles of whole groups, K without an unrolled
+# aggregation (K = 5) ---------------------------------------------------------------------------
+BLOCKING = [
+    (9, 80, 67, 16, 3, 3, 1, 1, 1, 1),     # 2 uneven tiles (34 + 33 rows), 3 chunks, the last partial
+    (1, 80, 67, 16, 3, 3, 1, 1, 1, 1),     # batch 1
+    (5, 160, 130, 9, 3, 3, 1, 1, 1, 2),    # one group per tile, 2 tiles
+    (7, 96, 1, 8, 3, 5, 2, 1, 1, 1),       # one output channel, K = 5
+    (6, 256, 96, 4, 3, 4, 1, 1, 1, 1),     # deep layer with a small map (P = 16), 3 tiles
+    (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
+    (4, 192, 160, 6, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) with tiles
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", BLOCKING, ids=case_id)
+def test_blocking_edges_match_reference(case):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups)
+    assert_matches_reference(inputs, stride, padding, dilation, groups, torch.float64)
+
+
+@requires_extension
+def test_blocking_independent_of_thread_count():
+    inputs = make_inputs(9, 80, 67, 16, 3, 3, 1, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+            results.append([out.detach()] + list(torch.autograd.grad(out.sum(), inputs)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)

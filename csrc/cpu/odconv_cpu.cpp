@@ -1,7 +1,8 @@
 // CPU kernels of odconv::odconv2d and odconv::odconv2d_backward (notation: csrc/odconv.h).
 //
 // What they compute, per sample b and group g, with the kernel matrix of a group being
-// (Cout/G) x J, J = (Cin/G)*kh*kw, and cols_b[g] the J x P im2col matrix of x_b (P = Ho*Wo):
+// (Cout/G) x J, J = (Cin/G)*kh*kw, cols_b the (G*J) x P im2col matrix of x_b (P = Ho*Wo) and
+// rows_b = cols_b^T its P x (G*J) transpose ("im2row"):
 //
 //   A[o,j]   = sum_k a[k] * W_k[o,j]                      aggregated kernel  (a = kernel_att[b])
 //   m[j]     = ch[c] * s[u,v]           for j = (c,u,v)   (ch = channel_att[b], s = spatial_att[b])
@@ -9,8 +10,8 @@
 //
 //   forward:   out_b[g]   = Wb[g] @ cols_b[g]                        (Cout/G x J) @ (J x P)
 //   backward:  gy = grad_out[b] as (Cout x P)
-//              grad_x_b   = col2im(Wb[g]^T @ gy[g])
-//              Q          = gy[g] @ cols_b[g]^T                       gradient w.r.t. Wb
+//              grad_x_b   = col2im(Wb[g]^T @ gy[g])                   (J x Cout/G) @ (Cout/G x P)
+//              Q          = gy[g] @ rows_b[g]                         gradient w.r.t. Wb
 //              grad_f[o]  = sum_j Q[o,j] A[o,j] m[j]
 //              grad_m[j]  = sum_o Q[o,j] A[o,j] f[o]
 //                grad_ch[c]   = sum_uv grad_m[c,u,v] s[u,v]
@@ -19,45 +20,59 @@
 //              grad_a[k]  = <G, W_k>
 //              grad_W[k] += a[k] G                                    summed over the batch
 //
-// Memory: no tensor ever holds the per-sample kernels (or kernel gradients) of the whole batch.
-// Samples are split over threads (at::parallel_for); each thread works on one sample at a time
-// with these working buffers, T being the kernel rows of one tile:
-//   cols   (Cin*kh*kw, P)   im2col of x_b; not built for 1x1, stride-1, unpadded kernels
-//   gcols  (Cin*kh*kw, P)   gradient of cols (backward, when grad_x is asked for)
-//   agg    (T, J)           A for the rows of the tile (accumulation type)
-//   kern   (T, J)           Wb for the rows of the tile (input type; the GEMM operand)
-//   q      (T, J)           Q for the rows of the tile (backward)
-// The backward keeps G for a chunk of Bc samples, (Bc, Cout*J) in the accumulation type, with
-// Bc = max(threads, kChunkBytes / (Cout*J*sizeof)), and adds a_chunk^T @ G_chunk to grad_W with
-// one GEMM per chunk. A tile is a set of whole groups (G > 1) or a range of output channels
-// (G == 1) whose K slices of W_k fit in kTileBytes: W_k is streamed from memory once per sample
-// and tile, and the aggregated rows are consumed by the GEMMs while they are still in cache.
+// Work split and memory. No tensor ever holds the per-sample kernels (or kernel gradients) of the
+// whole batch. The batch is processed in chunks; in a chunk each thread (at::parallel_for) takes a
+// contiguous run of n <= kMaxSamplesPerThread samples, sized so its im2col buffers stay within
+// kThreadBytes. The kernel matrix is cut into tiles: whole groups (G > 1) or ranges of output
+// channels (G == 1) whose K slices of W_k fit in kTileBytes. A thread handles a tile for all of
+// its samples before the next tile, so a tile of W_k is read from memory once per thread and chunk
+// and then served from cache; the aggregated rows are consumed by the GEMMs while still in cache.
+// Working buffers per thread (T = rows of a tile, n = the thread's samples):
+//   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
+//   rows   (n, P, G*J)    im2row of x (backward, for Q)
+//   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
+//   kern   (n, T, J)      Wb of the tile (forward), and (n, J, T) its transpose (backward)
+//   agg    (n, T, J)      A of the tile, accumulation type (backward)
+//   q      (n, T, J)      Q of the tile (backward)
+//   gbuf   (n, T, J)      G of the tile, accumulation type (backward)
+//   gW     (threads, K, Cout*J)   per-thread partial sums of grad_W (bounded by the thread count)
+// After each tile, G of the thread's samples is reduced at once: grad_W[:, tile] += a^T @ G and
+// grad_a += G @ W[:, tile]^T.
 //
-// The matrix products go through ATen (at::mm / at::bmm and their accumulating forms), which
-// reach MKL/oneDNN/OpenBLAS; inside the parallel region they run single-threaded, one sample per
-// thread, which keeps both cores busy without synchronisation.
+// Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
+// brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
+// about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups (depthwise)
+// and older torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. Inside the parallel
+// region these run single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace odconv {
 namespace {
 
-constexpr int64_t kTileBytes = 512 * 1024;       // K slices of W_k per tile: about a quarter of L2
-constexpr int64_t kChunkBytes = 32 * 1024 * 1024;  // G of one backward chunk of samples
+constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
+constexpr int64_t kThreadBytes = 8 * 1024 * 1024;  // im2col buffers per thread and chunk
+constexpr int64_t kMaxSamplesPerThread = 16;
+// Groups whose products are smaller than this many multiply-adds (depthwise, ...) are multiplied
+// in one batched call rather than one call per group, which would be dominated by call overhead.
+constexpr int64_t kMinGroupGemm = 16384;
 
 // Rows of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1).
 struct Tile {
   int64_t g0, g1, r0, r1;
   int64_t groups() const { return g1 - g0; }
   int64_t rows() const { return r1 - r0; }
+  int64_t first_row(int64_t out_per_group) const { return g0 * out_per_group + r0; }
 };
 
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
@@ -79,36 +94,65 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
   return tiles;
 }
 
-// A strided (batch, rows, cols) matrix in memory owned by a working buffer or an input.
-struct Mat {
-  const void* ptr;
-  int64_t batch, rows, cols;
-  int64_t batch_stride, row_stride, col_stride;
+int64_t max_tile_elems(const std::vector<Tile>& tiles, int64_t J) {
+  int64_t m = 0;
+  for (const Tile& t : tiles) m = std::max(m, t.groups() * t.rows() * J);
+  return m;
+}
 
-  at::Tensor tensor(const at::TensorOptions& options) const {
-    void* p = const_cast<void*>(ptr);
-    if (batch == 1) return at::from_blob(p, {rows, cols}, {row_stride, col_stride}, options);
-    return at::from_blob(p, {batch, rows, cols}, {batch_stride, row_stride, col_stride}, options);
+// Samples per chunk: each thread gets at most kMaxSamplesPerThread samples whose im2col buffers
+// fit kThreadBytes, and the chunks split the batch evenly so no thread idles in the last one.
+int64_t chunk_size(int64_t batch, int64_t bytes_per_sample) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread =
+      std::clamp<int64_t>(kThreadBytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
+  const int64_t n_chunks = std::max<int64_t>(1, (batch + per_thread * threads - 1) / (per_thread * threads));
+  const int64_t per_chunk = (batch + n_chunks - 1) / n_chunks;
+  return std::max<int64_t>(1, (per_chunk + threads - 1) / threads * threads);
+}
+
+// For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
+// and C_i (M x N) row-major at A + i*sa (leading dimension lda), and likewise for B and C.
+template <typename scalar_t>
+void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
+                  const scalar_t* A, int64_t lda, int64_t sa,
+                  const scalar_t* B, int64_t ldb, int64_t sb,
+                  scalar_t* C, int64_t ldc, int64_t sc, bool accumulate, const at::TensorOptions& opts) {
+  if (batch == 0 || M == 0 || N == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (K > 0 && (batch == 1 || M * N * K >= kMinGroupGemm)) {
+      for (int64_t i = 0; i < batch; ++i)
+        at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A + i * sa, B + i * sb, C + i * sc, false);
+      return;
+    }
   }
-  Mat t() const { return {ptr, batch, cols, rows, batch_stride, col_stride, row_stride}; }
-};
-
-// c = a @ b (accumulate == false) or c += a @ b, for each matrix of the batch. A batch of one uses
-// the plain matrix product, which has less overhead.
-void batched_gemm(const Mat& c, const Mat& a, const Mat& b, bool accumulate, const at::TensorOptions& options) {
-  at::Tensor ct = c.tensor(options);
-  const at::Tensor at_ = a.tensor(options), bt = b.tensor(options);
-  if (c.batch == 1) {
+#endif
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, int64_t s) {
+    return batch == 1 ? at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts)
+                      : at::from_blob(const_cast<scalar_t*>(p), {batch, rows, cols}, {s, ld, 1}, opts);
+  };
+  at::Tensor c = view(C, M, N, ldc, sc);
+  const at::Tensor a = view(A, M, K, lda, sa), b = view(B, K, N, ldb, sb);
+  if (batch == 1) {
     if (accumulate)
-      ct.addmm_(at_, bt);
+      c.addmm_(a, b);
     else
-      at::mm_out(ct, at_, bt);
+      at::mm_out(c, a, b);
   } else {
     if (accumulate)
-      ct.baddbmm_(at_, bt);
+      c.baddbmm_(a, b);
     else
-      at::bmm_out(ct, at_, bt);
+      at::bmm_out(c, a, b);
   }
+}
+
+// Output columns [lo, hi) whose input column ow*stride_w + w_off lies inside [0, W).
+inline void valid_columns(int64_t w_off, const Geometry& g, int64_t& lo, int64_t& hi) {
+  lo = w_off >= 0 ? 0 : (-w_off + g.stride_w - 1) / g.stride_w;
+  hi = g.width - w_off <= 0 ? 0 : (g.width - w_off + g.stride_w - 1) / g.stride_w;
+  lo = std::min(lo, g.out_w);
+  hi = std::max(lo, std::min(hi, g.out_w));
 }
 
 // cols[(c*kh + u)*kw + v][oh*Wo + ow] = x[c][oh*sh - ph + u*dh][ow*sw - pw + v*dw] (0 outside).
@@ -121,11 +165,8 @@ void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
         scalar_t* row = cols + ((c * g.kernel_h + u) * g.kernel_w + v) * P;
         const int64_t w_off = v * g.dil_w - g.pad_w;
-        // Output columns whose input column lies inside the image: ow in [lo, hi).
-        int64_t lo = w_off >= 0 ? 0 : (-w_off + g.stride_w - 1) / g.stride_w;
-        int64_t hi = W - w_off <= 0 ? 0 : (W - w_off + g.stride_w - 1) / g.stride_w;
-        lo = std::min(lo, Wo);
-        hi = std::max(lo, std::min(hi, Wo));
+        int64_t lo, hi;
+        valid_columns(w_off, g, lo, hi);
         for (int64_t oh = 0; oh < Ho; ++oh) {
           scalar_t* out = row + oh * Wo;
           const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
@@ -147,6 +188,26 @@ void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols) {
   }
 }
 
+// rows[p][j] = cols[j][p]: the transpose of im2col, built from it in cache-sized blocks.
+template <typename scalar_t>
+void im2row(const scalar_t* x, const Geometry& g, scalar_t* cols_scratch, scalar_t* rows) {
+  const int64_t CJ = g.in_channels * g.taps(), P = g.out_pixels();
+  const scalar_t* cols = x;  // the im2col-free case: x itself is the (Cin x H*W) cols matrix
+  if (!g.im2col_is_identity()) {
+    im2col(x, g, cols_scratch);
+    cols = cols_scratch;
+  }
+  constexpr int64_t kBlock = 32;
+  for (int64_t j0 = 0; j0 < CJ; j0 += kBlock) {
+    const int64_t j1 = std::min(CJ, j0 + kBlock);
+    for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
+      const int64_t p1 = std::min(P, p0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t p = p0; p < p1; ++p) rows[p * CJ + j] = cols[j * P + p];
+    }
+  }
+}
+
 // The adjoint of im2col: gx[c][ih][iw] = sum of the gcols entries that im2col read from it.
 template <typename scalar_t>
 void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
@@ -159,10 +220,8 @@ void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
         const scalar_t* row = gcols + ((c * g.kernel_h + u) * g.kernel_w + v) * P;
         const int64_t w_off = v * g.dil_w - g.pad_w;
-        int64_t lo = w_off >= 0 ? 0 : (-w_off + g.stride_w - 1) / g.stride_w;
-        int64_t hi = W - w_off <= 0 ? 0 : (W - w_off + g.stride_w - 1) / g.stride_w;
-        lo = std::min(lo, Wo);
-        hi = std::max(lo, std::min(hi, Wo));
+        int64_t lo, hi;
+        valid_columns(w_off, g, lo, hi);
         for (int64_t oh = 0; oh < Ho; ++oh) {
           const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
           if (ih < 0 || ih >= H) continue;
@@ -170,7 +229,8 @@ void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
           scalar_t* out = gxc + ih * W + w_off;
 #pragma omp simd
           for (int64_t ow = lo; ow < hi; ++ow)
-            out[ow * g.stride_w] = static_cast<scalar_t>(static_cast<acc_t>(out[ow * g.stride_w]) + static_cast<acc_t>(in[ow]));
+            out[ow * g.stride_w] =
+                static_cast<scalar_t>(static_cast<acc_t>(out[ow * g.stride_w]) + static_cast<acc_t>(in[ow]));
         }
       }
     }
@@ -178,76 +238,101 @@ void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
 }
 
 // m[gi*J + j] = ch[gi*Cg + c] * s[u,v] for every group gi and j = (c, u, v).
-template <typename scalar_t, typename acc_t>
-void input_scale(const scalar_t* ch, const scalar_t* s, const Geometry& g, acc_t* m) {
+template <typename acc_t>
+void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m) {
   const int64_t taps = g.taps();
-  for (int64_t c = 0; c < g.in_channels; ++c) {
-    const acc_t chv = static_cast<acc_t>(ch[c]);
-    for (int64_t t = 0; t < taps; ++t) m[c * taps + t] = chv * static_cast<acc_t>(s[t]);
-  }
+  for (int64_t c = 0; c < g.in_channels; ++c)
+    for (int64_t t = 0; t < taps; ++t) m[c * taps + t] = ch[c] * s[t];
 }
 
-// One row of the tile: agg[j] = sum_k a[k] * w[k*k_stride + j] (if kStoreAgg) and
-// kern[j] = f * m[j] * agg[j], in a single pass over the K rows (K fixed at compile time so the
-// k loop unrolls and the j loop vectorises).
-template <int K, bool kStoreAgg, typename scalar_t, typename acc_t>
+// One kernel row: agg[j] = sum_k a[k] * w[k*k_stride + j] (if agg is not null) and
+// out[j] = f * m[j] * agg[j], in one pass over the K rows (K fixed at compile time so the k loop
+// unrolls and the j loop vectorises).
+template <int K, typename scalar_t, typename acc_t>
 inline void aggregate_row(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t J, acc_t f,
-                          const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ kern) {
+                          const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ out) {
   acc_t ak[K];
   for (int k = 0; k < K; ++k) ak[k] = a[k];
+  if (agg != nullptr) {
 #pragma omp simd
-  for (int64_t j = 0; j < J; ++j) {
-    acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
-    for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
-    if constexpr (kStoreAgg) agg[j] = sum;
-    kern[j] = static_cast<scalar_t>(sum * f * m[j]);
+    for (int64_t j = 0; j < J; ++j) {
+      acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
+      for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
+      agg[j] = sum;
+      out[j] = static_cast<scalar_t>(sum * f * m[j]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) {
+      acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
+      for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
+      out[j] = static_cast<scalar_t>(sum * f * m[j]);
+    }
   }
 }
 
-// The same for any K: K passes through agg.
+// The same for any K, in K passes through `scratch` (J elements).
 template <typename scalar_t, typename acc_t>
 inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
-                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ kern) {
+                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ scratch,
+                                acc_t* __restrict__ agg, scalar_t* __restrict__ out) {
+  acc_t* sum = agg != nullptr ? agg : scratch;
   const acc_t a0 = a[0];
 #pragma omp simd
-  for (int64_t j = 0; j < J; ++j) agg[j] = a0 * static_cast<acc_t>(w[j]);
+  for (int64_t j = 0; j < J; ++j) sum[j] = a0 * static_cast<acc_t>(w[j]);
   for (int64_t k = 1; k < K; ++k) {
     const acc_t ak = a[k];
     const scalar_t* __restrict__ wk = w + k * k_stride;
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) agg[j] += ak * static_cast<acc_t>(wk[j]);
+    for (int64_t j = 0; j < J; ++j) sum[j] += ak * static_cast<acc_t>(wk[j]);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < J; ++j) kern[j] = static_cast<scalar_t>(agg[j] * f * m[j]);
+  for (int64_t j = 0; j < J; ++j) out[j] = static_cast<scalar_t>(sum[j] * f * m[j]);
 }
 
-template <bool kStoreAgg, typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t>
 void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J, acc_t f,
-                            const acc_t* m, acc_t* agg, scalar_t* kern) {
+                            const acc_t* m, acc_t* scratch, acc_t* agg, scalar_t* out) {
   switch (K) {
-    case 1: return aggregate_row<1, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
-    case 2: return aggregate_row<2, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
-    case 3: return aggregate_row<3, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
-    case 4: return aggregate_row<4, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
-    case 8: return aggregate_row<8, kStoreAgg>(w, k_stride, a, J, f, m, agg, kern);
-    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, agg, kern);
+    case 1: return aggregate_row<1>(w, k_stride, a, J, f, m, agg, out);
+    case 2: return aggregate_row<2>(w, k_stride, a, J, f, m, agg, out);
+    case 3: return aggregate_row<3>(w, k_stride, a, J, f, m, agg, out);
+    case 4: return aggregate_row<4>(w, k_stride, a, J, f, m, agg, out);
+    case 8: return aggregate_row<8>(w, k_stride, a, J, f, m, agg, out);
+    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, scratch, agg, out);
   }
 }
 
-// Fills kern (Wb) and, if kStoreAgg, agg (A) for the rows of one tile of a sample; both laid out
-// (groups, rows, J).
-template <bool kStoreAgg, typename scalar_t, typename acc_t>
-void build_tile_kernel(
-    const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
-    const Tile& t, acc_t* agg, scalar_t* kern) {
-  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel();
+// Wb (and, if agg is not null, A) for the rows of one tile of one sample. Wb goes to kern as
+// (groups, rows, J), or transposed as (groups, J, rows) when `transposed` (the backward's
+// grad_x product needs Wb^T row-major); agg is (groups, rows, J). scratch holds J elements.
+template <typename scalar_t, typename acc_t>
+void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
+                       const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* row_scratch,
+                       acc_t* scratch) {
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
-      const int64_t slot = ((gi - t.g0) * t.rows() + (r - t.r0)) * J;
-      aggregate_row_dispatch<kStoreAgg>(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, agg + slot, kern + slot);
+      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
+      scalar_t* out = transposed ? row_scratch : kern + slot;
+      aggregate_row_dispatch(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, scratch,
+                             agg != nullptr ? agg + slot : nullptr, out);
+      if (transposed) {
+        scalar_t* column = kern + (gi - t.g0) * J * T + (r - t.r0);
+        for (int64_t j = 0; j < J; ++j) column[j * T] = out[j];
+      }
     }
   }
+}
+
+template <typename scalar_t>
+constexpr bool uses_brgemm() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  return std::is_same_v<scalar_t, float>;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
@@ -255,53 +340,58 @@ at::Tensor forward_kernel(
     const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in, const at::Tensor& f_in,
     const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor ch = ch_in.contiguous(), s = s_in.contiguous();
-  const at::Tensor f = f_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const at::Tensor a = a_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const at::Tensor ch = ch_in.to(acc_type).contiguous(), s = s_in.to(acc_type).contiguous();
+  const at::Tensor f = f_in.to(acc_type).contiguous(), a = a_in.to(acc_type).contiguous();
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
   if (g.batch == 0) return out;
 
-  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cog = g.out_per_group;
+  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cog = g.out_per_group, Cout = g.out_channels;
+  const int64_t GJ = g.groups * J, K = g.kernel_num;
   const int64_t x_stride = g.in_channels * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
-  int64_t max_tile = 0;
-  for (const Tile& t : tiles) max_tile = std::max(max_tile, t.groups() * t.rows() * J);
+  const int64_t max_tile = max_tile_elems(tiles, J);
   const auto opts = x.options();
-  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto acc_opts = opts.dtype(acc_type);
+  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t));
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
 
-  at::parallel_for(0, g.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-    at::Tensor cols_buf = direct ? at::Tensor() : at::empty({g.groups * J * P}, opts);
-    at::Tensor agg_buf = at::empty({max_tile}, acc_opts);
-    at::Tensor kern_buf = at::empty({max_tile}, opts);
-    at::Tensor m_buf = at::empty({g.groups * J}, acc_opts);
-    acc_t* agg = agg_buf.data_ptr<acc_t>();
-    scalar_t* kern = kern_buf.data_ptr<scalar_t>();
-    acc_t* m = m_buf.data_ptr<acc_t>();
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      const scalar_t* xb = x.const_data_ptr<scalar_t>() + b * x_stride;
-      const scalar_t* cols = xb;
-      if (!direct) {
-        im2col(xb, g, cols_buf.data_ptr<scalar_t>());
-        cols = cols_buf.const_data_ptr<scalar_t>();
+  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
+    const int64_t c1 = std::min(g.batch, c0 + chunk);
+    at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
+      const int64_t n = s1 - s0;
+      at::Tensor cols_buf = direct ? at::Tensor() : at::empty({n * GJ * P}, opts);
+      at::Tensor kern_buf = at::empty({n * max_tile}, opts);
+      at::Tensor scratch_buf = at::empty({J}, acc_opts);
+      at::Tensor m_buf = at::empty({n * GJ}, acc_opts);
+      scalar_t* kern = kern_buf.data_ptr<scalar_t>();
+      acc_t* m = m_buf.data_ptr<acc_t>();
+      // the cols matrix of sample s0 + i is at cols + i * cols_stride
+      const scalar_t* cols = direct ? x.const_data_ptr<scalar_t>() + s0 * x_stride : cols_buf.const_data_ptr<scalar_t>();
+      const int64_t cols_stride = direct ? x_stride : GJ * P;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = s0 + i;
+        if (!direct) im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, cols_buf.data_ptr<scalar_t>() + i * GJ * P);
+        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
       }
-      input_scale(ch.const_data_ptr<scalar_t>() + b * g.in_channels, s.const_data_ptr<scalar_t>() + b * g.taps(), g, m);
-      scalar_t* yb = out.data_ptr<scalar_t>() + b * g.out_channels * P;
+      scalar_t* y = out.data_ptr<scalar_t>() + s0 * Cout * P;
       for (const Tile& t : tiles) {
-        build_tile_kernel</*kStoreAgg=*/false>(
-            weight.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>() + b * g.kernel_num,
-            f.const_data_ptr<acc_t>() + b * g.out_channels, m, g, t, agg, kern);
-        const int64_t nG = t.groups(), T = t.rows();
-        batched_gemm(
-            Mat{yb + (t.g0 * Cog + t.r0) * P, nG, T, P, Cog * P, P, 1},
-            Mat{kern, nG, T, J, T * J, J, 1},
-            Mat{cols + t.g0 * J * P, nG, J, P, J * P, P, 1},
-            /*accumulate=*/false, opts);
+        const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+        for (int64_t i = 0; i < n; ++i) {
+          build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
+                            m + i * GJ, g, t, /*transposed=*/false, static_cast<acc_t*>(nullptr), kern + i * tile,
+                            static_cast<scalar_t*>(nullptr), scratch_buf.data_ptr<acc_t>());
+          // out[g][rows] = Wb[g][rows] @ cols[g]
+          grouped_gemm<scalar_t>(nG, T, P, J, kern + i * tile, J, T * J, cols + i * cols_stride + t.g0 * J * P, P, J * P,
+                                 y + i * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/false, opts);
+        }
       }
-    }
-  });
+      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+    });
+  }
   return out;
 }
 
@@ -320,90 +410,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
 
-  at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
-  // Parameter gradients accumulate in acc_t and are cast back at the end.
-  at::Tensor grad_w = at::zeros({g.kernel_num, g.kernel_numel()}, acc_opts);
-  at::Tensor grad_ch = at::zeros({g.batch, g.in_channels}, acc_opts);
-  at::Tensor grad_f = at::zeros({g.batch, g.out_channels}, acc_opts);
-  at::Tensor grad_s = at::zeros({g.batch, g.taps()}, acc_opts);
-  at::Tensor grad_a = want_params ? at::empty({g.batch, g.kernel_num}, acc_opts) : at::zeros({g.batch, g.kernel_num}, acc_opts);
-
-  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cog = g.out_per_group;
-  const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps();
+  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cog = g.out_per_group, Cout = g.out_channels;
+  const int64_t GJ = g.groups * J, K = g.kernel_num, N = g.kernel_numel(), taps = g.taps();
   const int64_t x_stride = g.in_channels * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
-  int64_t max_tile = 0;
-  for (const Tile& t : tiles) max_tile = std::max(max_tile, t.groups() * t.rows() * J);
-
+  const int64_t max_tile = max_tile_elems(tiles, J);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t chunk = std::max<int64_t>(threads, kChunkBytes / std::max<int64_t>(1, N * (int64_t)sizeof(acc_t)));
-  chunk = std::min(chunk, std::max<int64_t>(1, g.batch));
-  at::Tensor g_chunk = want_params ? at::empty({chunk, N}, acc_opts) : at::Tensor();
 
-  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
+  // Parameter gradients accumulate in acc_t; grad_W as one partial sum per thread.
+  at::Tensor grad_w_partial = at::zeros({want_params ? threads : 1, K, N}, acc_opts);
+  at::Tensor grad_ch = at::zeros({g.batch, g.in_channels}, acc_opts);
+  at::Tensor grad_f = at::zeros({g.batch, Cout}, acc_opts);
+  at::Tensor grad_s = at::zeros({g.batch, taps}, acc_opts);
+  at::Tensor grad_a = at::zeros({g.batch, K}, acc_opts);
   const at::Tensor weight_acc = want_params ? weight.to(acc_type).view({K, N}) : at::Tensor();
+
+  const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
+  const int64_t bytes_per_sample = (want_params ? im2col_bytes * (direct ? 1 : 2) : 0) +
+      (want_x && !direct ? im2col_bytes : 0);
+  const int64_t chunk = chunk_size(g.batch, bytes_per_sample);
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+
   for (int64_t c0 = 0; c0 < g.batch && (want_x || want_params); c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
-    at::parallel_for(c0, c1, 1, [&](int64_t b_begin, int64_t b_end) {
-      at::Tensor cols_buf = (direct || !want_params) ? at::Tensor() : at::empty({g.groups * J * P}, opts);
-      at::Tensor gcols_buf = (direct || !want_x) ? at::Tensor() : at::empty({g.groups * J * P}, opts);
-      at::Tensor agg_buf = at::empty({max_tile}, acc_opts);
-      at::Tensor kern_buf = at::empty({max_tile}, opts);
-      at::Tensor q_buf = want_params ? at::empty({max_tile}, opts) : at::Tensor();
-      at::Tensor m_buf = at::empty({g.groups * J}, acc_opts);
-      at::Tensor gm_buf = at::empty({g.groups * J}, acc_opts);
-      acc_t* agg = agg_buf.data_ptr<acc_t>();
+    at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
+      const int64_t n = s1 - s0;
+      at::Tensor rows_buf = want_params ? at::empty({n * GJ * P}, opts) : at::Tensor();
+      at::Tensor cols_scratch = (want_params && !direct) ? at::empty({GJ * P}, opts) : at::Tensor();
+      at::Tensor gcols_buf = (direct || !want_x) ? at::Tensor() : at::empty({n * GJ * P}, opts);
+      at::Tensor agg_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
+      at::Tensor kern_buf = at::empty({n * max_tile}, opts);
+      at::Tensor q_buf = want_params ? at::empty({n * max_tile}, opts) : at::Tensor();
+      at::Tensor g_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
+      at::Tensor row_scratch = at::empty({J}, opts);
+      at::Tensor scratch_buf = at::empty({J}, acc_opts);
+      at::Tensor m_buf = at::empty({n * GJ}, acc_opts);
+      at::Tensor gm_buf = at::zeros({n * GJ}, acc_opts);
+      acc_t* agg = want_params ? agg_buf.data_ptr<acc_t>() : nullptr;
       scalar_t* kern = kern_buf.data_ptr<scalar_t>();
       acc_t* m = m_buf.data_ptr<acc_t>();
       acc_t* gm = gm_buf.data_ptr<acc_t>();
-
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const scalar_t* xb = x.const_data_ptr<scalar_t>() + b * x_stride;
-        const scalar_t* gyb = gy.const_data_ptr<scalar_t>() + b * g.out_channels * P;
-        const acc_t* ab = a.const_data_ptr<acc_t>() + b * K;
-        const acc_t* fb = f.const_data_ptr<acc_t>() + b * g.out_channels;
-        const acc_t* chb = ch.const_data_ptr<acc_t>() + b * g.in_channels;
-        const acc_t* sb = s.const_data_ptr<acc_t>() + b * taps;
-        const scalar_t* cols = xb;
-        if (want_params && !direct) {
-          im2col(xb, g, cols_buf.data_ptr<scalar_t>());
-          cols = cols_buf.const_data_ptr<scalar_t>();
+      const scalar_t* gy_s = gy.const_data_ptr<scalar_t>() + s0 * Cout * P;
+      scalar_t* rows = want_params ? rows_buf.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gcols = direct ? grad_x.data_ptr<scalar_t>() + s0 * x_stride
+                               : (want_x ? gcols_buf.data_ptr<scalar_t>() : nullptr);
+      const int64_t gcols_stride = direct ? x_stride : GJ * P;
+      at::Tensor grad_w_mine = want_params ? grad_w_partial[at::get_thread_num()] : at::Tensor();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = s0 + i;
+        if (want_params) {
+          im2row(x.const_data_ptr<scalar_t>() + b * x_stride, g,
+                 direct ? nullptr : cols_scratch.data_ptr<scalar_t>(), rows + i * GJ * P);
         }
-        scalar_t* gcols = direct ? grad_x.data_ptr<scalar_t>() + b * x_stride
-                                 : (want_x ? gcols_buf.data_ptr<scalar_t>() : nullptr);
-        input_scale(chb, sb, g, m);
-        std::fill(gm, gm + g.groups * J, acc_t(0));
-        acc_t* gf_b = grad_f.data_ptr<acc_t>() + b * g.out_channels;
-        acc_t* gchunk_b = want_params ? g_chunk.data_ptr<acc_t>() + (b - c0) * N : nullptr;
+        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * taps, g, m + i * GJ);
+      }
 
-        bool first_tile = true;
-        for (const Tile& t : tiles) {
-          build_tile_kernel</*kStoreAgg=*/true>(w_ptr, ab, fb, m, g, t, agg, kern);
-          const int64_t nG = t.groups(), T = t.rows();
-          const Mat gy_tile{gyb + (t.g0 * Cog + t.r0) * P, nG, T, P, Cog * P, P, 1};
+      bool first_tile = true;
+      for (const Tile& t : tiles) {
+        const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+        scalar_t* q = want_params ? q_buf.data_ptr<scalar_t>() : nullptr;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
+          build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
+                            m + i * GJ, g, t, /*transposed=*/true, agg != nullptr ? agg + i * tile : nullptr,
+                            kern + i * tile, row_scratch.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>());
           if (want_x) {
             // gcols[g] (+)= Wb[g]^T @ gy[g]; the tiles of one group (G == 1) accumulate.
-            batched_gemm(
-                Mat{gcols + t.g0 * J * P, nG, J, P, J * P, P, 1}, Mat{kern, nG, T, J, T * J, J, 1}.t(), gy_tile,
-                /*accumulate=*/g.groups == 1 && !first_tile, opts);
+            grouped_gemm<scalar_t>(nG, J, P, T, kern + i * tile, T, J * T, gy_i, P, Cog * P,
+                                   gcols + i * gcols_stride + t.g0 * J * P, P, J * P,
+                                   /*accumulate=*/g.groups == 1 && !first_tile, opts);
           }
-          first_tile = false;
-          if (!want_params) continue;
-          // Q = gy[g] @ cols[g]^T for the rows of the tile.
-          scalar_t* q = q_buf.data_ptr<scalar_t>();
-          batched_gemm(
-              Mat{q, nG, T, J, T * J, J, 1}, gy_tile, Mat{cols + t.g0 * J * P, nG, J, P, J * P, P, 1}.t(),
-              /*accumulate=*/false, opts);
+          if (want_params) {
+            // Q = gy[g][rows] @ rows_x[g]: (T x P) @ (P x J)
+            grouped_gemm<scalar_t>(nG, T, J, P, gy_i, P, Cog * P, rows + i * GJ * P + t.g0 * J, GJ, J,
+                                   q + i * tile, J, T * J, /*accumulate=*/false, opts);
+          }
+        }
+        first_tile = false;
+        if (!want_params) continue;
+        // Per row: grad_f, grad_m, and G = Q f m (the gradient w.r.t. A) into gbuf.
+        acc_t* gbuf = g_buf.data_ptr<acc_t>();
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = s0 + i;
+          const acc_t* fb = f.const_data_ptr<acc_t>() + b * Cout;
+          acc_t* gf_b = grad_f.data_ptr<acc_t>() + b * Cout;
           for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-            const acc_t* __restrict__ mg = m + gi * J;
-            acc_t* __restrict__ gmg = gm + gi * J;
+            const acc_t* __restrict__ mg = m + i * GJ + gi * J;
+            acc_t* __restrict__ gmg = gm + i * GJ + gi * J;
             for (int64_t r = t.r0; r < t.r1; ++r) {
               const int64_t o = gi * Cog + r;
-              const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
+              const int64_t slot = i * tile + ((gi - t.g0) * T + (r - t.r0)) * J;
               const scalar_t* __restrict__ q_row = q + slot;
               const acc_t* __restrict__ agg_row = agg + slot;
-              acc_t* __restrict__ g_row = gchunk_b + o * J;
+              acc_t* __restrict__ g_row = gbuf + slot;
               const acc_t fo = fb[o];
               acc_t gf = 0;
 #pragma omp simd reduction(+ : gf)
@@ -418,34 +519,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
           }
         }
-        if (want_x && !direct) col2im(gcols, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
-        if (want_params) {
-          acc_t* gch_b = grad_ch.data_ptr<acc_t>() + b * g.in_channels;
-          acc_t* gs_b = grad_s.data_ptr<acc_t>() + b * taps;
-          for (int64_t c = 0; c < g.in_channels; ++c) {
-            acc_t sum_c = 0;
-            for (int64_t tp = 0; tp < taps; ++tp) {
-              const acc_t v = gm[c * taps + tp];
-              sum_c += v * sb[tp];
-              gs_b[tp] += v * chb[c];
-            }
-            gch_b[c] = sum_c;
+        // The tile's rows are one contiguous block of each W_k and of each sample's G:
+        //   grad_W[:, block] += a[s0:s1]^T @ G        (K x n) @ (n x tile)
+        //   grad_a[s0:s1]    += G @ W[:, block]^T     (n x tile) @ (tile x K)
+        const at::Tensor g_rows = at::from_blob(gbuf, {n, tile}, acc_opts);
+        grad_w_mine.narrow(1, row0 * J, tile).addmm_(a.narrow(0, s0, n).t(), g_rows);
+        grad_a.narrow(0, s0, n).addmm_(g_rows, weight_acc.narrow(1, row0 * J, tile).t());
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = s0 + i;
+        if (want_x && !direct) col2im(gcols + i * gcols_stride, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
+        if (!want_params) continue;
+        const acc_t* chb = ch.const_data_ptr<acc_t>() + b * g.in_channels;
+        const acc_t* sb = s.const_data_ptr<acc_t>() + b * taps;
+        acc_t* gch_b = grad_ch.data_ptr<acc_t>() + b * g.in_channels;
+        acc_t* gs_b = grad_s.data_ptr<acc_t>() + b * taps;
+        const acc_t* gmb = gm + i * GJ;
+        for (int64_t c = 0; c < g.in_channels; ++c) {
+          acc_t sum_c = 0;
+          for (int64_t tp = 0; tp < taps; ++tp) {
+            const acc_t v = gmb[c * taps + tp];
+            sum_c += v * sb[tp];
+            gs_b[tp] += v * chb[c];
           }
+          gch_b[c] = sum_c;
         }
       }
+      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
     });
-    if (want_params) {
-      // Two products over the chunk, run by all threads:
-      //   grad_W += a[c0:c1]^T @ G_chunk          (K x Bc) @ (Bc x Cout*J)
-      //   grad_a[c0:c1] = G_chunk @ W^T            (Bc x Cout*J) @ (Cout*J x K)
-      const at::Tensor g_rows = g_chunk.narrow(0, 0, c1 - c0);
-      grad_w.addmm_(a.narrow(0, c0, c1 - c0).t(), g_rows);
-      at::Tensor grad_a_rows = grad_a.narrow(0, c0, c1 - c0);
-      at::mm_out(grad_a_rows, g_rows, weight_acc.t());
-    }
   }
 
   const auto dtype = x.scalar_type();
+  at::Tensor grad_w = want_params ? grad_w_partial.sum(0) : grad_w_partial[0];
   return std::make_tuple(
       grad_x, grad_w.view(weight.sizes()).to(dtype), grad_ch.to(dtype), grad_f.to(dtype),
       grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
