@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=SPLIT_SEED)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--amp", default=AMP, choices=["none", "bf16"])
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke runs)")
+    p.add_argument("--limit", type=int, default=0, help="use about N training images, every k-th (smoke runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", default="", help="continue from this last.pt")
@@ -116,8 +116,8 @@ def load_splits(args, preprocess, splits, progress):
     if {"train", "val"} & set(splits):
         samples = read_split(args.data, "train")
         train, val = track_split(samples, args.val_fraction, args.split_seed)
-        if args.limit:
-            train = train[:: max(1, len(train) // args.limit)][: args.limit]
+        if args.limit:  # every k-th image: all classes stay represented
+            train = train[:: max(1, len(train) // args.limit)]
         if "train" in splits:
             result["train"] = load_cached(args.data, train, preprocess, progress=progress)
         if "val" in splits:

@@ -10,7 +10,9 @@ def class_balanced_weights(class_counts, beta=0.999):
     """Weights inversely proportional to the effective number of samples.
 
     E_n = (1 - beta^n) / (1 - beta) per class; w_c = 1 / E_{n_c}, scaled so the weights sum to the
-    number of classes (Cui et al., CVPR 2019). A class with no samples is weighted as if it had one.
+    number of classes (Cui et al., CVPR 2019). A class with no samples gets weight 0 and does not
+    count in that sum: it never occurs in the loss, and weighting it as if it had samples would
+    shrink every other class's weight.
     """
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
     if counts.dim() != 1 or counts.numel() == 0:
@@ -19,9 +21,12 @@ def class_balanced_weights(class_counts, beta=0.999):
         raise ValueError(f"class_counts must be >= 0, got {counts.tolist()}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"balance_factor (beta) must be in [0, 1), got {beta}")
-    effective = (1.0 - beta ** counts.clamp(min=1)) / (1.0 - beta)
-    weights = 1.0 / effective
-    return (weights * len(weights) / weights.sum()).float()
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_counts are all zero")
+    effective = (1.0 - beta ** counts) / (1.0 - beta)
+    weights = torch.where(present, 1.0 / effective.clamp(min=1e-12), torch.zeros_like(counts))
+    return (weights * present.sum() / weights.sum()).float()
 
 
 class AdaptiveLoss(nn.Module):

@@ -53,7 +53,11 @@ def test_weighted_focal_loss_by_hand():
 
 def test_zero_count_class_and_bad_arguments():
     w = class_balanced_weights([0, 1, 5])
-    assert w[0] == w[1]  # a class with no samples is weighted like one with one sample
+    assert w[0] == 0  # a class with no samples never occurs: it gets no weight ...
+    assert w.sum().item() == pytest.approx(2.0)  # ... and does not dilute the others
+    torch.testing.assert_close(w[1:], class_balanced_weights([1, 5]))
+    with pytest.raises(ValueError, match="all zero"):
+        class_balanced_weights([0, 0])
     with pytest.raises(ValueError, match="class_counts must be >= 0"):
         class_balanced_weights([3, -1])
     with pytest.raises(ValueError, match="balance_factor"):
