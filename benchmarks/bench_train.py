@@ -1,0 +1,131 @@
+"""Images per second of one full training step (forward, loss, backward, SGD update) of the GTSRB
+network, with the odconv extension and with the pure-PyTorch reference (the official
+formulation), plus the static twin (nn.Conv2d) for scale.
+
+    python benchmarks/bench_train.py                       # batch 128, 32x32 images, CPU
+    python benchmarks/bench_train.py --quick               # CI smoke run
+    python benchmarks/bench_train.py --device cuda --batch-size 256
+
+Each configuration runs in a fresh process (the backend is chosen when odconv is imported, by
+ODCONV_BACKEND). Prints a markdown table and writes JSON (default
+benchmarks/results/bench_train_<device>.json).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH_SIZE = 128
+IMAGE_SIZE = 32
+STEPS = 12
+WARMUP = 3
+CONFIGS = [("odconv", "extension"), ("odconv", "reference"), ("static", "extension")]
+
+
+def worker(args):
+    os.environ["ODCONV_BACKEND"] = args.backend
+    import torch
+
+    import odconv
+    from odconv.models import build_model
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model({"conv": args.conv}).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    criterion = odconv.AdaptiveLoss(class_counts=[100 + 10 * c for c in range(43)]).to(device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 43, (args.batch_size,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    print(json.dumps({"conv": args.conv, "backend": odconv.backend_info()[device.type]["backend"],
+                      "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
+                      "step_ms_all": [1e3 * t for t in times]}))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--quick", action="store_true", help="batch 16, 2 steps: a smoke run")
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--conv", default="odconv", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="extension", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.batch_size, args.steps, args.warmup = 16, 2, 1
+    if args.worker:
+        return worker(args)
+
+    results = []
+    for conv, backend in CONFIGS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--conv", conv, "--backend", backend,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{conv}/{backend} failed:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    by = {(r["conv"], r["backend"]): r for r in results}
+    ext, ref = by.get(("odconv", "extension")), by.get(("odconv", "reference"))
+    print(f"GTSRB network training step, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.device}")
+    print("| network | odconv backend | step (ms) | images/s |")
+    print("|---|---|---:|---:|")
+    for r in results:
+        print(f"| {r['conv']} | {r['backend'] if r['conv'] == 'odconv' else '-'} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |")
+    speedup = None
+    if ext and ref and ext["backend"] == "extension":
+        speedup = ext["images_per_s"] / ref["images_per_s"]
+        print(f"\nextension / reference: {speedup:.2f}x images/s")
+
+    import torch
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
+              "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
+              "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "results": results,
+              "extension_over_reference": speedup}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"bench_train_{args.device}{'_quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
