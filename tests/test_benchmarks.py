@@ -1,0 +1,122 @@
+"""The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
+writes the JSON it promises; its validation catches a wrong backend."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import odconv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+HAS_CPU_EXTENSION = odconv.backend_info()["cpu"]["backend"] == "extension"
+TIMED = ["extension", "reference", "static"] if HAS_CPU_EXTENSION else ["reference", "static"]
+
+sys.path.insert(0, BENCHMARKS)
+import bench_op  # noqa: E402
+from common import LayerShape, parse_shapes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench_op_cpu.json"
+    command = [sys.executable, os.path.join(BENCHMARKS, "bench_op.py"), "--quick", "--device", "cpu", "--no-compile",
+               "--json", str(path)]
+    # About 20 s on 2 idle cores; the timeout only guards against a hang (a starved machine can be 10x slower).
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(path) as f:
+        return json.load(f), proc.stdout
+
+
+def test_quick_run_reports_machine_and_command(quick_run):
+    report, stdout = quick_run
+    assert "error" not in report
+    assert "--quick" in report["command"]
+    for key in ("torch", "device_name", "torch_threads", "date", "cpu_model"):
+        assert report["machine"][key], key
+    assert report["backend_info"]["cpu"]["backend"] in ("extension", "reference")
+    assert report["shapes"], "no shapes were benchmarked"
+    assert "| shape |" in stdout and "worst fwdbwd" in stdout
+
+
+def test_quick_run_validates_then_times_every_backend(quick_run):
+    report, _ = quick_run
+    for entry in report["shapes"]:
+        shape = LayerShape(**{k: entry["shape"][k] for k in ("batch", "in_channels", "out_channels", "size",
+                                                             "kernel", "kernel_num", "stride", "groups")})
+        backends = entry["backends"]
+        for name in TIMED:
+            result = backends[name]
+            assert result["validated"] is True, (entry["name"], name, result)
+            float64_errors = [err for check, errors in result["checks"].items() if check.startswith("float64")
+                              for err in errors.values()]
+            assert len(float64_errors) >= 3 and max(float64_errors) <= 1e-9, (entry["name"], name, result["checks"])
+            for mode in ("fwd", "fwdbwd"):
+                assert result[mode]["median_ms"] > 0, (entry["name"], name, mode, result[mode])
+            assert result["mem"]["peak_bytes"] > 0, (entry["name"], name, result["mem"])
+        assert backends["compiled_reference"]["validated"] is False
+        assert "--no-compile" in backends["compiled_reference"]["skipped"]
+
+        metrics = entry["metrics"]
+        assert metrics["floor"] == pytest.approx(1 + shape.kernel_num / shape.out_size ** 2)
+        if HAS_CPU_EXTENSION:
+            for mode in ("fwd", "fwdbwd"):
+                extension, static = backends["extension"][mode]["median_ms"], backends["static"][mode]["median_ms"]
+                assert metrics[mode]["target"] == pytest.approx(extension / (static * metrics["floor"]))
+                assert metrics[mode]["speedup_vs_reference"] > 0
+            assert metrics["mem"]["ratio_to_static"]["extension"] > 0
+    if HAS_CPU_EXTENSION:
+        assert "fwdbwd extension/(static*floor)" in report["worst"]
+
+
+def test_validation_rejects_a_wrong_backend():
+    shape = LayerShape(4, 6, 8, 7, 3, 3, 1, 2)
+    forwards = {b: bench_op.make_forward(b, shape) for b in ("reference", "static")}
+    results = bench_op.validate(shape, ["reference", "static"], forwards, "cpu", torch.float32)
+    assert all(r["validated"] for r in results.values())
+
+    # Off by one part in 1e6 in the spatial attention's gradient only: the check must still see it.
+    class Nudge(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            return s.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * (1 + 1e-6)
+
+    reference = forwards["reference"]
+    forwards["extension"] = lambda x, w, c, f, s, a: reference(x, w, c, f, Nudge.apply(s), a)
+    with pytest.raises(bench_op.ValidationError, match="spatial_att"):
+        bench_op.validate(shape, ["extension"], forwards, "cpu", torch.float64)
+
+
+def test_mismatch_stops_the_run(monkeypatch, tmp_path, capsys):
+    make_forward = bench_op.make_forward
+
+    def static_without_padding(backend, shape):
+        if backend == "static":  # a conv of another layer: padding 0 instead of k//2
+            return lambda x, weight: torch.nn.functional.conv2d(x, weight, None, shape.stride, 0, 1, shape.groups)
+        return make_forward(backend, shape)
+
+    monkeypatch.setattr(bench_op, "make_forward", static_without_padding)
+    path = tmp_path / "bench.json"
+    status = bench_op.main(["--device", "cpu", "--shapes", "2,4,4,6,3,2,1,1", "--no-compile", "--backends",
+                            "reference,static", "--threads", str(torch.get_num_threads()), "--json", str(path)])
+    assert status == 1
+    assert "VALIDATION FAILED" in capsys.readouterr().err
+    with open(path) as f:
+        assert "static" in json.load(f)["error"]
+
+
+def test_parse_shapes():
+    assert parse_shapes("layer4") == [LayerShape(32, 512, 512, 7, 3, 4, 1, 1), LayerShape(256, 512, 512, 7, 3, 4, 1, 1)]
+    assert parse_shapes("layer4;2,8,16,10,3,4,2,4")[-1] == LayerShape(2, 8, 16, 10, 3, 4, 2, 4)
+    assert len(parse_shapes("default,layer4,extra")) == 7 + 2 + 5
+    for bad in ("nope", "1,2,3", "2,6,8,10,3,4,1,4"):
+        with pytest.raises(ValueError):
+            parse_shapes(bad)
