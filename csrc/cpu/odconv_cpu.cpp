@@ -36,8 +36,8 @@
 //   q      (n, T, J)      Q of the tile (backward)
 //   gbuf   (n, T, J)      G of the tile, accumulation type (backward)
 //   gW     (threads, K, Cout*J)   per-thread partial sums of grad_W (bounded by the thread count)
-// After each tile, G of the thread's samples is reduced at once: grad_W[:, tile] += a^T @ G and
-// grad_a += G @ W[:, tile]^T.
+// grad_a is reduced row by row while G and W_k are in cache; after each tile, G of the thread's
+// samples goes into grad_W at once: grad_W[:, tile] += a^T @ G.
 //
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
@@ -457,7 +457,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* gcols = direct ? grad_x.data_ptr<scalar_t>() + s0 * x_stride
                                : (want_x ? gcols_buf.data_ptr<scalar_t>() : nullptr);
       const int64_t gcols_stride = direct ? x_stride : GJ * P;
-      at::Tensor grad_w_mine = want_params ? grad_w_partial[at::get_thread_num()] : at::Tensor();
+      acc_t* grad_w_mine = want_params ? grad_w_partial[at::get_thread_num()].data_ptr<acc_t>() : nullptr;
+      // a[s0:s1]^T, (K x n): the left operand of the grad_W product
+      at::Tensor a_t_buf = want_params ? a.narrow(0, s0, n).t().contiguous() : at::Tensor();
+      const acc_t* a_t = want_params ? a_t_buf.const_data_ptr<acc_t>() : nullptr;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
         if (want_params) {
@@ -490,12 +493,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         first_tile = false;
         if (!want_params) continue;
-        // Per row: grad_f, grad_m, and G = Q f m (the gradient w.r.t. A) into gbuf.
+        // Per row: grad_f, grad_m, G = Q f m (the gradient w.r.t. A) into gbuf, and
+        // grad_a[k] += <G row, W_k row> while both rows are in cache.
         acc_t* gbuf = g_buf.data_ptr<acc_t>();
+        const acc_t* w_acc = weight_acc.const_data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = s0 + i;
           const acc_t* fb = f.const_data_ptr<acc_t>() + b * Cout;
           acc_t* gf_b = grad_f.data_ptr<acc_t>() + b * Cout;
+          acc_t* ga_b = grad_a.data_ptr<acc_t>() + b * K;
           for (int64_t gi = t.g0; gi < t.g1; ++gi) {
             const acc_t* __restrict__ mg = m + i * GJ + gi * J;
             acc_t* __restrict__ gmg = gm + i * GJ + gi * J;
@@ -516,15 +522,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 g_row[j] = qv * fo * mg[j];
               }
               gf_b[o] = gf;
+              for (int64_t k = 0; k < K; ++k) {
+                const acc_t* __restrict__ wk = w_acc + k * N + o * J;
+                acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < J; ++j) dot += g_row[j] * wk[j];
+                ga_b[k] += dot;
+              }
             }
           }
         }
         // The tile's rows are one contiguous block of each W_k and of each sample's G:
         //   grad_W[:, block] += a[s0:s1]^T @ G        (K x n) @ (n x tile)
-        //   grad_a[s0:s1]    += G @ W[:, block]^T     (n x tile) @ (tile x K)
-        const at::Tensor g_rows = at::from_blob(gbuf, {n, tile}, acc_opts);
-        grad_w_mine.narrow(1, row0 * J, tile).addmm_(a.narrow(0, s0, n).t(), g_rows);
-        grad_a.narrow(0, s0, n).addmm_(g_rows, weight_acc.narrow(1, row0 * J, tile).t());
+        grouped_gemm<acc_t>(1, K, tile, n, a_t, n, 0, gbuf, tile, 0, grad_w_mine + row0 * J, N, 0,
+                            /*accumulate=*/true, acc_opts);
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
