@@ -38,8 +38,11 @@ CONV = "odconv"              # "odconv" or "static" (the ablation twin)
 IMAGE_SIZE = 32
 EPOCHS = 30
 BATCH_SIZE = 128
-LR = 0.1                     # peak learning rate (SGD, Nesterov momentum), per 128 images
-WEIGHT_DECAY = 5e-4
+LR = 0.1                     # peak learning rate (SGD, Nesterov momentum), per 128 images, for a
+WEIGHT_DECAY = 5e-4          # loss of cross-entropy scale; AdaptiveLoss's alpha scales its gradients,
+                             # so with it the optimiser runs at lr/alpha and weight_decay*alpha: the
+                             # same steps as an alpha = 1 loss at LR and WEIGHT_DECAY
+EMA = 0.999                  # decay per step of the weight average that is evaluated and saved (0: off)
 WARMUP_EPOCHS = 1
 LOSS = "adaptive"            # "adaptive" (class-balanced focal) or "ce"
 TEMP_INIT = 30.0             # ODConv temperature: 30 -> 1 linearly over the first TEMP_EPOCHS
@@ -67,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per process")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    p.add_argument("--ema", type=float, default=EMA, help="decay of the weight average per step (0: off)")
     p.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS)
     p.add_argument("--loss", default=LOSS, choices=["adaptive", "ce"])
     p.add_argument("--temp-init", type=float, default=TEMP_INIT)
@@ -136,7 +140,7 @@ def autocast(args, device):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, lr_at, temperature_at, epoch, args, device, rank, world,
-                    generator):
+                    generator, ema=None):
     model.train()
     steps = len(loader)
     totals = [0.0, 0.0, 0.0]  # loss sum, correct, seen
@@ -156,6 +160,8 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_at, temperature_at, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "module") else model)
         totals[0] += loss.item() * len(y)
         totals[1] += (logits.argmax(1) == y).sum().item()
         totals[2] += len(y)
@@ -328,9 +334,14 @@ def main(argv=None):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+    loss_scale = criterion.alpha if args.loss == "adaptive" else 1.0
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay * loss_scale},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
-    peak_lr = args.lr * args.batch_size * world / 128
+    peak_lr = args.lr / loss_scale * args.batch_size * world / 128
+    ema = None
+    if args.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
 
     def lr_at(epoch, step, steps):
         t = epoch + step / steps
@@ -352,7 +363,10 @@ def main(argv=None):
 
     history, best_accuracy, start_epoch = [], 0.0, 0
     if resume is not None:
-        model.load_state_dict(resume["state_dict"])
+        model.load_state_dict(resume["train_state_dict"] if ema is not None else resume["state_dict"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["state_dict"])
+            ema.n_averaged.copy_(resume["ema_updates"])
         optimizer.load_state_dict(resume["optimizer"])
         history, best_accuracy, start_epoch = resume["history"], resume["best_val_accuracy"], resume["epoch"]
         torch.set_rng_state(resume["rng"]["torch"])
@@ -366,10 +380,13 @@ def main(argv=None):
         if sampler is not None:
             sampler.set_epoch(epoch)
         metrics = train_one_epoch(train_model, loader, criterion, optimizer, lr_at, temperature_at, epoch, args, device,
-                                  rank, world, generator)
+                                  rank, world, generator, ema)
         temperature = temperature_at(epoch + 1, 0)
         odconv.set_temperature(model, temperature)
-        val_metrics, _ = evaluate(model, val_set, eval_criterion, args, device) if rank == 0 else ({}, None)
+        # the deployed network: the weight average (its temperature is the current one, not an average)
+        deployed = ema.module if ema is not None else model
+        odconv.set_temperature(deployed, temperature)
+        val_metrics, _ = evaluate(deployed, val_set, eval_criterion, args, device) if rank == 0 else ({}, None)
         if rank != 0:
             continue
         record = {"epoch": epoch + 1, "lr": lr_at(epoch + 1, 0, 1), "temperature": temperature, **metrics,
@@ -378,11 +395,13 @@ def main(argv=None):
         improved = record["val_accuracy"] > best_accuracy
         best_accuracy = max(best_accuracy, record["val_accuracy"])
         checkpoint = {
-            "model": model.config, "state_dict": model.state_dict(), "class_names": GTSRB_CLASSES,
+            "model": model.config, "state_dict": deployed.state_dict(), "class_names": GTSRB_CLASSES,
             "preprocess": args.preprocess, "temperature": temperature, "epoch": epoch + 1,
             "best_val_accuracy": best_accuracy, "metrics": record, "history": history,
             "args": {k: v for k, v in vars(args).items() if k != "preprocess"},
             "optimizer": optimizer.state_dict(),
+            "train_state_dict": model.state_dict() if ema is not None else None,
+            "ema_updates": ema.n_averaged if ema is not None else None,
             "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state()},
         }
         if improved:

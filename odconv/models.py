@@ -6,6 +6,16 @@
     head    global average pool -> dropout -> linear (num_classes)
 
 ``build_model(config)`` rebuilds a network from the config stored in a checkpoint.
+
+Attention initialisation (``attention_init``): with the official initialisation (kaiming normal
+for the attention heads) the attentions of a fresh network are already far from uniform at
+temperature 1 (kernel-attention logits have a standard deviation of about 2), so each sample
+starts from an arbitrary, input-dependent mix of random kernels, and this network barely trains
+until the temperature has been high for a long time: 60 SGD steps at T = 1 took the loss from 3.9
+to 3.4, against 1.2 for the static twin. ``"zero"`` (the default here) zeroes the four heads
+instead: every attention starts neutral (sigmoids at 0.5, uniform kernel mix), so the network
+starts as a static convolution with the mean kernel and learns the attentions from there (loss 1.3
+after the same 60 steps). ``"official"`` keeps the module's initialisation.
 """
 import torch
 import torch.nn as nn
@@ -24,6 +34,7 @@ MODEL_DEFAULTS = {
     "kernel_num": 4,
     "reduction": 0.0625,
     "dropout": 0.3,
+    "attention_init": "zero",  # "zero" or "official", see above
 }
 
 
@@ -64,6 +75,18 @@ class GTSRBNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if cfg["attention_init"] not in ("zero", "official"):
+            raise ValueError(f"GTSRBNet: attention_init must be 'zero' or 'official', got {cfg['attention_init']!r}")
+        for m in self.modules():
+            if isinstance(m, ODConv2d):
+                m.reset_parameters()  # the loop above re-initialised its attention convs too
+                if cfg["attention_init"] == "official":
+                    m.attention._initialize_weights()
+                else:
+                    for head in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc"):
+                        if hasattr(m.attention, head):
+                            nn.init.zeros_(getattr(m.attention, head).weight)
+                            nn.init.zeros_(getattr(m.attention, head).bias)
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)))

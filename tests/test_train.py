@@ -148,3 +148,20 @@ def test_distributed_two_processes(tiny_data, tmp_path):
     assert "2 process(es)" in stdout
     checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
     model_from_checkpoint(checkpoint)
+
+
+def test_network_attention_starts_neutral():
+    """GTSRBNet zeroes the attention heads: every sample starts from the mean kernel (see models.py)."""
+    from odconv.models import build_model
+    torch.manual_seed(0)
+    model = build_model({"widths": [8, 16], "blocks": [1, 1], "stem_width": 8}).train()
+    layer = model.stages[0][0][0]
+    channel, filt, spatial, kernel = layer.attention(torch.randn(4, 8, 16, 16))
+    for t in (channel, filt, spatial):
+        assert torch.all(t == 0.5)
+    assert torch.all(kernel == 0.25)
+    assert layer.weight.std() > 0 and layer.attention.fc.weight.std() > 0  # the rest is initialised
+    official = build_model({"widths": [8, 16], "blocks": [1, 1], "stem_width": 8, "attention_init": "official"})
+    assert official.stages[0][0][0].attention.kernel_fc.weight.std() > 0
+    with pytest.raises(ValueError, match="attention_init"):
+        build_model({"attention_init": "ones"})
