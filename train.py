@@ -133,6 +133,21 @@ def load_splits(args, preprocess, splits, progress):
 
 # ---- one epoch ------------------------------------------------------------------------------------
 
+def ema_update(decay):
+    """Exponential moving average for torch.optim.swa_utils.AveragedModel, with a warm-up: after n
+    updates the decay is min(decay, (1 + n) / (10 + n)), so the average follows the early, fast-moving
+    weights instead of holding on to the random initial ones. Integer buffers take the current value."""
+
+    def update(averaged, current, num_averaged):
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
 def autocast(args, device):
     if args.amp == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -340,8 +355,8 @@ def main(argv=None):
     peak_lr = args.lr / loss_scale * args.batch_size * world / 128
     ema = None
     if args.ema > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+        from torch.optim.swa_utils import AveragedModel
+        ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema), use_buffers=True)
 
     def lr_at(epoch, step, steps):
         t = epoch + step / steps
