@@ -81,7 +81,7 @@ def build_config():
 def extensions(config):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cpu_sources = ["csrc/odconv.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = ["csrc/odconv.cpp", "csrc/odconv_autocast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++17 before 2.10, C++20 after)
     # The extension is compiled where it runs (pip install -e .), so let the element-wise loops of

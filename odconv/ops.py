@@ -106,6 +106,13 @@ def _pair(value, name, minimum):
     return pair
 
 
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _check(x, weight, channel_att, filter_att, spatial_att, kernel_att, groups):
     """The argument checks of the C++ kernels, in Python, so both backends fail the same way."""
     for name, t in (("x", x), ("weight", weight), ("channel_att", channel_att), ("filter_att", filter_att),
@@ -140,7 +147,9 @@ def _check(x, weight, channel_att, filter_att, spatial_att, kernel_att, groups):
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"odconv2d: {name} must have shape {names} = {tuple(shape)}, got {tuple(t.shape)}")
     for name, t in [("weight", weight)] + [(n, e[2]) for n, e in expected.items()]:
-        if t.dtype != x.dtype:
+        # Under autocast mixed floating dtypes are expected: autocast casts them (the op's Autocast
+        # kernels, csrc/odconv_autocast.cpp; PyTorch's ops for the reference).
+        if t.dtype != x.dtype and not _autocast_enabled(x.device.type):
             raise TypeError(f"odconv2d: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"odconv2d: {name} must be on the device of x ({x.device}), got {t.device}")

@@ -281,3 +281,20 @@ def test_blocking_independent_of_thread_count():
         torch.set_num_threads(threads)
     for one, many in zip(*results):
         torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
+
+
+@requires_extension
+def test_cpu_autocast_runs_in_bfloat16():
+    torch.manual_seed(0)
+    layer = odconv.ODConv2d(8, 16, 3, padding=1)
+    x = torch.randn(4, 8, 10, 10)
+    with torch.no_grad():
+        reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)  # mixed dtypes reach the op (bf16 attentions from autocast convs, fp32 weight)
+        direct = torch.ops.odconv.odconv2d(x, layer.weight, *layer.attention(x), [1, 1], [1, 1], [1, 1], 1)
+    assert out.dtype == torch.bfloat16 and direct.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    out.float().square().mean().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+    assert layer.attention.kernel_fc.weight.grad is not None

@@ -575,6 +575,8 @@ at::Tensor odconv2d_cpu(
       "odconv2d", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride, padding,
       dilation, groups);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
+  // the products below run on views of working buffers: keep autograd out of them
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "odconv2d_cpu", [&] {
     out = forward_kernel<scalar_t>(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
@@ -592,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       padding, dilation, groups);
   check_grad_out("odconv2d_backward", grad_out, x, g);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "odconv2d_backward_cpu", [&] {
     grads = backward_kernel<scalar_t>(
