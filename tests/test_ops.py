@@ -298,3 +298,23 @@ def test_cpu_autocast_runs_in_bfloat16():
     out.float().square().mean().backward()
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
     assert layer.attention.kernel_fc.weight.grad is not None
+
+
+def test_package_works_without_the_extension():
+    """A failed or missing build leaves a working package on the reference path, saying why."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'odconv._C': raise ImportError('simulated: no compiled extension')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import json, torch, odconv\n"
+        "layer = odconv.ODConv2d(4, 8, 3, padding=1)\n"
+        "layer(torch.randn(2, 4, 6, 6)).sum().backward()\n"
+        "print(json.dumps(odconv.backend_info()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "ODCONV_BACKEND"})
+    import json
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["cpu"]["backend"] == "reference"
+    assert "extension not built" in info["cpu"]["reason"] and "simulated" in info["cpu"]["reason"]
