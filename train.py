@@ -304,10 +304,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.download:
+    if args.download:  # the split this run reads; torchvision skips what is already there
         import torchvision
-        for split in ("train", "test"):
-            torchvision.datasets.GTSRB(args.data, split=split, download=True)
+        torchvision.datasets.GTSRB(args.data, split="test" if args.evaluate and args.split == "test" else "train",
+                                   download=True)
     if args.evaluate:
         return run_evaluation(args)
 
