@@ -11,10 +11,8 @@ ODCONV_BACKEND). Prints a markdown table and writes JSON (default
 benchmarks/results/bench_train_<device>.json).
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,17 +60,6 @@ def worker(args):
                       "step_ms_all": [1e3 * t for t in times]}))
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -113,9 +100,9 @@ def main():
         speedup = ext["images_per_s"] / ref["images_per_s"]
         print(f"\nextension / reference: {speedup:.2f}x images/s")
 
-    import torch
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
-              "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import machine_info
+    report = {"machine": machine_info(args.device), "device": args.device,
               "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
               "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "results": results,
               "extension_over_reference": speedup}

@@ -50,6 +50,30 @@ def make_inputs(batch, in_ch, out_ch, size, kernel, kernel_num, groups, dtype=to
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
+STRIDED_LAYOUTS = ["channels_last", "non_contiguous", "expanded_attention"]
+
+
+def strided_variant(inputs, layout):
+    """The same values as (x, weight, channel, filter, spatial, kernel) in non-contiguous layouts,
+    each a fresh leaf that requires grad."""
+    x, weight, channel, filt, spatial, kern = [t.detach() for t in inputs]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.transpose(3, 4).contiguous().transpose(3, 4)
+    elif layout == "non_contiguous":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # stride 2 along W
+        weight = weight.transpose(0, 1).contiguous().transpose(0, 1)
+        filt = torch.cat([filt, filt], dim=1)[:, ::2]
+    elif layout == "expanded_attention":
+        channel = channel[:1].expand(channel.shape[0], -1)
+        spatial = spatial.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        raise ValueError(layout)
+    tensors = [t.requires_grad_() for t in (x, weight, channel, filt, spatial, kern)]
+    assert not all(t.is_contiguous() for t in tensors)
+    return tensors
+
+
 def tolerances(dtype):
     """(rtol, atol) for comparing two correct implementations in this dtype."""
     return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5),

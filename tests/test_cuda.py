@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import odconv  # noqa: E402
-from conftest import GRID, case_id, make_inputs, tolerances, unpack  # noqa: E402
+from conftest import GRID, STRIDED_LAYOUTS, case_id, make_inputs, strided_variant, tolerances, unpack  # noqa: E402
 from odconv.reference import odconv2d_reference  # noqa: E402
 
 NAMES = ("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att")
@@ -112,22 +112,9 @@ def test_many_groups_split_over_gemm_batches():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "expanded_attention"])
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
 def test_strided_inputs(layout, dtype):
-    x, weight, channel, filt, spatial, kern = case_inputs((3, 6, 8, 7, 3, 3, 1, 1, 1, 2), dtype)[0]
-    x, weight, channel, filt, spatial, kern = [t.detach() for t in (x, weight, channel, filt, spatial, kern)]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        weight = weight.transpose(3, 4).contiguous().transpose(3, 4)
-    elif layout == "non_contiguous":
-        x = torch.cat([x, x], dim=3)[..., ::2]  # stride 2 along W
-        weight = weight.transpose(0, 1).contiguous().transpose(0, 1)
-        filt = torch.cat([filt, filt], dim=1)[:, ::2]
-    else:
-        channel = channel[:1].expand(3, -1)
-        spatial = spatial.transpose(1, 2)
-    inputs = [t.requires_grad_() for t in (x, weight, channel, filt, spatial, kern)]
-    assert not all(t.is_contiguous() for t in inputs)
+    inputs = strided_variant(case_inputs((3, 6, 8, 7, 3, 3, 1, 1, 1, 2), dtype)[0], layout)
     assert_matches_reference(inputs, ((1, 1), (1, 1), (1, 1), 2), dtype)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import odconv
-from conftest import GRID, case_id, make_inputs, requires_extension, tolerances, unpack
+from conftest import (GRID, STRIDED_LAYOUTS, case_id, make_inputs, requires_extension, strided_variant, tolerances,
+                      unpack)
 from odconv.reference import odconv2d_reference
 
 NAMES = ("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att")
@@ -59,24 +60,10 @@ def test_extension_low_precision(dtype):
 
 
 @requires_extension
-@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "expanded_attention"])
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
 def test_extension_strided_inputs(layout):
-    dtype = torch.float32
-    inputs = make_inputs(3, 6, 8, 7, 3, 3, 2, dtype=dtype, requires_grad=False)
-    x, weight, channel, filt, spatial, kern = inputs
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        weight = weight.transpose(3, 4).contiguous().transpose(3, 4)
-    elif layout == "non_contiguous":
-        x = torch.cat([x, x], dim=3)[..., ::2]  # stride 2 along W
-        weight = weight.transpose(0, 1).contiguous().transpose(0, 1)
-        filt = torch.cat([filt, filt], dim=1)[:, ::2]
-    else:
-        channel = channel[:1].expand(3, -1)
-        spatial = spatial.transpose(1, 2)
-    inputs = [t.detach().requires_grad_() for t in (x, weight, channel, filt, spatial, kern)]
-    assert not all(t.is_contiguous() for t in inputs)
-    assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 2, dtype)
+    inputs = strided_variant(make_inputs(3, 6, 8, 7, 3, 3, 2, dtype=torch.float32), layout)
+    assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 2, torch.float32)
 
 
 @requires_extension
