@@ -5,12 +5,14 @@
     python train.py --data data --epochs 1 --limit 3000          # a quick smoke run
     python train.py --resume runs/gtsrb_odconv/last.pt           # continue a killed run
     python train.py --evaluate checkpoints/gtsrb_odconv.pt --data data --split val
+    python train.py --export runs/gtsrb_odconv/best.pt checkpoints/gtsrb_odconv.pt   # for shipping
     torchrun --nproc_per_node=2 train.py --data data             # DistributedDataParallel
 
 Data: the official GTSRB layout under --data (see odconv/data.py); --download fetches it with
 torchvision where a network exists. Validation is a track-wise split of the training split.
 Outputs in --out: last.pt (every epoch, for --resume), best.pt (best validation accuracy),
 metrics.csv, curves.png, confusion_matrix.png, per_class.csv. Checkpoints are written atomically.
+--export writes a checkpoint without the training state (optimizer, raw weights, RNG), for shipping.
 """
 import argparse
 import csv
@@ -85,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default="", help="continue from this last.pt")
     p.add_argument("--evaluate", default="", metavar="CKPT", help="only evaluate this checkpoint on --split")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split for --evaluate")
+    p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"), help="copy CKPT without its training state to OUT")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -300,8 +303,26 @@ def run_evaluation(args):
                       "loss": metrics["loss"], "checkpoint": args.evaluate}))
 
 
+TRAINING_STATE = ("optimizer", "train_state_dict", "ema_updates", "rng")
+
+
+def export_checkpoint(source, target):
+    """The deployed model of a training checkpoint, without what only --resume needs."""
+    try:
+        checkpoint = load_checkpoint(source)
+        model_from_checkpoint(checkpoint)  # refuse to ship something that does not load
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    slim = {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE and k != "format"}
+    save_checkpoint(slim, target)
+    print(f"exported {source} (epoch {slim.get('epoch')}, best validation accuracy "
+          f"{slim.get('best_val_accuracy')}) to {target}: {os.path.getsize(target) / 2 ** 20:.1f} MiB")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        return export_checkpoint(*args.export)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.download:  # the split this run reads; torchvision skips what is already there

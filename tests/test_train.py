@@ -56,6 +56,19 @@ def test_one_epoch_end_to_end(trained, tiny_data):
     assert probabilities.shape == (1, 43) and torch.isfinite(probabilities).all()
 
 
+def test_export_drops_training_state(trained, tmp_path):
+    out, _ = trained
+    target = str(tmp_path / "shipped.pt")
+    run_train("--export", os.path.join(out, "best.pt"), target)
+    shipped = load_checkpoint(target)
+    assert not {"optimizer", "train_state_dict", "rng"} & set(shipped)
+    assert os.path.getsize(target) < os.path.getsize(os.path.join(out, "best.pt"))
+    full = load_checkpoint(os.path.join(out, "best.pt"))
+    for key, value in full["state_dict"].items():
+        assert torch.equal(shipped["state_dict"][key], value)
+    model_from_checkpoint(shipped)
+
+
 def test_evaluate_prints_json_last(trained, tiny_data):
     out, _ = trained
     for split, expected_n in (("val", None), ("test", 12), ("train", None)):
