@@ -241,6 +241,7 @@ BLOCKING = [
     (5, 160, 130, 9, 3, 3, 1, 1, 1, 2),    # one group per tile, 2 tiles
     (7, 96, 1, 8, 3, 5, 2, 1, 1, 1),       # one output channel, K = 5
     (6, 256, 96, 4, 3, 4, 1, 1, 1, 1),     # deep layer with a small map (P = 16), 3 tiles
+    (2, 128, 200, 12, 3, 4, 1, 1, 1, 1),   # float64: 15 tiles in two grad_x panels (140 + 60 rows)
     (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
     (4, 192, 160, 6, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) with tiles
 ]
@@ -252,6 +253,41 @@ def test_blocking_edges_match_reference(case):
     batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
     inputs = make_inputs(batch, cin, cout, size, kernel, K, groups)
     assert_matches_reference(inputs, stride, padding, dilation, groups, torch.float64)
+
+
+# ---- the two CPU algorithms: per-sample GEMMs (im2col) and the grouped convolution on chunks of samples
+# (chosen for depthwise-like layers). ODCONV_CPU_CONV_PATH forces one, so both run on every layer kind.
+CONV_PATH_CASES = [case for case in GRID if unpack(case)[-1] > 1 and unpack(case)[0] > 0] + [
+    (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
+    (3, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense: the grouped-convolution path with groups = n
+    (0, 8, 8, 6, 3, 4, 1, 1, 1, 8),        # batch 0
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("path", ["always", "never"])
+@pytest.mark.parametrize("case", CONV_PATH_CASES, ids=case_id)
+def test_both_cpu_algorithms_match_reference(case, path, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", path)
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    for dtype in (torch.float64, torch.float32):
+        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+
+
+@requires_extension
+@pytest.mark.parametrize("path", ["always", "never"])
+def test_both_cpu_algorithms_gradcheck(path, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", path)
+    inputs = make_inputs(2, 4, 8, 5, 3, 3, 4)  # depthwise with channel multiplier 2
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 4), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "fast")
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_CONV_PATH.*auto, always or never.*'fast'"):
+        ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
 
 
 @requires_extension

@@ -41,8 +41,9 @@
 //
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
-// about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups (depthwise)
-// and older torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. Inside the parallel
+// about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
+// torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. Depthwise-like layers in float32 and
+// float64 take the grouped-convolution path instead (see "Grouped-convolution path" below). Inside the parallel
 // region these run single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
@@ -54,7 +55,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 namespace odconv {
@@ -92,6 +95,42 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
       tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, g.out_per_group});
   }
   return tiles;
+}
+
+// The backward's grad_x product, gcols (+)= Wb[rows]^T @ gy[rows], has the tile's rows as its inner
+// dimension. With G == 1 the tiles are thin (a few rows when J is large: 14 for 256 channels, 3x3),
+// and one product per tile would stream the whole gcols matrix (J x P) through memory once per
+// tile for only T multiply-adds per element. So when gcols is larger than kGradXPanelMinBytes (when
+// it is smaller it stays in cache and thin products cost little), consecutive tiles are gathered
+// into panels of at least kGradXRows rows: their transposed kernels are collected, and multiplied
+// once per panel. (Measured on 2 cores, 5x5 96->96 24x24: backward 630 -> 320 ms; on 256->256 8x8,
+// where gcols fits in cache, panels were slower: the larger buffers leave fewer samples per thread.)
+constexpr int64_t kGradXRows = 128;
+constexpr int64_t kGradXPanelMinBytes = 1024 * 1024;
+
+struct Panel {
+  size_t last_tile;  // the panel's product runs after this tile
+  int64_t g0, r0, rows;
+};
+
+// panel_of[i]: the panel of tiles[i]. With G > 1 every tile (whole groups) is its own panel.
+std::vector<Panel> make_panels(const std::vector<Tile>& tiles, const Geometry& g, int64_t elem_size,
+                               std::vector<size_t>& panel_of) {
+  std::vector<Panel> panels;
+  panel_of.assign(tiles.size(), 0);
+  const bool gather = g.groups == 1 && g.cols_per_group() * g.out_pixels() * elem_size > kGradXPanelMinBytes;
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const Tile& t = tiles[i];
+    const bool extend = gather && !panels.empty() && panels.back().rows < kGradXRows;
+    if (extend) {
+      panels.back().rows += t.rows();
+      panels.back().last_tile = i;
+    } else {
+      panels.push_back({i, t.g0, t.r0, t.rows()});
+    }
+    panel_of[i] = panels.size() - 1;
+  }
+  return panels;
 }
 
 int64_t max_tile_elems(const std::vector<Tile>& tiles, int64_t J) {
@@ -304,12 +343,13 @@ void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a,
 }
 
 // Wb (and, if agg is not null, A) for the rows of one tile of one sample. Wb goes to kern as
-// (groups, rows, J), or transposed as (groups, J, rows) when `transposed` (the backward's
-// grad_x product needs Wb^T row-major); agg is (groups, rows, J). scratch holds J elements.
+// (groups, rows, J), or transposed (the backward's grad_x product needs Wb^T row-major) into
+// columns [col0, col0 + rows) of a (groups, J, ld) matrix when `transposed`; agg is
+// (groups, rows, J). scratch holds J elements.
 template <typename scalar_t, typename acc_t>
 void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
                        const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* row_scratch,
-                       acc_t* scratch) {
+                       acc_t* scratch, int64_t ld = 0, int64_t col0 = 0) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
@@ -319,8 +359,8 @@ void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, c
       aggregate_row_dispatch(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, scratch,
                              agg != nullptr ? agg + slot : nullptr, out);
       if (transposed) {
-        scalar_t* column = kern + (gi - t.g0) * J * T + (r - t.r0);
-        for (int64_t j = 0; j < J; ++j) column[j * T] = out[j];
+        scalar_t* column = kern + (gi - t.g0) * J * ld + col0 + (r - t.r0);
+        for (int64_t j = 0; j < J; ++j) column[j * ld] = out[j];
       }
     }
   }
@@ -427,9 +467,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_a = at::zeros({g.batch, K}, acc_opts);
   const at::Tensor weight_acc = want_params ? weight.to(acc_type).view({K, N}) : at::Tensor();
 
+  std::vector<size_t> panel_of;
+  const std::vector<Panel> panels = make_panels(tiles, g, sizeof(scalar_t), panel_of);
+  // per sample: Wb of a tile (transposed), or of a whole panel when grad_x is wanted
+  int64_t kern_elems = max_tile;
+  if (want_x)
+    for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * J * pn.rows);
   const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
   const int64_t bytes_per_sample = (want_params ? im2col_bytes * (direct ? 1 : 2) : 0) +
-      (want_x && !direct ? im2col_bytes : 0);
+      (want_x && !direct ? im2col_bytes : 0) + (kern_elems - max_tile) * (int64_t)sizeof(scalar_t);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
 
@@ -441,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor cols_scratch = (want_params && !direct) ? at::empty({GJ * P}, opts) : at::Tensor();
       at::Tensor gcols_buf = (direct || !want_x) ? at::Tensor() : at::empty({n * GJ * P}, opts);
       at::Tensor agg_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
-      at::Tensor kern_buf = at::empty({n * max_tile}, opts);
+      at::Tensor kern_buf = at::empty({n * kern_elems}, opts);
       at::Tensor q_buf = want_params ? at::empty({n * max_tile}, opts) : at::Tensor();
       at::Tensor g_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
       at::Tensor row_scratch = at::empty({J}, opts);
@@ -470,20 +516,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * taps, g, m + i * GJ);
       }
 
-      bool first_tile = true;
-      for (const Tile& t : tiles) {
+      for (size_t ti = 0; ti < tiles.size(); ++ti) {
+        const Tile& t = tiles[ti];
         const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+        const size_t pi = panel_of[ti];
+        const Panel& pn = panels[pi];
         scalar_t* q = want_params ? q_buf.data_ptr<scalar_t>() : nullptr;
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
                             m + i * GJ, g, t, /*transposed=*/true, agg != nullptr ? agg + i * tile : nullptr,
-                            kern + i * tile, row_scratch.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>());
-          if (want_x) {
-            // gcols[g] (+)= Wb[g]^T @ gy[g]; the tiles of one group (G == 1) accumulate.
-            grouped_gemm<scalar_t>(nG, J, P, T, kern + i * tile, T, J * T, gy_i, P, Cog * P,
+                            kern + i * kern_elems, row_scratch.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
+                            /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
+          if (want_x && ti == pn.last_tile) {
+            // gcols[g] (+)= Wb[g][panel rows]^T @ gy[g][panel rows]; the panels of one group (G == 1)
+            // accumulate.
+            grouped_gemm<scalar_t>(nG, J, P, pn.rows, kern + i * kern_elems, pn.rows, J * pn.rows,
+                                   gy_s + i * Cout * P + (pn.g0 * Cog + pn.r0) * P, P, Cog * P,
                                    gcols + i * gcols_stride + t.g0 * J * P, P, J * P,
-                                   /*accumulate=*/g.groups == 1 && !first_tile, opts);
+                                   /*accumulate=*/g.groups == 1 && pi > 0, opts);
           }
           if (want_params) {
             // Q = gy[g][rows] @ rows_x[g]: (T x P) @ (P x J)
@@ -491,7 +542,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                    q + i * tile, J, T * J, /*accumulate=*/false, opts);
           }
         }
-        first_tile = false;
         if (!want_params) continue;
         // Per row: grad_f, grad_m, G = Q f m (the gradient w.r.t. A) into gbuf, and
         // grad_a[k] += <G row, W_k row> while both rows are in cache.
@@ -567,6 +617,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
 }
 
+// ---- Grouped-convolution path, for depthwise-like layers ---------------------------------------
+//
+// When each group's kernel matrix is tiny (Cog * J <= kConvPathMaxMacs multiply-adds per output
+// pixel: depthwise, channel multipliers, small groups), the im2col GEMMs above are all overhead:
+// im2col expands x by kh*kw for 1xJ @ JxP products. Such layers instead run, for a chunk of n
+// samples, the convolution primitive with groups = n*G on x viewed as (1, n*Cin, H, W) and the
+// chunk's per-sample kernels (n*Cout, Cin/G, kh, kw) -- the official formulation, but on a bounded
+// chunk: the per-sample kernels of a chunk take at most kConvPathChunkBytes (for depthwise layers
+// they are smaller than one sample's activations). Buffers, per chunk:
+//   agg   (n, G, Cog, J)   A, the aggregated kernels
+//   m     (n, G, 1, J)     channel * spatial attention of each column
+//   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
+//   q     (n*Cout, Cin/G, kh, kw) gradient w.r.t. kern (convolution_backward), then reduced as in
+//                                 the header: grad_f, grad_m -> grad_ch / grad_s, G -> grad_a, grad_W.
+// ODCONV_CPU_CONV_PATH=auto (default) | always | never overrides the choice (tests use it to run
+// both paths on the same layers).
+constexpr int64_t kConvPathMaxMacs = 64;
+constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
+
+bool use_conv_path(const Geometry& g, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
+  const char* env = std::getenv("ODCONV_CPU_CONV_PATH");
+  const std::string mode = env == nullptr ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
+              "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
+  if (mode != "auto") return mode == "always";
+  return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
+}
+
+int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
+  const int64_t per_sample = std::max<int64_t>(1, g.kernel_numel() * (int64_t)x.element_size());
+  return std::max<int64_t>(1, std::min(g.batch, kConvPathChunkBytes / per_sample));
+}
+
+struct ChunkKernels {
+  at::Tensor agg, m, kern;  // (n, G, Cog, J), (n, G, 1, J), (n*Cout, Cin/G, kh, kw)
+};
+
+ChunkKernels chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f,
+                           const at::Tensor& s, const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n) {
+  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), K = g.kernel_num;
+  ChunkKernels c;
+  c.agg = at::mm(a.narrow(0, b0, n), weight.view({K, g.kernel_numel()})).view({n, G, Cog, J});
+  c.m = (ch.narrow(0, b0, n).view({n, g.in_channels, 1}) * s.narrow(0, b0, n).view({n, 1, g.taps()}))
+            .view({n, G, 1, J});
+  c.kern = (c.agg * c.m * f.narrow(0, b0, n).view({n, G, Cog, 1}))
+               .view({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w});
+  return c;
+}
+
+at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
+                             const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  const int64_t chunk = conv_path_chunk(g, x);
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const ChunkKernels c = chunk_kernels(weight, ch, f, s, a, g, b0, n);
+    const at::Tensor y = at::convolution(
+        x.narrow(0, b0, n).view({1, n * g.in_channels, g.height, g.width}), c.kern, std::nullopt,
+        {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
+    out.narrow(0, b0, n).view({1, n * g.out_channels, g.out_h, g.out_w}).copy_(y);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_conv_path(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
+    const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g, bool want_x,
+    bool want_params) {
+  const at::Tensor gy = grad_out_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
+  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), K = g.kernel_num;
+  const int64_t N = g.kernel_numel(), taps = g.taps(), Cin = g.in_channels, Cout = g.out_channels;
+  at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
+  at::Tensor grad_w = at::zeros({K, N}, weight.options());
+  at::Tensor grad_ch = at::zeros({g.batch, Cin}, x.options());
+  at::Tensor grad_f = at::zeros({g.batch, Cout}, x.options());
+  at::Tensor grad_s = at::zeros({g.batch, taps}, x.options());
+  at::Tensor grad_a = at::zeros({g.batch, K}, x.options());
+  const at::Tensor w_mat = weight.view({K, N});
+  const int64_t chunk = conv_path_chunk(g, x);
+  for (int64_t b0 = 0; b0 < g.batch && (want_x || want_params); b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const ChunkKernels c = chunk_kernels(weight, ch, f, s, a, g, b0, n);
+    auto [gx, q, unused] = at::convolution_backward(
+        gy.narrow(0, b0, n).view({1, n * Cout, g.out_h, g.out_w}),
+        x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}), c.kern, std::nullopt,
+        {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * G,
+        {want_x, want_params, false});
+    if (want_x) grad_x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}).copy_(gx);
+    if (!want_params) continue;
+    const at::Tensor q4 = q.view({n, G, Cog, J});
+    const at::Tensor f4 = f.narrow(0, b0, n).view({n, G, Cog, 1});
+    const at::Tensor qa = q4 * c.agg;
+    grad_f.narrow(0, b0, n).copy_((qa * c.m).sum(-1).view({n, Cout}));
+    const at::Tensor gm = (qa * f4).sum(2).view({n, Cin, taps});  // gradient w.r.t. m
+    grad_ch.narrow(0, b0, n).copy_((gm * s.narrow(0, b0, n).view({n, 1, taps})).sum(-1));
+    grad_s.narrow(0, b0, n).copy_((gm * ch.narrow(0, b0, n).view({n, Cin, 1})).sum(1));
+    const at::Tensor gagg = (q4 * f4 * c.m).view({n, N});       // gradient w.r.t. A
+    grad_a.narrow(0, b0, n).copy_(at::mm(gagg, w_mat.t()));
+    grad_w.addmm_(a.narrow(0, b0, n).t(), gagg);
+  }
+  return std::make_tuple(grad_x, grad_w.view(weight.sizes()), grad_ch, grad_f,
+                         grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
+}
+
 at::Tensor odconv2d_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
     const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
@@ -577,6 +735,9 @@ at::Tensor odconv2d_cpu(
   TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
   // the products below run on views of working buffers: keep autograd out of them
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (use_conv_path(g, x.scalar_type())) {
+    return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
+  }
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "odconv2d_cpu", [&] {
     out = forward_kernel<scalar_t>(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
@@ -595,6 +756,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_grad_out("odconv2d_backward", grad_out, x, g);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (use_conv_path(g, x.scalar_type())) {
+    return backward_conv_path(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g,
+                              output_mask[0], output_mask[1]);
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "odconv2d_backward_cpu", [&] {
     grads = backward_kernel<scalar_t>(
