@@ -45,6 +45,21 @@ def test_default_checkpoint_is_in_the_repository():
         or os.environ.get("ODCONV_CHECKPOINT")
 
 
+SHIPPED = os.path.join(REPO, "checkpoints", "gtsrb_odconv.pt")
+EXAMPLES = {"stop.png": 14, "speed_limit_30.png": 1, "road_work.png": 25, "turn_right_ahead.png": 33,
+            "keep_right.png": 38}  # docs/examples: validation-track images the shipped model never trained on
+
+
+def test_shipped_model_recognises_the_example_signs():
+    assert os.path.getsize(SHIPPED) <= 20 * 2 ** 20
+    checkpoint = load_checkpoint(SHIPPED)  # weights_only=True
+    assert checkpoint["model"]["conv"] == "odconv" and checkpoint["class_names"] == GTSRB_CLASSES
+    assert not {"optimizer", "train_state_dict", "rng"} & set(checkpoint)  # exported for shipping
+    paths = [os.path.join(REPO, "docs", "examples", name) for name in EXAMPLES]
+    results = Predictor(SHIPPED).predict(paths)
+    assert [r["class_id"] for r in results] == list(EXAMPLES.values()), [r.get("class_name") for r in results]
+
+
 def test_predictor_describes_what_it_loaded(predictor, files):
     assert predictor.model_file == os.path.abspath(files["checkpoint"])
     assert predictor.backend == odconv.backend_info()["cpu"]["backend"]
