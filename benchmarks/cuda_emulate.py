@@ -209,7 +209,7 @@ def emulated_source():
     src = src.replace('#include "../odconv.h"', f'#include "{ROOT}/csrc/odconv.h"')
     src = _rewrite_launches(src)
     src = re.sub(r"__launch_bounds__\([^)]*\)", "", src)
-    for token, repl in (("__global__", ""), ("__device__", ""), ("__forceinline__", "inline"),
+    for token, repl in (("__global__", ""), ("__host__", ""), ("__device__", ""), ("__forceinline__", "inline"),
                         ("__shared__", "static"), ("C10_CUDA_KERNEL_LAUNCH_CHECK()", "(void)0"),
                         ("c10::cuda::getCurrentCUDAStream()", "0"), ("x.is_cuda()", "true")):
         src = src.replace(token, repl)

@@ -132,6 +132,20 @@ Shape make_shape(const Geometry& g) {
 // ------------------------------------------------------------------------------------------------
 // Device helpers
 
+// The chunk's nb samples in sets of kSpt: the set starting at sample b0 holds set_size(nb, b0)
+// samples (the last set of a chunk may be short).
+__host__ __device__ __forceinline__ int64_t sample_sets(int64_t nb) { return (nb + kSpt - 1) / kSpt; }
+__device__ __forceinline__ int set_size(int64_t nb, int64_t b0) {
+  return static_cast<int>(nb - b0 < kSpt ? nb - b0 : kSpt);
+}
+
+// m_b[j] = ch[b, c] * s[b, t], the input scale of kernel column j = (c, t) of sample b.
+template <typename acc_t>
+__device__ __forceinline__ acc_t input_scale(const acc_t* __restrict__ ch, const acc_t* __restrict__ sp,
+                                             int64_t b, int64_t c, int64_t t, const Shape& sh) {
+  return ch[b * sh.cin + c] * sp[b * sh.taps + t];
+}
+
 // agg[s] = sum_k a[s*K + k] * w[k*k_stride] for the nbs (<= kSpt) samples s of a set: one read of
 // each W_k element serves all samples of the set. Same summation order as the CPU kernel.
 template <typename scalar_t, typename acc_t>
@@ -182,10 +196,10 @@ __global__ void __launch_bounds__(kThreads) build_kernels_kernel(
     const scalar_t* __restrict__ weight, const acc_t* __restrict__ a, const acc_t* __restrict__ f,
     const acc_t* __restrict__ ch, const acc_t* __restrict__ sp, scalar_t* __restrict__ kern,
     int64_t nb, Shape sh) {
-  const int64_t sets = (nb + kSpt - 1) / kSpt;
+  const int64_t sets = sample_sets(nb);
   ODCONV_GRID_STRIDE(item, sets * sh.N) {
     const int64_t n = item % sh.N, b0 = (item / sh.N) * kSpt;
-    const int nbs = static_cast<int>(nb - b0 < kSpt ? nb - b0 : kSpt);
+    const int nbs = set_size(nb, b0);
     const int64_t o = n / sh.J, j = n % sh.J;
     const int64_t c = (o / sh.cout_g) * sh.cin_g + j / sh.taps, t = j % sh.taps;
     acc_t agg[kSpt];
@@ -194,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) build_kernels_kernel(
     for (int s = 0; s < kSpt; ++s) {
       if (s < nbs) {
         const int64_t b = b0 + s;
-        const acc_t m = ch[b * sh.cin + c] * sp[b * sh.taps + t];
+        const acc_t m = input_scale(ch, sp, b, c, t, sh);
         kern[b * sh.N + n] = static_cast<scalar_t>(agg[s] * f[b * sh.cout + o] * m);
       }
     }
@@ -256,11 +270,11 @@ __global__ void filter_grad_kernel(
     const acc_t* __restrict__ f, const acc_t* __restrict__ ch, const acc_t* __restrict__ sp,
     acc_t* __restrict__ gk, acc_t* __restrict__ grad_f, int64_t nb, Shape sh) {
   __shared__ acc_t partial[32];
-  const int64_t sets = (nb + kSpt - 1) / kSpt;
+  const int64_t sets = sample_sets(nb);
   // The loop bounds depend on blockIdx only: every thread of a block reaches each block_sum.
   for (int64_t item = blockIdx.x; item < sets * sh.cout; item += gridDim.x) {
     const int64_t o = item % sh.cout, b0 = (item / sh.cout) * kSpt;
-    const int nbs = static_cast<int>(nb - b0 < kSpt ? nb - b0 : kSpt);
+    const int nbs = set_size(nb, b0);
     const int64_t c0 = (o / sh.cout_g) * sh.cin_g;
     acc_t sums[kSpt];
 #pragma unroll
@@ -274,7 +288,7 @@ __global__ void filter_grad_kernel(
       for (int s = 0; s < kSpt; ++s) {
         if (s < nbs) {
           const int64_t b = b0 + s;
-          const acc_t m = ch[b * sh.cin + c] * sp[b * sh.taps + t];
+          const acc_t m = input_scale(ch, sp, b, c, t, sh);
           const acc_t qv = static_cast<acc_t>(q[b * sh.N + n]);
           sums[s] += qv * agg[s] * m;
           gk[b * sh.N + n] = qv * f[b * sh.cout + o] * m;
@@ -295,10 +309,10 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) scale_grad_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ weight, const acc_t* __restrict__ a,
     const acc_t* __restrict__ f, acc_t* __restrict__ gm, int64_t nb, Shape sh) {
-  const int64_t sets = (nb + kSpt - 1) / kSpt;
+  const int64_t sets = sample_sets(nb);
   ODCONV_GRID_STRIDE(item, sets * sh.L) {
     const int64_t idx = item % sh.L, b0 = (item / sh.L) * kSpt;
-    const int nbs = static_cast<int>(nb - b0 < kSpt ? nb - b0 : kSpt);
+    const int nbs = set_size(nb, b0);
     const int64_t g = idx / sh.J, j = idx % sh.J;
     acc_t sums[kSpt];
 #pragma unroll
@@ -402,7 +416,7 @@ template <typename scalar_t, typename acc_t>
 void launch_build_kernels(
     const at::Tensor& weight, const Attentions& att, at::Tensor& kern_buf, int64_t b0, int64_t nb,
     const Shape& sh, cudaStream_t stream) {
-  const int64_t items = (nb + kSpt - 1) / kSpt * sh.N;
+  const int64_t items = sample_sets(nb) * sh.N;
   if (items == 0) return;
   build_kernels_kernel<scalar_t, acc_t><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
       weight.const_data_ptr<scalar_t>(), att.a.const_data_ptr<acc_t>() + b0 * sh.K,
@@ -541,7 +555,7 @@ Grads backward_impl(
     const acc_t* sp = att.s.const_data_ptr<acc_t>() + b0 * sh.taps;
     acc_t* gk = gk_buf.mutable_data_ptr<acc_t>();
     acc_t* gm = gm_buf.mutable_data_ptr<acc_t>();
-    const int64_t sets = (nb + kSpt - 1) / kSpt;
+    const int64_t sets = sample_sets(nb);
 
     // grad_f and G (dL/dA).
     filter_grad_kernel<scalar_t, acc_t>
