@@ -307,6 +307,20 @@ def test_blocking_independent_of_thread_count():
 
 
 @requires_extension
+@pytest.mark.parametrize("threads", [1, 3])
+def test_backward_over_several_chunks_and_uneven_runs(threads):
+    # 37 samples: several chunks of at most 16 samples per thread, runs of unequal length, and grad_W
+    # summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64
+    inputs = make_inputs(37, 60, 45, 5, 3, 3, 1, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 1, torch.float64)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@requires_extension
 def test_cpu_autocast_runs_in_bfloat16():
     torch.manual_seed(0)
     layer = odconv.ODConv2d(8, 16, 3, padding=1)

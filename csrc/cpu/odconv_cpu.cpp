@@ -35,9 +35,11 @@
 //   agg    (n, T, J)      A of the tile, accumulation type (backward)
 //   q      (n, T, J)      Q of the tile (backward)
 //   gbuf   (n, T, J)      G of the tile, accumulation type (backward)
-//   gW     (threads, K, Cout*J)   per-thread partial sums of grad_W (bounded by the thread count)
+//   gW     (K, T*J)      the run's share of grad_W for the tile (backward; not for the first run)
 // grad_a is reduced row by row while G and W_k are in cache; after each tile, G of the thread's
-// samples goes into grad_W at once: grad_W[:, tile] += a^T @ G.
+// samples goes into grad_W at once: grad_W[:, tile] += a^T @ G. The backward runs one parallel
+// region per tile so these shares are summed in a fixed order into grad_W itself: no copy of
+// grad_W per thread (it was 36 MiB per thread for 512->512 3x3, K = 4).
 //
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
@@ -194,15 +196,17 @@ inline void valid_columns(int64_t w_off, const Geometry& g, int64_t& lo, int64_t
   hi = std::max(lo, std::min(hi, g.out_w));
 }
 
-// cols[(c*kh + u)*kw + v][oh*Wo + ow] = x[c][oh*sh - ph + u*dh][ow*sw - pw + v*dw] (0 outside).
+// cols[(c*kh + u)*kw + v][oh*Wo + ow] = x[c][oh*sh - ph + u*dh][ow*sw - pw + v*dw] (0 outside),
+// for the input channels c in [c0, c1) (rows numbered from c0), all of them by default.
 template <typename scalar_t>
-void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols) {
+void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
-  for (int64_t c = 0; c < g.in_channels; ++c) {
+  if (c1 < 0) c1 = g.in_channels;
+  for (int64_t c = c0; c < c1; ++c) {
     const scalar_t* xc = x + c * H * W;
     for (int64_t u = 0; u < g.kernel_h; ++u) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
-        scalar_t* row = cols + ((c * g.kernel_h + u) * g.kernel_w + v) * P;
+        scalar_t* row = cols + (((c - c0) * g.kernel_h + u) * g.kernel_w + v) * P;
         const int64_t w_off = v * g.dil_w - g.pad_w;
         int64_t lo, hi;
         valid_columns(w_off, g, lo, hi);
@@ -227,23 +231,42 @@ void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols) {
   }
 }
 
-// rows[p][j] = cols[j][p]: the transpose of im2col, built from it in cache-sized blocks.
+// dst[p * ld + j] = src[j * P + p] for j < n: a transpose in cache-sized blocks.
 template <typename scalar_t>
-void im2row(const scalar_t* x, const Geometry& g, scalar_t* cols_scratch, scalar_t* rows) {
-  const int64_t CJ = g.in_channels * g.taps(), P = g.out_pixels();
-  const scalar_t* cols = x;  // the im2col-free case: x itself is the (Cin x H*W) cols matrix
-  if (!g.im2col_is_identity()) {
-    im2col(x, g, cols_scratch);
-    cols = cols_scratch;
-  }
+void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, int64_t ld) {
   constexpr int64_t kBlock = 32;
-  for (int64_t j0 = 0; j0 < CJ; j0 += kBlock) {
-    const int64_t j1 = std::min(CJ, j0 + kBlock);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t j1 = std::min(n, j0 + kBlock);
     for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
       const int64_t p1 = std::min(P, p0 + kBlock);
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t p = p0; p < p1; ++p) rows[p * CJ + j] = cols[j * P + p];
+        for (int64_t p = p0; p < p1; ++p) dst[p * ld + j] = src[j * P + p];
     }
+  }
+}
+
+// im2row goes through im2col a few input channels (about 32 cols rows) at a time, so its scratch
+// is small: the whole cols matrix would add another im2col-sized buffer per thread.
+inline int64_t im2row_channels_per_block(const Geometry& g) {
+  return std::clamp<int64_t>(32 / g.taps(), 1, g.in_channels);
+}
+inline int64_t im2row_scratch_elems(const Geometry& g) {
+  return g.im2col_is_identity() ? 0 : im2row_channels_per_block(g) * g.taps() * g.out_pixels();
+}
+
+// rows[p][j] = cols[j][p]: the transpose of im2col. scratch: im2row_scratch_elems(g) elements.
+template <typename scalar_t>
+void im2row(const scalar_t* x, const Geometry& g, scalar_t* scratch, scalar_t* rows) {
+  const int64_t CJ = g.in_channels * g.taps(), P = g.out_pixels();
+  if (g.im2col_is_identity()) {  // x itself is the (Cin x H*W) cols matrix
+    transpose_into(x, CJ, P, rows, CJ);
+    return;
+  }
+  const int64_t step = im2row_channels_per_block(g);
+  for (int64_t c0 = 0; c0 < g.in_channels; c0 += step) {
+    const int64_t c1 = std::min(g.in_channels, c0 + step);
+    im2col(x, g, scratch, c0, c1);
+    transpose_into(scratch, (c1 - c0) * g.taps(), P, rows + c0 * g.taps(), CJ);
   }
 }
 
@@ -435,6 +458,12 @@ at::Tensor forward_kernel(
   return out;
 }
 
+// The backward's working buffers for one run of samples [s0, s0 + n) (shapes in the header).
+struct BackwardRun {
+  int64_t s0 = 0, n = 0;
+  at::Tensor rows, cols_scratch, gcols, agg, kern, q, gbuf, row_scratch, scratch, m, gm, a_t, gw;
+};
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -459,8 +488,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
-  // Parameter gradients accumulate in acc_t; grad_W as one partial sum per thread.
-  at::Tensor grad_w_partial = at::zeros({want_params ? threads : 1, K, N}, acc_opts);
+  // Parameter gradients accumulate in acc_t. grad_W has no per-thread copies: a tile's share of
+  // the first run of samples goes straight into it, the other runs' shares into tile-sized
+  // partials that are added in run order after the tile (deterministic for a thread count).
+  at::Tensor grad_w = at::zeros({K, N}, acc_opts);
   at::Tensor grad_ch = at::zeros({g.batch, g.in_channels}, acc_opts);
   at::Tensor grad_f = at::zeros({g.batch, Cout}, acc_opts);
   at::Tensor grad_s = at::zeros({g.batch, taps}, acc_opts);
@@ -474,59 +505,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (want_x)
     for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * J * pn.rows);
   const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
-  const int64_t bytes_per_sample = (want_params ? im2col_bytes * (direct ? 1 : 2) : 0) +
-      (want_x && !direct ? im2col_bytes : 0) + (kern_elems - max_tile) * (int64_t)sizeof(scalar_t);
+  // per sample: rows and gcols, and the tile buffers kern, agg, q, gbuf
+  const int64_t bytes_per_sample =
+      (want_params ? im2col_bytes + max_tile * (int64_t)(2 * sizeof(acc_t) + sizeof(scalar_t)) : 0) +
+      (want_x && !direct ? im2col_bytes : 0) + kern_elems * (int64_t)sizeof(scalar_t);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
 
   for (int64_t c0 = 0; c0 < g.batch && (want_x || want_params); c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
-    at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
-      const int64_t n = s1 - s0;
-      at::Tensor rows_buf = want_params ? at::empty({n * GJ * P}, opts) : at::Tensor();
-      at::Tensor cols_scratch = (want_params && !direct) ? at::empty({GJ * P}, opts) : at::Tensor();
-      at::Tensor gcols_buf = (direct || !want_x) ? at::Tensor() : at::empty({n * GJ * P}, opts);
-      at::Tensor agg_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
-      at::Tensor kern_buf = at::empty({n * kern_elems}, opts);
-      at::Tensor q_buf = want_params ? at::empty({n * max_tile}, opts) : at::Tensor();
-      at::Tensor g_buf = want_params ? at::empty({n * max_tile}, acc_opts) : at::Tensor();
-      at::Tensor row_scratch = at::empty({J}, opts);
-      at::Tensor scratch_buf = at::empty({J}, acc_opts);
-      at::Tensor m_buf = at::empty({n * GJ}, acc_opts);
-      at::Tensor gm_buf = at::zeros({n * GJ}, acc_opts);
-      acc_t* agg = want_params ? agg_buf.data_ptr<acc_t>() : nullptr;
-      scalar_t* kern = kern_buf.data_ptr<scalar_t>();
-      acc_t* m = m_buf.data_ptr<acc_t>();
-      acc_t* gm = gm_buf.data_ptr<acc_t>();
-      const scalar_t* gy_s = gy.const_data_ptr<scalar_t>() + s0 * Cout * P;
-      scalar_t* rows = want_params ? rows_buf.data_ptr<scalar_t>() : nullptr;
-      scalar_t* gcols = direct ? grad_x.data_ptr<scalar_t>() + s0 * x_stride
-                               : (want_x ? gcols_buf.data_ptr<scalar_t>() : nullptr);
-      const int64_t gcols_stride = direct ? x_stride : GJ * P;
-      acc_t* grad_w_mine = want_params ? grad_w_partial[at::get_thread_num()].data_ptr<acc_t>() : nullptr;
-      // a[s0:s1]^T, (K x n): the left operand of the grad_W product
-      at::Tensor a_t_buf = want_params ? a.narrow(0, s0, n).t().contiguous() : at::Tensor();
-      const acc_t* a_t = want_params ? a_t_buf.const_data_ptr<acc_t>() : nullptr;
+    // One run of samples per thread. The tiles are the outer loop (one parallel region each) so
+    // that the runs' shares of a tile of grad_W can be summed in a fixed order without a copy of
+    // grad_W per thread; a thread still streams a tile of W_k once for all of its samples.
+    const int64_t runs = std::min(threads, c1 - c0);
+    std::vector<BackwardRun> run_state(runs);
+    auto for_each_run = [&](const auto& body) {
+      at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) body(run_state[r]);
+        if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+      });
+    };
+
+    // 1. buffers, im2row of x and the input scale m of every sample
+    for (int64_t r = 0; r < runs; ++r) {
+      run_state[r].s0 = c0 + (c1 - c0) * r / runs;
+      run_state[r].n = c0 + (c1 - c0) * (r + 1) / runs - run_state[r].s0;
+    }
+    for_each_run([&](BackwardRun& run) {
+      const int64_t s0 = run.s0, n = run.n;
+      if (want_params) {
+        run.rows = at::empty({n * GJ * P}, opts);
+        if (!direct) run.cols_scratch = at::empty({im2row_scratch_elems(g)}, opts);
+        run.agg = at::empty({n * max_tile}, acc_opts);
+        run.q = at::empty({n * max_tile}, opts);
+        run.gbuf = at::empty({n * max_tile}, acc_opts);
+        // a[s0:s1]^T, (K x n): the left operand of the grad_W product
+        run.a_t = a.narrow(0, s0, n).t().contiguous();
+        if (run.s0 != c0) run.gw = at::empty({K, max_tile}, acc_opts);
+      }
+      if (want_x && !direct) run.gcols = at::empty({n * GJ * P}, opts);
+      run.kern = at::empty({n * kern_elems}, opts);
+      run.row_scratch = at::empty({J}, opts);
+      run.scratch = at::empty({J}, acc_opts);
+      run.m = at::empty({n * GJ}, acc_opts);
+      run.gm = at::zeros({n * GJ}, acc_opts);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
         if (want_params) {
           im2row(x.const_data_ptr<scalar_t>() + b * x_stride, g,
-                 direct ? nullptr : cols_scratch.data_ptr<scalar_t>(), rows + i * GJ * P);
+                 direct ? nullptr : run.cols_scratch.data_ptr<scalar_t>(), run.rows.data_ptr<scalar_t>() + i * GJ * P);
         }
-        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * taps, g, m + i * GJ);
+        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * taps, g,
+                    run.m.data_ptr<acc_t>() + i * GJ);
       }
+    });
 
-      for (size_t ti = 0; ti < tiles.size(); ++ti) {
-        const Tile& t = tiles[ti];
-        const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
-        const size_t pi = panel_of[ti];
-        const Panel& pn = panels[pi];
-        scalar_t* q = want_params ? q_buf.data_ptr<scalar_t>() : nullptr;
+    // 2. tile by tile: grad_x products, Q, the attention gradients and grad_W
+    for (size_t ti = 0; ti < tiles.size(); ++ti) {
+      const Tile& t = tiles[ti];
+      const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+      const size_t pi = panel_of[ti];
+      const Panel& pn = panels[pi];
+      for_each_run([&](BackwardRun& run) {
+        const int64_t s0 = run.s0, n = run.n;
+        acc_t* agg = want_params ? run.agg.data_ptr<acc_t>() : nullptr;
+        scalar_t* kern = run.kern.data_ptr<scalar_t>();
+        const acc_t* m = run.m.const_data_ptr<acc_t>();
+        acc_t* gm = run.gm.data_ptr<acc_t>();
+        const scalar_t* gy_s = gy.const_data_ptr<scalar_t>() + s0 * Cout * P;
+        const scalar_t* rows = want_params ? run.rows.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* gcols = direct ? grad_x.data_ptr<scalar_t>() + s0 * x_stride
+                                 : (want_x ? run.gcols.data_ptr<scalar_t>() : nullptr);
+        const int64_t gcols_stride = direct ? x_stride : GJ * P;
+        scalar_t* q = want_params ? run.q.data_ptr<scalar_t>() : nullptr;
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
                             m + i * GJ, g, t, /*transposed=*/true, agg != nullptr ? agg + i * tile : nullptr,
-                            kern + i * kern_elems, row_scratch.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
+                            kern + i * kern_elems, run.row_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
                             /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
           if (want_x && ti == pn.last_tile) {
             // gcols[g] (+)= Wb[g][panel rows]^T @ gy[g][panel rows]; the panels of one group (G == 1)
@@ -542,10 +599,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                    q + i * tile, J, T * J, /*accumulate=*/false, opts);
           }
         }
-        if (!want_params) continue;
+        if (!want_params) return;
         // Per row: grad_f, grad_m, G = Q f m (the gradient w.r.t. A) into gbuf, and
         // grad_a[k] += <G row, W_k row> while both rows are in cache.
-        acc_t* gbuf = g_buf.data_ptr<acc_t>();
+        acc_t* gbuf = run.gbuf.data_ptr<acc_t>();
         const acc_t* w_acc = weight_acc.const_data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = s0 + i;
@@ -583,19 +640,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
         }
         // The tile's rows are one contiguous block of each W_k and of each sample's G:
-        //   grad_W[:, block] += a[s0:s1]^T @ G        (K x n) @ (n x tile)
-        grouped_gemm<acc_t>(1, K, tile, n, a_t, n, 0, gbuf, tile, 0, grad_w_mine + row0 * J, N, 0,
-                            /*accumulate=*/true, acc_opts);
+        //   grad_W[:, block] (+)= a[s0:s1]^T @ G        (K x n) @ (n x tile)
+        // the first run into grad_W itself, the others into their partial (added below).
+        const bool first = run.s0 == c0;
+        grouped_gemm<acc_t>(1, K, tile, n, run.a_t.const_data_ptr<acc_t>(), n, 0, gbuf, tile, 0,
+                            first ? grad_w_ptr + row0 * J : run.gw.data_ptr<acc_t>(), first ? N : max_tile, 0,
+                            /*accumulate=*/first, acc_opts);
+      });
+      if (want_params) {
+        at::Tensor grad_w_tile = grad_w.narrow(1, row0 * J, tile);
+        for (int64_t r = 1; r < runs; ++r) grad_w_tile.add_(run_state[r].gw.narrow(1, 0, tile));
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t b = s0 + i;
-        if (want_x && !direct) col2im(gcols + i * gcols_stride, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
+    }
+
+    // 3. grad_x from gcols, and grad_m -> grad_ch, grad_s
+    for_each_run([&](BackwardRun& run) {
+      for (int64_t i = 0; i < run.n; ++i) {
+        const int64_t b = run.s0 + i;
+        if (want_x && !direct)
+          col2im(run.gcols.const_data_ptr<scalar_t>() + i * GJ * P, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
         if (!want_params) continue;
         const acc_t* chb = ch.const_data_ptr<acc_t>() + b * g.in_channels;
         const acc_t* sb = s.const_data_ptr<acc_t>() + b * taps;
         acc_t* gch_b = grad_ch.data_ptr<acc_t>() + b * g.in_channels;
         acc_t* gs_b = grad_s.data_ptr<acc_t>() + b * taps;
-        const acc_t* gmb = gm + i * GJ;
+        const acc_t* gmb = run.gm.const_data_ptr<acc_t>() + i * GJ;
         for (int64_t c = 0; c < g.in_channels; ++c) {
           acc_t sum_c = 0;
           for (int64_t tp = 0; tp < taps; ++tp) {
@@ -606,12 +675,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           gch_b[c] = sum_c;
         }
       }
-      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
     });
   }
 
   const auto dtype = x.scalar_type();
-  at::Tensor grad_w = want_params ? grad_w_partial.sum(0) : grad_w_partial[0];
   return std::make_tuple(
       grad_x, grad_w.view(weight.sizes()).to(dtype), grad_ch.to(dtype), grad_f.to(dtype),
       grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
