@@ -1,5 +1,6 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
-writes the JSON it promises; its validation catches a wrong backend."""
+writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
+(benchmarks/bench_gemm_bound.py) runs and reports consistent ratios."""
 import json
 import os
 import subprocess
@@ -120,3 +121,25 @@ def test_parse_shapes():
     for bad in ("nope", "1,2,3", "2,6,8,10,3,4,1,4"):
         with pytest.raises(ValueError):
             parse_shapes(bad)
+
+
+def test_gemm_bound_smoke_run(tmp_path, capsys):
+    import bench_gemm_bound
+    path = tmp_path / "bound.json"
+    threads = torch.get_num_threads()
+    try:
+        bench_gemm_bound.main(["--shapes", "2,8,12,6,3,4,1,1;2,8,8,5,3,2,2,4", "--min-run-time", "0.01",
+                               "--rounds", "1", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread
+    table = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["threads"] == 1 and report["machine"]["cpu_model"]
+    assert [r["name"] for r in report["results"]] == ["B2 8->12 6x6 k3 K4 s1 g1", "B2 8->8 5x5 k3 K2 s2 g4"]
+    for row in report["results"]:
+        assert row["name"] in table
+        assert set(row["gemm_s"]) == {"fwd", "gx", "q"} and all(t > 0 for t in row["gemm_s"].values())
+        floor = row["shape"]["floor"]
+        assert row["bound_fwd"] == pytest.approx(row["gemm_s"]["fwd"] / (row["static_fwd_s"] * floor))
+        gemms = sum(row["gemm_s"].values())
+        assert row["bound_fwdbwd"] == pytest.approx(gemms / (row["static_fwdbwd_s"] * floor))
