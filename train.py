@@ -37,8 +37,8 @@ from odconv.models import MODEL_DEFAULTS, build_model, count_macs, count_paramet
 DATA = "data"
 OUT = "runs/gtsrb_odconv"
 CONV = "odconv"              # "odconv" or "static" (the ablation twin)
-IMAGE_SIZE = 32
-EPOCHS = 20
+IMAGE_SIZE = 48              # speed-limit digits need the pixels: 98.92 % at 32, see README
+EPOCHS = 15
 BATCH_SIZE = 128
 LR = 0.1                     # peak learning rate (SGD, Nesterov momentum), per 128 images, for a
 WEIGHT_DECAY = 5e-4          # loss of cross-entropy scale; AdaptiveLoss's alpha scales its gradients,

@@ -44,7 +44,7 @@ def test_one_epoch_end_to_end(trained, tiny_data):
     assert "best validation accuracy" in stdout
     checkpoint = load_checkpoint(os.path.join(out, "best.pt"))  # weights_only=True inside
     assert checkpoint["epoch"] == 1 and checkpoint["class_names"] == GTSRB_CLASSES
-    assert checkpoint["preprocess"]["size"] == 32 and "optimizer" in checkpoint
+    assert checkpoint["preprocess"]["size"] == 48 and "optimizer" in checkpoint
     # one epoch with the temperature annealed over a tenth of the run: back at 1 when saved
     assert checkpoint["temperature"] == 1.0
     temps = {v.item() for k, v in checkpoint["state_dict"].items() if k.endswith("attention.temperature")}
