@@ -34,7 +34,8 @@ gradients the step returns are part of it
         so its RSS is live memory and what one backend freed cannot hide part of the next one's peak.
         Resolution: pages; steps of a few KiB are noise.
 
-Timings on a shared or busy machine are noisy (the load average is recorded in the JSON).
+On CUDA, TF32 is switched off (cuDNN and cuBLAS): every backend computes in true float32, as the validation
+requires. Timings on a shared or busy machine are noisy (the load average is recorded in the JSON).
 
 Examples
   python benchmarks/bench_op.py --quick --device cpu            # smoke run, < 1 minute on 2 cores
@@ -572,6 +573,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # the best cuDNN algorithm for every conv, static and reference
+        # cuDNN convs default to TF32 (10-bit mantissa): the reference and the static conv would then be timed
+        # at lower precision than our float32 kernels, and fail the float32 validation (errors ~5e-4).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     shapes = parse_shapes(args.shapes)
 
     # Backends that will not run at all, and why.
@@ -593,6 +598,8 @@ def main(argv=None):
         "backend_info": odconv.backend_info(),
         "config": {"validation_batch": VALIDATION_BATCH, "rtol": {str(k): v for k, v in RTOL.items()},
                    "targets": TARGETS,
+                   "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+                   if device == "cuda" else None,
                    "memory_method": "torch.cuda.max_memory_allocated() over one step, minus allocated before"
                    if device == "cuda" else "peak RSS (VmHWM) over one step minus RSS before, in a fresh subprocess "
                    "per shape, glibc mmap threshold 64 KiB, after warm-up and malloc_trim"},

@@ -12,7 +12,8 @@
 #   info       nvidia-smi, python / torch / CUDA / nvcc / compute-sanitizer versions
 #   build      the extension in place, CUDA required: python setup.py build_ext --inplace (sm_90)
 #   test_cuda  pytest tests/test_cuda.py (CUBLAS_WORKSPACE_CONFIG set for the determinism test)
-#   test_ops   pytest tests/test_ops.py (the CPU op tests), in the background during the GPU steps
+#   test_ops   pytest -v tests/test_ops.py (the CPU op tests), in the background during the GPU steps;
+#              -v so that a crash (the 2026-11-29 run segfaulted) names the test in test_ops.log
 #   memcheck   compute-sanitizer --tool memcheck   python benchmarks/cuda_memcheck_case.py
 #   racecheck  compute-sanitizer --tool racecheck  python benchmarks/cuda_memcheck_case.py --quick
 #   bench      python benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile
@@ -195,7 +196,7 @@ BUILD_OK=$?
 
 if [ $BUILD_OK -eq 0 ]; then
   # CPU tests in the background (they do not touch the GPU), while the GPU steps run
-  ( run_step test_ops 240 env OMP_NUM_THREADS=6 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+  ( run_step test_ops 240 env OMP_NUM_THREADS=6 "$PYTHON" -m pytest -v -p no:cacheprovider tests/test_ops.py \
       > "$OUT/.test_ops.console" 2>&1 ) &
   TEST_OPS_PID=$!
   run_step test_cuda 240 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PYTHON" -m pytest -q -p no:cacheprovider \

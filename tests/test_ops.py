@@ -296,18 +296,19 @@ def test_blocking_independent_of_thread_count():
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, 3):
+        for n in (1, 3, 16):  # 16: more threads than samples (the GPU machine has 16 cores)
             torch.set_num_threads(n)
             out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
             results.append([out.detach()] + list(torch.autograd.grad(out.sum(), inputs)))
     finally:
         torch.set_num_threads(threads)
-    for one, many in zip(*results):
-        torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
+    for many_threads in results[1:]:
+        for one, many in zip(results[0], many_threads):
+            torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
 
 
 @requires_extension
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3, 16])
 def test_backward_over_several_chunks_and_uneven_runs(threads):
     # 37 samples: several chunks of at most 16 samples per thread, runs of unequal length, and grad_W
     # summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64
