@@ -1,8 +1,9 @@
 """Images per second of one full training step (forward, loss, backward, SGD update) of the GTSRB
 network, with the odconv extension and with the pure-PyTorch reference (the official
-formulation), plus the static twin (nn.Conv2d) for scale.
+formulation), plus the static twin (nn.Conv2d) for scale; each network also under bfloat16 autocast
+(`train.py --amp bf16`), to show whether mixed precision pays on this machine.
 
-    python benchmarks/bench_train.py                       # batch 128, 32x32 images, CPU
+    python benchmarks/bench_train.py                       # batch 128, 48x48 images (train.py's), CPU
     python benchmarks/bench_train.py --quick               # CI smoke run
     python benchmarks/bench_train.py --device cuda --batch-size 256
 
@@ -19,10 +20,12 @@ import sys
 import time
 
 BATCH_SIZE = 128
-IMAGE_SIZE = 32
+IMAGE_SIZE = 48
 STEPS = 12
 WARMUP = 3
-CONFIGS = [("odconv", "extension"), ("odconv", "reference"), ("static", "extension")]
+# (network, odconv backend, autocast): the reference's autocast run is left out (it is the slow baseline)
+CONFIGS = [("odconv", "extension", "none"), ("odconv", "reference", "none"), ("static", "extension", "none"),
+           ("odconv", "extension", "bf16"), ("static", "extension", "bf16")]
 
 
 def worker(args):
@@ -42,7 +45,10 @@ def worker(args):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        criterion(model(x), y).backward()
+        # as train.py: the forward and the loss under autocast, the backward outside it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            loss = criterion(model(x), y)
+        loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -55,7 +61,7 @@ def worker(args):
         step()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(json.dumps({"conv": args.conv, "backend": odconv.backend_info()[device.type]["backend"],
+    print(json.dumps({"conv": args.conv, "backend": odconv.backend_info()[device.type]["backend"], "amp": args.amp,
                       "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
                       "step_ms_all": [1e3 * t for t in times]}))
 
@@ -72,6 +78,7 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--conv", default="odconv", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="extension", help=argparse.SUPPRESS)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.warmup = 16, 2, 1
@@ -79,33 +86,40 @@ def main():
         return worker(args)
 
     results = []
-    for conv, backend in CONFIGS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--conv", conv, "--backend", backend,
+    for conv, backend, amp in CONFIGS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--conv", conv, "--backend", backend, "--amp", amp,
                "--device", args.device, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            sys.exit(f"{conv}/{backend} failed:\n{out.stderr[-2000:]}")
+            sys.exit(f"{conv}/{backend}/autocast {amp} failed:\n{out.stderr[-2000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    by = {(r["conv"], r["backend"]): r for r in results}
-    ext, ref = by.get(("odconv", "extension")), by.get(("odconv", "reference"))
+    by = {(r["conv"], r["backend"], r["amp"]): r for r in results}
+    ext, ref = by.get(("odconv", "extension", "none")), by.get(("odconv", "reference", "none"))
     print(f"GTSRB network training step, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.device}")
-    print("| network | odconv backend | step (ms) | images/s |")
-    print("|---|---|---:|---:|")
+    print("| network | odconv backend | autocast | step (ms) | images/s |")
+    print("|---|---|---|---:|---:|")
     for r in results:
-        print(f"| {r['conv']} | {r['backend'] if r['conv'] == 'odconv' else '-'} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |")
+        backend = r["backend"] if r["conv"] == "odconv" else "-"
+        print(f"| {r['conv']} | {backend} | {r['amp']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |")
     speedup = None
     if ext and ref and ext["backend"] == "extension":
         speedup = ext["images_per_s"] / ref["images_per_s"]
         print(f"\nextension / reference: {speedup:.2f}x images/s")
+    bf16_speedup = {}
+    for conv in ("odconv", "static"):
+        fp32, bf16 = by.get((conv, "extension", "none")), by.get((conv, "extension", "bf16"))
+        if fp32 and bf16:
+            bf16_speedup[conv] = bf16["images_per_s"] / fp32["images_per_s"]
+            print(f"{conv}: bf16 autocast / float32: {bf16_speedup[conv]:.2f}x images/s")
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import machine_info
     report = {"machine": machine_info(args.device), "device": args.device,
               "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
               "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "results": results,
-              "extension_over_reference": speedup}
+              "extension_over_reference": speedup, "bf16_autocast_over_float32": bf16_speedup}
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"bench_train_{args.device}{'_quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

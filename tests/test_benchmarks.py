@@ -1,6 +1,7 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
-(benchmarks/bench_gemm_bound.py) runs and reports consistent ratios."""
+(benchmarks/bench_gemm_bound.py) and the training-step benchmark (benchmarks/bench_train.py) run and report
+consistent numbers."""
 import json
 import os
 import subprocess
@@ -143,3 +144,23 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
         assert row["bound_fwd"] == pytest.approx(row["gemm_s"]["fwd"] / (row["static_fwd_s"] * floor))
         gemms = sum(row["gemm_s"].values())
         assert row["bound_fwdbwd"] == pytest.approx(gemms / (row["static_fwdbwd_s"] * floor))
+
+
+def test_train_benchmark_smoke_run(tmp_path):
+    path = tmp_path / "train.json"
+    command = [sys.executable, os.path.join(BENCHMARKS, "bench_train.py"), "--quick", "--image-size", "16",
+               "--json", str(path)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(path.read_text())
+    runs = {(r["conv"], r["amp"]): r for r in report["results"] if r["backend"] == ("extension" if HAS_CPU_EXTENSION
+                                                                                   else "reference")}
+    assert {("odconv", "none"), ("odconv", "bf16"), ("static", "none"), ("static", "bf16")} <= set(runs)
+    for r in report["results"]:
+        assert r["images_per_s"] == pytest.approx(report["batch_size"] * 1e3 / r["step_ms"])
+        assert f"| {r['amp']} | {r['step_ms']:.1f} |" in proc.stdout
+    assert set(report["bf16_autocast_over_float32"]) == {"odconv", "static"}
+    if HAS_CPU_EXTENSION:
+        assert report["extension_over_reference"] == pytest.approx(
+            runs[("odconv", "none")]["images_per_s"] / next(
+                r for r in report["results"] if r["backend"] == "reference")["images_per_s"])

@@ -31,7 +31,8 @@
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q)
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   kern   (n, T, J)      Wb of the tile (forward), and (n, J, T) its transpose (backward)
+//   kern   (n, T, J)      Wb of the tile (forward), and (n, J, T) its transpose (backward, built
+//                         through a (T, J) scratch and a blocked transpose)
 //   agg    (n, T, J)      A of the tile, accumulation type (backward)
 //   q      (n, T, J)      Q of the tile (backward)
 //   gbuf   (n, T, J)      G of the tile, accumulation type (backward)
@@ -55,6 +56,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -231,7 +236,31 @@ void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols, int64_t c0 = 0
   }
 }
 
-// dst[p * ld + j] = src[j * P + p] for j < n: a transpose in cache-sized blocks.
+#if defined(__AVX__)
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block of floats, in registers.
+inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs: (r0[0], r1[0], r0[1], r1[1] | ...)
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs: 4 rows per 128-bit lane
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // and the lanes of rows 0-3 with those of rows 4-7
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst[p * ld + j] = src[j * P + p] for j < n: a transpose in cache-sized blocks. For float with AVX,
+// 8 x 8 blocks go through registers: 5-6x faster than element by element here, and im2row (the
+// transpose of every sample's im2col matrix) was a third of the backward on 24x24 maps.
 template <typename scalar_t>
 void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, int64_t ld) {
   constexpr int64_t kBlock = 32;
@@ -239,7 +268,18 @@ void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, in
     const int64_t j1 = std::min(n, j0 + kBlock);
     for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
       const int64_t p1 = std::min(P, p0 + kBlock);
-      for (int64_t j = j0; j < j1; ++j)
+      int64_t j = j0;
+#if defined(__AVX__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (; j + 8 <= j1; j += 8) {
+          int64_t p = p0;
+          for (; p + 8 <= p1; p += 8) transpose_8x8(src + j * P + p, P, dst + p * ld + j, ld);
+          for (int64_t jj = j; jj < j + 8; ++jj)
+            for (int64_t pp = p; pp < p1; ++pp) dst[pp * ld + jj] = src[jj * P + pp];
+        }
+      }
+#endif
+      for (; j < j1; ++j)
         for (int64_t p = p0; p < p1; ++p) dst[p * ld + j] = src[j * P + p];
     }
   }
@@ -367,25 +407,23 @@ void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a,
 
 // Wb (and, if agg is not null, A) for the rows of one tile of one sample. Wb goes to kern as
 // (groups, rows, J), or transposed (the backward's grad_x product needs Wb^T row-major) into
-// columns [col0, col0 + rows) of a (groups, J, ld) matrix when `transposed`; agg is
-// (groups, rows, J). scratch holds J elements.
+// columns [col0, col0 + rows) of a (groups, J, ld) matrix when `transposed`: then each group's rows
+// are built in rows_scratch (rows x J elements) and transposed in blocks, not written column by
+// column. agg is (groups, rows, J). scratch holds J elements.
 template <typename scalar_t, typename acc_t>
 void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
-                       const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* row_scratch,
+                       const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* rows_scratch,
                        acc_t* scratch, int64_t ld = 0, int64_t col0 = 0) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
       const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
-      scalar_t* out = transposed ? row_scratch : kern + slot;
+      scalar_t* out = transposed ? rows_scratch + (r - t.r0) * J : kern + slot;
       aggregate_row_dispatch(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, scratch,
                              agg != nullptr ? agg + slot : nullptr, out);
-      if (transposed) {
-        scalar_t* column = kern + (gi - t.g0) * J * ld + col0 + (r - t.r0);
-        for (int64_t j = 0; j < J; ++j) column[j * ld] = out[j];
-      }
     }
+    if (transposed) transpose_into(rows_scratch, T, J, kern + (gi - t.g0) * J * ld + col0, ld);
   }
 }
 
@@ -461,7 +499,7 @@ at::Tensor forward_kernel(
 // The backward's working buffers for one run of samples [s0, s0 + n) (shapes in the header).
 struct BackwardRun {
   int64_t s0 = 0, n = 0;
-  at::Tensor rows, cols_scratch, gcols, agg, kern, q, gbuf, row_scratch, scratch, m, gm, a_t, gw;
+  at::Tensor rows, cols_scratch, gcols, agg, kern, q, gbuf, rows_scratch, scratch, m, gm, a_t, gw;
 };
 
 template <typename scalar_t>
@@ -485,6 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
   const int64_t max_tile = max_tile_elems(tiles, J);
+  int64_t max_tile_rows = 0;
+  for (const Tile& t : tiles) max_tile_rows = std::max(max_tile_rows, t.rows());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
@@ -546,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       if (want_x && !direct) run.gcols = at::empty({n * GJ * P}, opts);
       run.kern = at::empty({n * kern_elems}, opts);
-      run.row_scratch = at::empty({J}, opts);
+      run.rows_scratch = at::empty({max_tile_rows * J}, opts);
       run.scratch = at::empty({J}, acc_opts);
       run.m = at::empty({n * GJ}, acc_opts);
       run.gm = at::zeros({n * GJ}, acc_opts);
@@ -583,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
                             m + i * GJ, g, t, /*transposed=*/true, agg != nullptr ? agg + i * tile : nullptr,
-                            kern + i * kern_elems, run.row_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
+                            kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
                             /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
           if (want_x && ti == pn.last_tile) {
             // gcols[g] (+)= Wb[g][panel rows]^T @ gy[g][panel rows]; the panels of one group (G == 1)
