@@ -1,7 +1,7 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
-(benchmarks/bench_gemm_bound.py) and the training-step benchmark (benchmarks/bench_train.py) run and report
-consistent numbers."""
+(benchmarks/bench_gemm_bound.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B
+script (benchmarks/ab_builds.py) run and report consistent numbers."""
 import json
 import os
 import subprocess
@@ -164,3 +164,16 @@ def test_train_benchmark_smoke_run(tmp_path):
         assert report["extension_over_reference"] == pytest.approx(
             runs[("odconv", "none")]["images_per_s"] / next(
                 r for r in report["results"] if r["backend"] == "reference")["images_per_s"])
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+def test_ab_builds_smoke_run(tmp_path, capsys):
+    import ab_builds
+    path = tmp_path / "ab.json"
+    ab_builds.main([REPO, REPO, "--shapes", "2,4,6,6,3,2,1,1", "--rounds", "1", "--repeats", "1", "--json", str(path)])
+    table = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    (row,) = report["results"]
+    assert row["name"] == "B2 4->6 6x6 k3 K2 s1 g1" and row["name"] in table
+    for side in ("before_ms", "after_ms"):
+        assert set(row[side]) == {"fwd", "bwd"} and all(ms > 0 for ms in row[side].values())
