@@ -496,6 +496,61 @@ at::Tensor forward_kernel(
   return out;
 }
 
+// One sample's gradients from Q on the rows of tile t (see the header): grad_f[o] for the tile's
+// rows, gm[j] += its share of grad_m, G = Q f m into gbuf, and grad_a[k] += <G row, W_k row> while
+// both rows are in cache. q, agg and gbuf are (groups, rows, J) blocks of the tile; m and gm hold
+// all G*J columns; f and grad_f all Cout rows; w_acc is W as (K, N) in acc_t.
+template <typename scalar_t, typename acc_t>
+void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* agg, const acc_t* w_acc,
+                           const acc_t* m, const acc_t* f, acc_t* gm, acc_t* gbuf, acc_t* grad_f, acc_t* grad_a) {
+  const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows();
+  for (int64_t gi = t.g0; gi < t.g1; ++gi) {
+    const acc_t* __restrict__ mg = m + gi * J;
+    acc_t* __restrict__ gmg = gm + gi * J;
+    for (int64_t r = t.r0; r < t.r1; ++r) {
+      const int64_t o = gi * g.out_per_group + r;
+      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
+      const scalar_t* __restrict__ q_row = q + slot;
+      const acc_t* __restrict__ agg_row = agg + slot;
+      acc_t* __restrict__ g_row = gbuf + slot;
+      const acc_t fo = f[o];
+      acc_t gf = 0;
+#pragma omp simd reduction(+ : gf)
+      for (int64_t j = 0; j < J; ++j) {
+        const acc_t qv = static_cast<acc_t>(q_row[j]);
+        const acc_t rv = qv * agg_row[j];
+        gf += rv * mg[j];
+        gmg[j] += rv * fo;
+        g_row[j] = qv * fo * mg[j];
+      }
+      grad_f[o] = gf;
+      for (int64_t k = 0; k < g.kernel_num; ++k) {
+        const acc_t* __restrict__ wk = w_acc + k * N + o * J;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < J; ++j) dot += g_row[j] * wk[j];
+        grad_a[k] += dot;
+      }
+    }
+  }
+}
+
+// One sample's grad_ch[c] = sum_t gm[c*taps + t] s[t] and grad_s[t] += sum_c gm[c*taps + t] ch[c].
+template <typename acc_t>
+void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, const acc_t* s, acc_t* grad_ch,
+                           acc_t* grad_s) {
+  const int64_t taps = g.taps();
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    acc_t sum_c = 0;
+    for (int64_t tp = 0; tp < taps; ++tp) {
+      const acc_t v = gm[c * taps + tp];
+      sum_c += v * s[tp];
+      grad_s[tp] += v * ch[c];
+    }
+    grad_ch[c] = sum_c;
+  }
+}
+
 // The backward's working buffers for one run of samples [s0, s0 + n) (shapes in the header).
 struct BackwardRun {
   int64_t s0 = 0, n = 0;
@@ -640,50 +695,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
         }
         if (!want_params) return;
-        // Per row: grad_f, grad_m, G = Q f m (the gradient w.r.t. A) into gbuf, and
-        // grad_a[k] += <G row, W_k row> while both rows are in cache.
-        acc_t* gbuf = run.gbuf.data_ptr<acc_t>();
-        const acc_t* w_acc = weight_acc.const_data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = s0 + i;
-          const acc_t* fb = f.const_data_ptr<acc_t>() + b * Cout;
-          acc_t* gf_b = grad_f.data_ptr<acc_t>() + b * Cout;
-          acc_t* ga_b = grad_a.data_ptr<acc_t>() + b * K;
-          for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-            const acc_t* __restrict__ mg = m + i * GJ + gi * J;
-            acc_t* __restrict__ gmg = gm + i * GJ + gi * J;
-            for (int64_t r = t.r0; r < t.r1; ++r) {
-              const int64_t o = gi * Cog + r;
-              const int64_t slot = i * tile + ((gi - t.g0) * T + (r - t.r0)) * J;
-              const scalar_t* __restrict__ q_row = q + slot;
-              const acc_t* __restrict__ agg_row = agg + slot;
-              acc_t* __restrict__ g_row = gbuf + slot;
-              const acc_t fo = fb[o];
-              acc_t gf = 0;
-#pragma omp simd reduction(+ : gf)
-              for (int64_t j = 0; j < J; ++j) {
-                const acc_t qv = static_cast<acc_t>(q_row[j]);
-                const acc_t rv = qv * agg_row[j];
-                gf += rv * mg[j];
-                gmg[j] += rv * fo;
-                g_row[j] = qv * fo * mg[j];
-              }
-              gf_b[o] = gf;
-              for (int64_t k = 0; k < K; ++k) {
-                const acc_t* __restrict__ wk = w_acc + k * N + o * J;
-                acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t j = 0; j < J; ++j) dot += g_row[j] * wk[j];
-                ga_b[k] += dot;
-              }
-            }
-          }
+          const int64_t b = s0 + i, slot = i * tile;
+          reduce_tile_gradients(t, g, q + slot, agg + slot, weight_acc.const_data_ptr<acc_t>(), m + i * GJ,
+                                f.const_data_ptr<acc_t>() + b * Cout, gm + i * GJ, run.gbuf.data_ptr<acc_t>() + slot,
+                                grad_f.data_ptr<acc_t>() + b * Cout, grad_a.data_ptr<acc_t>() + b * K);
         }
         // The tile's rows are one contiguous block of each W_k and of each sample's G:
         //   grad_W[:, block] (+)= a[s0:s1]^T @ G        (K x n) @ (n x tile)
         // the first run into grad_W itself, the others into their partial (added below).
         const bool first = run.s0 == c0;
-        grouped_gemm<acc_t>(1, K, tile, n, run.a_t.const_data_ptr<acc_t>(), n, 0, gbuf, tile, 0,
+        grouped_gemm<acc_t>(1, K, tile, n, run.a_t.const_data_ptr<acc_t>(), n, 0, run.gbuf.data_ptr<acc_t>(), tile, 0,
                             first ? grad_w_ptr + row0 * J : run.gw.data_ptr<acc_t>(), first ? N : max_tile, 0,
                             /*accumulate=*/first, acc_opts);
       });
@@ -699,21 +721,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t b = run.s0 + i;
         if (want_x && !direct)
           col2im(run.gcols.const_data_ptr<scalar_t>() + i * GJ * P, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
-        if (!want_params) continue;
-        const acc_t* chb = ch.const_data_ptr<acc_t>() + b * g.in_channels;
-        const acc_t* sb = s.const_data_ptr<acc_t>() + b * taps;
-        acc_t* gch_b = grad_ch.data_ptr<acc_t>() + b * g.in_channels;
-        acc_t* gs_b = grad_s.data_ptr<acc_t>() + b * taps;
-        const acc_t* gmb = run.gm.const_data_ptr<acc_t>() + i * GJ;
-        for (int64_t c = 0; c < g.in_channels; ++c) {
-          acc_t sum_c = 0;
-          for (int64_t tp = 0; tp < taps; ++tp) {
-            const acc_t v = gmb[c * taps + tp];
-            sum_c += v * sb[tp];
-            gs_b[tp] += v * chb[c];
-          }
-          gch_b[c] = sum_c;
-        }
+        if (want_params)
+          reduce_scale_gradient(g, run.gm.const_data_ptr<acc_t>() + i * GJ, ch.const_data_ptr<acc_t>() + b * g.in_channels,
+                                s.const_data_ptr<acc_t>() + b * taps, grad_ch.data_ptr<acc_t>() + b * g.in_channels,
+                                grad_s.data_ptr<acc_t>() + b * taps);
       }
     });
   }
