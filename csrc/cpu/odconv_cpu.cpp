@@ -73,6 +73,7 @@ namespace {
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
 constexpr int64_t kThreadBytes = 8 * 1024 * 1024;  // im2col buffers per thread and chunk
 constexpr int64_t kMaxSamplesPerThread = 16;
+constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile per thread, at least
 // Groups whose products are smaller than this many multiply-adds (depthwise, ...) are multiplied
 // in one batched call rather than one call per group, which would be dominated by call overhead.
 constexpr int64_t kMinGroupGemm = 16384;
@@ -709,9 +710,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             first ? grad_w_ptr + row0 * J : run.gw.data_ptr<acc_t>(), first ? N : max_tile, 0,
                             /*accumulate=*/first, acc_opts);
       });
-      if (want_params) {
-        at::Tensor grad_w_tile = grad_w.narrow(1, row0 * J, tile);
-        for (int64_t r = 1; r < runs; ++r) grad_w_tile.add_(run_state[r].gw.narrow(1, 0, tile));
+      if (want_params && runs > 1) {
+        // grad_W[:, tile] += the other runs' partials, in run order for every element; the columns
+        // are split between the threads (one parallel region, not one ATen add per run: those were
+        // ~6 % of a training step of the GTSRB network, more on a busy machine).
+        at::parallel_for(0, tile, kGradWAddGrain, [&](int64_t e0, int64_t e1) {
+          for (int64_t r = 1; r < runs; ++r) {
+            const acc_t* part = run_state[r].gw.const_data_ptr<acc_t>();
+            for (int64_t k = 0; k < K; ++k) {
+              acc_t* __restrict__ dst = grad_w_ptr + k * N + row0 * J;
+              const acc_t* __restrict__ src = part + k * max_tile;
+#pragma omp simd
+              for (int64_t e = e0; e < e1; ++e) dst[e] += src[e];
+            }
+          }
+        });
       }
     }
 
