@@ -11,6 +11,9 @@
 # failed).
 #   info       nvidia-smi, python / torch / CUDA / nvcc / compute-sanitizer versions
 #   build      the extension in place, CUDA required: python setup.py build_ext --inplace (sm_90)
+#   probe      python benchmarks/cpu_error_probe.py: does a C++ argument error of the CPU kernel reach
+#              Python (before and after torch.compile)? Names the step if it crashes (the 2026-11-29
+#              run segfaulted in test_ops at the first such error)
 #   test_cuda  pytest tests/test_cuda.py (CUBLAS_WORKSPACE_CONFIG set for the determinism test)
 #   test_ops   pytest -v tests/test_ops.py (the CPU op tests), in the background during the GPU steps;
 #              -v so that a crash (the 2026-11-29 run segfaulted) names the test in test_ops.log
@@ -37,7 +40,7 @@ rm -f "$OUT"/.status/*
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-STEPS=(info build test_cuda test_ops memcheck racecheck bench)
+STEPS=(info build probe test_cuda test_ops memcheck racecheck bench)
 SELECTED=" ${GPU_CHECK_STEPS:-${STEPS[*]}} "
 
 # ---------------------------------------------------------------------------------------- environment
@@ -195,6 +198,7 @@ run_step build 300 step_build
 BUILD_OK=$?
 
 if [ $BUILD_OK -eq 0 ]; then
+  run_step probe 120 "$PYTHON" -X faulthandler benchmarks/cpu_error_probe.py
   # CPU tests in the background (they do not touch the GPU), while the GPU steps run
   ( run_step test_ops 240 env OMP_NUM_THREADS=6 "$PYTHON" -m pytest -v -p no:cacheprovider tests/test_ops.py \
       > "$OUT/.test_ops.console" 2>&1 ) &
@@ -213,7 +217,7 @@ if [ $BUILD_OK -eq 0 ]; then
   run_step bench 200 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile \
     --min-run-time 0.5 --json "$OUT/bench_cuda.json"
 else
-  for s in test_cuda test_ops memcheck racecheck bench; do
+  for s in probe test_cuda test_ops memcheck racecheck bench; do
     echo "CUT 0 not run: the build failed" > "$OUT/.status/$s"
   done
 fi
@@ -224,6 +228,7 @@ note() {  # a one-line digest of a step's log
   [ -f "$log" ] || return 0
   case $1 in
     test_*) grep -E "[0-9]+ (passed|failed)|error" "$log" | tail -n 1 ;;
+    probe) grep -E "^[0-9]\.|all steps passed|Fatal" "$log" | tail -n 1 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases ok" "$log" | tr '\n' ' ' ;;
     build) grep -q "kernels registered" "$log" && echo "CPU, CUDA, AutocastCUDA kernels registered" ;;
     bench) grep -iE "worst|target" "$log" | tail -n 2 | tr '\n' ' ' ;;

@@ -1,7 +1,8 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
 (benchmarks/bench_gemm_bound.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B
-script (benchmarks/ab_builds.py) run and report consistent numbers."""
+script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
+(benchmarks/cpu_error_probe.py) passes."""
 import json
 import os
 import subprocess
@@ -177,3 +178,12 @@ def test_ab_builds_smoke_run(tmp_path, capsys):
     assert row["name"] == "B2 4->6 6x6 k3 K2 s1 g1" and row["name"] in table
     for side in ("before_ms", "after_ms"):
         assert set(row[side]) == {"fwd", "bwd"} and all(ms > 0 for ms in row[side].values())
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")
+def test_cpu_error_probe_passes():
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", os.path.join(BENCHMARKS, "cpu_error_probe.py")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "must be at least as large as the dilated kernel" in proc.stdout
+    assert proc.stdout.rstrip().endswith("all steps passed")
