@@ -23,8 +23,9 @@
 // Work split and memory. No tensor ever holds the per-sample kernels (or kernel gradients) of the
 // whole batch. The batch is processed in chunks; in a chunk each thread (at::parallel_for) takes a
 // contiguous run of n <= kMaxSamplesPerThread samples, sized so its im2col buffers stay within
-// kThreadBytes. The kernel matrix is cut into tiles: whole groups (G > 1) or ranges of output
-// channels (G == 1) whose K slices of W_k fit in kTileBytes. A thread handles a tile for all of
+// kForwardThreadBytes (forward) or kBackwardThreadBytes (backward). The kernel matrix is cut into
+// tiles: whole groups (G > 1) or ranges of output channels (G == 1) whose K slices of W_k fit in
+// kTileBytes. A thread handles a tile for all of
 // its samples before the next tile, so a tile of W_k is read from memory once per thread and chunk
 // and then served from cache; the aggregated rows are consumed by the GEMMs while still in cache.
 // Working buffers per thread (T = rows of a tile, n = the thread's samples):
@@ -71,7 +72,14 @@ namespace odconv {
 namespace {
 
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
-constexpr int64_t kThreadBytes = 8 * 1024 * 1024;  // im2col buffers per thread and chunk
+// Working buffers per thread and chunk. The forward does better with fewer samples per run (its
+// per-tile products re-read each sample's im2col matrix, which then stays nearer in cache): with
+// 2 MB instead of 8 the forward took 0.54-0.86x the time on 7 of the 12 shapes of bench_op's suite
+// and was unchanged beyond noise on the others (benchmarks/ab_builds.py, results in
+// benchmarks/results/ab_forward_budget_cpu.json). The backward keeps 8 MB: with 2 MB, 512->512 4x4 took 1.26x as long (more chunks,
+// each re-reading the K kernels), and the mid-size maps did not change beyond noise.
+constexpr int64_t kForwardThreadBytes = 2 * 1024 * 1024;
+constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kMaxSamplesPerThread = 16;
 constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile per thread, at least
 // Groups whose products are smaller than this many multiply-adds (depthwise, ...) are multiplied
@@ -148,11 +156,11 @@ int64_t max_tile_elems(const std::vector<Tile>& tiles, int64_t J) {
 }
 
 // Samples per chunk: each thread gets at most kMaxSamplesPerThread samples whose im2col buffers
-// fit kThreadBytes, and the chunks split the batch evenly so no thread idles in the last one.
-int64_t chunk_size(int64_t batch, int64_t bytes_per_sample) {
+// fit thread_bytes, and the chunks split the batch evenly so no thread idles in the last one.
+int64_t chunk_size(int64_t batch, int64_t bytes_per_sample, int64_t thread_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread =
-      std::clamp<int64_t>(kThreadBytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
+      std::clamp<int64_t>(thread_bytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
   const int64_t n_chunks = std::max<int64_t>(1, (batch + per_thread * threads - 1) / (per_thread * threads));
   const int64_t per_chunk = (batch + n_chunks - 1) / n_chunks;
   return std::max<int64_t>(1, (per_chunk + threads - 1) / threads * threads);
@@ -458,7 +466,7 @@ at::Tensor forward_kernel(
   const int64_t max_tile = max_tile_elems(tiles, J);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
-  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t));
+  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t), kForwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
 
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
@@ -605,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t bytes_per_sample =
       (want_params ? im2col_bytes + max_tile * (int64_t)(2 * sizeof(acc_t) + sizeof(scalar_t)) : 0) +
       (want_x && !direct ? im2col_bytes : 0) + kern_elems * (int64_t)sizeof(scalar_t);
-  const int64_t chunk = chunk_size(g.batch, bytes_per_sample);
+  const int64_t chunk = chunk_size(g.batch, bytes_per_sample, kBackwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
 
