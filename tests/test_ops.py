@@ -47,7 +47,7 @@ def test_extension_matches_reference(case, dtype):
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_extension_low_precision(dtype):
     inputs64 = make_inputs(4, 8, 8, 6, 3, 4, 1)
     inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
@@ -55,8 +55,16 @@ def test_extension_low_precision(dtype):
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
     expected = odconv2d_reference(*ref_inputs, (1, 1), (1, 1), (1, 1), 1)
-    # bf16 output rounding (2^-8 relative) on values of magnitude ~|expected|
-    torch.testing.assert_close(out.double(), expected, rtol=1.6e-2, atol=1e-2 * expected.abs().max().item())
+    # output rounding (2^-8 relative for bf16, 2^-11 for fp16) on values of magnitude ~|expected|
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), expected, rtol=2 * eps, atol=1.28 * eps * expected.abs().max().item())
+    # the backward (float32 products on the rounded values, gradients rounded to dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    want = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+    for name, got, w in zip(("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att"), grads, want):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), w, rtol=2 * eps, atol=1.28 * eps * w.abs().max().item(), msg=name)
 
 
 @requires_extension
