@@ -46,9 +46,10 @@
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
-// torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. Depthwise-like layers in float32 and
-// float64 take the grouped-convolution path instead (see "Grouped-convolution path" below). Inside the parallel
-// region these run single-threaded, one thread per run of samples.
+// torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
+// inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu). Depthwise-like layers in
+// float32 and float64 take the grouped-convolution path instead (see "Grouped-convolution path"
+// below). Inside the parallel region these run single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
 #include <ATen/ATen.h>
