@@ -588,8 +588,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
   const int64_t max_tile = max_tile_elems(tiles, J);
-  int64_t max_tile_rows = 0;
-  for (const Tile& t : tiles) max_tile_rows = std::max(max_tile_rows, t.rows());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
@@ -651,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       if (want_x && !direct) run.gcols = at::empty({n * GJ * P}, opts);
       run.kern = at::empty({n * kern_elems}, opts);
-      run.rows_scratch = at::empty({max_tile_rows * J}, opts);
+      run.rows_scratch = at::empty({max_tile}, opts);  // one group's rows of a tile: rows x J <= max_tile
       run.scratch = at::empty({J}, acc_opts);
       run.m = at::empty({n * GJ}, acc_opts);
       run.gm = at::zeros({n * GJ}, acc_opts);
@@ -885,30 +883,11 @@ at::Tensor odconv2d_cpu(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> odconv2d_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& channel_att, const at::Tensor& filter_att, const at::Tensor& spatial_att,
-    const at::Tensor& kernel_att, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, std::array<bool, 2> output_mask) {
-  const Geometry g = check_inputs(
-      "odconv2d_backward", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride,
-      padding, dilation, groups);
-  check_grad_out("odconv2d_backward", grad_out, x, g);
-  TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
-    // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
-    // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
-    // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
-    // The forward stays in 16 bit, which was faster on large maps (2.3x at 48x48).
-    const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    auto grads = odconv2d_backward_cpu(f32(grad_out), f32(x), f32(weight), f32(channel_att), f32(filter_att),
-                                       f32(spatial_att), f32(kernel_att), stride, padding, dilation, groups,
-                                       output_mask);
-    const auto back = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
-    return std::make_tuple(back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)),
-                           back(std::get<3>(grads)), back(std::get<4>(grads)), back(std::get<5>(grads)));
-  }
+// The backward of checked float32 / float64 inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
+    const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att, const Geometry& g,
+    std::array<bool, 2> output_mask) {
   if (use_conv_path(g, x.scalar_type())) {
     return backward_conv_path(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g,
                               output_mask[0], output_mask[1]);
@@ -920,6 +899,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         output_mask[1]);
   });
   return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> odconv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& channel_att, const at::Tensor& filter_att, const at::Tensor& spatial_att,
+    const at::Tensor& kernel_att, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, std::array<bool, 2> output_mask) {
+  const Geometry g = check_inputs(
+      "odconv2d_backward", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride,
+      padding, dilation, groups);
+  check_grad_out("odconv2d_backward", grad_out, x, g);
+  TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) {
+    return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
+  }
+  // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
+  // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
+  // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
+  // The forward stays in 16 bit, which was faster on large maps (2.3x at 48x48).
+  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
+  const auto grads = backward_checked(f32(grad_out), f32(x), f32(weight), f32(channel_att), f32(filter_att),
+                                      f32(spatial_att), f32(kernel_att), g, output_mask);
+  const auto back = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
+  return std::make_tuple(back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)),
+                         back(std::get<3>(grads)), back(std::get<4>(grads)), back(std::get<5>(grads)));
 }
 
 } // namespace
