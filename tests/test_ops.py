@@ -83,6 +83,15 @@ def test_gradcheck(case):
 
 
 @requires_extension
+def test_gradcheck_tiles_cut_in_J():
+    # 64 -> 40 channels, 3x3, K = 4 in float64: 28 rows of the K kernels fill a tile, so on a 3x3 map
+    # the tiles are 20 rows by a part of J (see make_tiles); fast mode keeps the 92k inputs cheap
+    inputs = make_inputs(2, 64, 40, 3, 3, 4, 1)
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7,
+                                    fast_mode=True)
+
+
+@requires_extension
 def test_only_requested_gradients_are_computed():
     x, weight, channel, filt, spatial, kern = make_inputs(2, 4, 6, 5, 3, 2, 1)
     x.requires_grad_(False)
@@ -240,27 +249,31 @@ def test_reference_backend_gives_same_result():
     torch.testing.assert_close(out_reference, odconv.odconv2d(*inputs, padding=1, groups=2), rtol=1e-12, atol=1e-12)
 
 
-# ---- blocking edges of the CPU kernel: several weight tiles, several chunks of samples, uneven
-# splits, one output channel, batch 1, groups > 1 with tiles of whole groups, K without an unrolled
-# aggregation (K = 5) ---------------------------------------------------------------------------
+# ---- blocking edges of the CPU kernel: several weight tiles, tiles cut in J, several chunks of
+# samples, uneven splits, one output channel, batch 1, groups > 1 with tiles of whole groups, K
+# without an unrolled aggregation (K = 5). Tile counts are for float64 (float32 tiles hold twice the
+# elements, so float32 runs other splits of the same layers). -----------------------------------
 BLOCKING = [
-    (9, 80, 67, 16, 3, 3, 1, 1, 1, 1),     # 2 uneven tiles (34 + 33 rows), 3 chunks, the last partial
+    (9, 80, 67, 16, 3, 3, 1, 1, 1, 1),     # 3 tiles of 23 rows gathered in one grad_x panel, 3 chunks
     (1, 80, 67, 16, 3, 3, 1, 1, 1, 1),     # batch 1
     (5, 160, 130, 9, 3, 3, 1, 1, 1, 2),    # one group per tile, 2 tiles
     (7, 96, 1, 8, 3, 5, 2, 1, 1, 1),       # one output channel, K = 5
-    (6, 256, 96, 4, 3, 4, 1, 1, 1, 1),     # deep layer with a small map (P = 16), 3 tiles
-    (2, 128, 200, 12, 3, 4, 1, 1, 1, 1),   # float64: 15 tiles in two grad_x panels (140 + 60 rows)
+    (6, 256, 96, 4, 3, 4, 1, 1, 1, 1),     # small map (P = 16): tiles cut in J, 3 x 5 (461 + ... + 460)
+    (1, 201, 70, 4, 3, 4, 1, 1, 1, 1),     # cut in J, uneven both ways: rows 24+24+22, J 453+453+453+450
+    (2, 128, 200, 12, 3, 4, 1, 1, 1, 1),   # 15 tiles in two grad_x panels (140 + 60 rows); float32 cuts J
     (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
     (4, 192, 160, 6, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) with tiles
+    (3, 1030, 40, 2, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) cut in J: 2 x 3 tiles (344 + 344 + 342)
 ]
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", BLOCKING, ids=case_id)
-def test_blocking_edges_match_reference(case):
+def test_blocking_edges_match_reference(case, dtype):
     batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups)
-    assert_matches_reference(inputs, stride, padding, dilation, groups, torch.float64)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+    assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
 
 
 # ---- the two CPU algorithms: per-sample GEMMs (im2col) and the grouped convolution on chunks of samples
@@ -299,14 +312,17 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
 
 
 @requires_extension
-def test_blocking_independent_of_thread_count():
-    inputs = make_inputs(9, 80, 67, 16, 3, 3, 1, dtype=torch.float64)
+@pytest.mark.parametrize("case", [(9, 80, 67, 16, 3, 3, 1, 1, 1, 1), (9, 201, 70, 4, 3, 4, 1, 1, 1, 1)],
+                         ids=["panels", "cut_in_J"])
+def test_blocking_independent_of_thread_count(case):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float64)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 3, 16):  # 16: more threads than samples (the GPU machine has 16 cores)
             torch.set_num_threads(n)
-            out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+            out = ext(inputs, stride, padding, dilation, groups)
             results.append([out.detach()] + list(torch.autograd.grad(out.sum(), inputs)))
     finally:
         torch.set_num_threads(threads)
@@ -317,10 +333,12 @@ def test_blocking_independent_of_thread_count():
 
 @requires_extension
 @pytest.mark.parametrize("threads", [1, 3, 16])
-def test_backward_over_several_chunks_and_uneven_runs(threads):
+@pytest.mark.parametrize("channels", [(60, 45), (201, 70)], ids=["row_tiles", "cut_in_J"])
+def test_backward_over_several_chunks_and_uneven_runs(threads, channels):
     # 37 samples: several chunks of at most 16 samples per thread, runs of unequal length, and grad_W
-    # summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64
-    inputs = make_inputs(37, 60, 45, 5, 3, 3, 1, dtype=torch.float64)
+    # summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64; 201 -> 70: tiles
+    # cut in J, whose grad_W partials are added row by row
+    inputs = make_inputs(37, *channels, 5, 3, 3, 1, dtype=torch.float64)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -25,19 +25,20 @@
 // contiguous run of n <= kMaxSamplesPerThread samples, sized so its im2col buffers stay within
 // kForwardThreadBytes (forward) or kBackwardThreadBytes (backward). The kernel matrix is cut into
 // tiles: whole groups (G > 1) or ranges of output channels (G == 1) whose K slices of W_k fit in
-// kTileBytes. A thread handles a tile for all of
-// its samples before the next tile, so a tile of W_k is read from memory once per thread and chunk
-// and then served from cache; the aggregated rows are consumed by the GEMMs while still in cache.
-// Working buffers per thread (T = rows of a tile, n = the thread's samples):
+// kTileBytes, for deep layers with small maps a range of rows and a range of J (make_tiles). A
+// thread handles a tile for all of its samples before the next tile, so a tile of W_k is read from
+// memory once per thread and chunk and then served from cache; the aggregated rows are consumed by
+// the GEMMs while still in cache.
+// Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q)
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   kern   (n, T, J)      Wb of the tile (forward), and (n, J, T) its transpose (backward, built
-//                         through a (T, J) scratch and a blocked transpose)
-//   agg    (n, T, J)      A of the tile, accumulation type (backward)
-//   q      (n, T, J)      Q of the tile (backward)
-//   gbuf   (n, T, J)      G of the tile, accumulation type (backward)
-//   gW     (K, T*J)      the run's share of grad_W for the tile (backward; not for the first run)
+//   kern   (n, T, Jt)     Wb of the tile (forward), and (n, Jt, T) its transpose (backward, built
+//                         through a (T, Jt) scratch and a blocked transpose)
+//   agg    (n, T, Jt)     A of the tile, accumulation type (backward)
+//   q      (n, T, Jt)     Q of the tile (backward)
+//   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward)
+//   gW     (K, T*Jt)      the run's share of grad_W for the tile (backward; not for the first run)
 // grad_a is reduced row by row while G and W_k are in cache; after each tile, G of the thread's
 // samples goes into grad_W at once: grad_W[:, tile] += a^T @ G. The backward runs one parallel
 // region per tile so these shares are summed in a fixed order into grad_W itself: no copy of
@@ -73,6 +74,9 @@ namespace odconv {
 namespace {
 
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
+constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
+// One sample's im2col matrix (J x P) up to this size stays in cache (L2) while a thread works on it.
+constexpr int64_t kSmallIm2colBytes = 1024 * 1024;
 // Working buffers per thread and chunk. The forward does better with fewer samples per run (its
 // per-tile products re-read each sample's im2col matrix, which then stays nearer in cache): with
 // 2 MB instead of 8 the forward took 0.54-0.86x the time on 7 of the 12 shapes of bench_op's suite
@@ -87,47 +91,68 @@ constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile p
 // in one batched call rather than one call per group, which would be dominated by call overhead.
 constexpr int64_t kMinGroupGemm = 16384;
 
-// Rows of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1).
+// Part of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1) and
+// columns [j0, j1) of the group's J.
 struct Tile {
-  int64_t g0, g1, r0, r1;
+  int64_t g0, g1, r0, r1, j0, j1;
   int64_t groups() const { return g1 - g0; }
   int64_t rows() const { return r1 - r0; }
+  int64_t cols() const { return j1 - j0; }
   int64_t first_row(int64_t out_per_group) const { return g0 * out_per_group + r0; }
 };
 
+// [0, n) cut into pieces of at most `most` (at least 1), as equal as possible: the last one is not
+// left with a sliver. Returns the step.
+inline int64_t even_step(int64_t n, int64_t most) {
+  const int64_t pieces = (n + most - 1) / std::max<int64_t>(1, most);
+  return std::max<int64_t>(1, (n + pieces - 1) / std::max<int64_t>(1, pieces));
+}
+
+// Tiles. With G > 1 a tile is whole groups. With G == 1 it is a range of output channels over all
+// of J when at least kMinTileRows rows fit in kTileBytes, or when one sample's im2col matrix is
+// large (see the grad_x panels below). Otherwise (deep layers with small maps: 7 rows of
+// 512->512 3x3 fill 512 KB) the rows alone make thin products (7 x 4608 @ 4608 x 16 at 4x4) that
+// re-read the sample's im2col matrix for every 7 rows, and the tile is cut in J as well:
+// kMinTileRows rows by as many columns as fit. The products then accumulate over the column
+// blocks of a row range, which are consecutive in the tile order. (Measured on 2 cores, B64
+// 512->512 4x4: forward 115 -> 50 ms, backward 377 -> 254 ms; 256->256 8x8 backward 77 -> 61 ms.
+// With large maps, 16x16 and the 5x5 layer on 24x24, cutting J made the backward 1.1-1.2x slower:
+// its grad_x product then re-reads a block of gcols for every 32 rows instead of every 128.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileBytes / row_bytes);
   std::vector<Tile> tiles;
   if (g.groups == 1) {
-    // Equal-sized tiles (the last one is not left with a sliver).
-    const int64_t n_tiles = (g.out_channels + rows_per_tile - 1) / rows_per_tile;
-    const int64_t step = (g.out_channels + n_tiles - 1) / n_tiles;
-    for (int64_t r = 0; r < g.out_channels; r += step)
-      tiles.push_back({0, 1, r, std::min(g.out_channels, r + step)});
+    const bool cut_columns = rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
+                             J * g.out_pixels() * elem_size <= kSmallIm2colBytes;
+    const int64_t rows = cut_columns ? kMinTileRows : rows_per_tile;
+    const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
+    const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(J, cols);
+    for (int64_t r = 0; r < g.out_channels; r += row_step)
+      for (int64_t j = 0; j < J; j += col_step)
+        tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
   } else {
     const int64_t groups_per_tile = std::max<int64_t>(1, rows_per_tile / g.out_per_group);
     for (int64_t gi = 0; gi < g.groups; gi += groups_per_tile)
-      tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, g.out_per_group});
+      tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, g.out_per_group, 0, J});
   }
   return tiles;
 }
 
 // The backward's grad_x product, gcols (+)= Wb[rows]^T @ gy[rows], has the tile's rows as its inner
-// dimension. With G == 1 the tiles are thin (a few rows when J is large: 14 for 256 channels, 3x3),
-// and one product per tile would stream the whole gcols matrix (J x P) through memory once per
-// tile for only T multiply-adds per element. So when gcols is larger than kGradXPanelMinBytes (when
-// it is smaller it stays in cache and thin products cost little), consecutive tiles are gathered
-// into panels of at least kGradXRows rows: their transposed kernels are collected, and multiplied
-// once per panel. (Measured on 2 cores, 5x5 96->96 24x24: backward 630 -> 320 ms; on 256->256 8x8,
-// where gcols fits in cache, panels were slower: the larger buffers leave fewer samples per thread.)
+// dimension. With G == 1 and a large gcols matrix (J x P larger than kSmallIm2colBytes) the tiles
+// can be thin (13 rows for the 5x5 96->96 layer), and one product per tile would stream the whole
+// gcols matrix through memory once per tile for only T multiply-adds per element. So there
+// consecutive tiles are gathered into panels of at least kGradXRows rows: their transposed kernels
+// are collected, and multiplied once per panel. (Measured on 2 cores, 5x5 96->96 24x24: backward
+// 630 -> 320 ms; on 256->256 8x8, where gcols fits in cache, panels were slower: the larger buffers
+// leave fewer samples per thread.) Tiles cut in J are never gathered: they have kMinTileRows rows.
 constexpr int64_t kGradXRows = 128;
-constexpr int64_t kGradXPanelMinBytes = 1024 * 1024;
 
 struct Panel {
   size_t last_tile;  // the panel's product runs after this tile
-  int64_t g0, r0, rows;
+  int64_t g0, r0, rows, j0, cols;
 };
 
 // panel_of[i]: the panel of tiles[i]. With G > 1 every tile (whole groups) is its own panel.
@@ -135,24 +160,25 @@ std::vector<Panel> make_panels(const std::vector<Tile>& tiles, const Geometry& g
                                std::vector<size_t>& panel_of) {
   std::vector<Panel> panels;
   panel_of.assign(tiles.size(), 0);
-  const bool gather = g.groups == 1 && g.cols_per_group() * g.out_pixels() * elem_size > kGradXPanelMinBytes;
+  const int64_t J = g.cols_per_group();
+  const bool gather = g.groups == 1 && J * g.out_pixels() * elem_size > kSmallIm2colBytes;
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& t = tiles[i];
-    const bool extend = gather && !panels.empty() && panels.back().rows < kGradXRows;
+    const bool extend = gather && t.cols() == J && !panels.empty() && panels.back().rows < kGradXRows;
     if (extend) {
       panels.back().rows += t.rows();
       panels.back().last_tile = i;
     } else {
-      panels.push_back({i, t.g0, t.r0, t.rows()});
+      panels.push_back({i, t.g0, t.r0, t.rows(), t.j0, t.cols()});
     }
     panel_of[i] = panels.size() - 1;
   }
   return panels;
 }
 
-int64_t max_tile_elems(const std::vector<Tile>& tiles, int64_t J) {
+int64_t max_tile_elems(const std::vector<Tile>& tiles) {
   int64_t m = 0;
-  for (const Tile& t : tiles) m = std::max(m, t.groups() * t.rows() * J);
+  for (const Tile& t : tiles) m = std::max(m, t.groups() * t.rows() * t.cols());
   return m;
 }
 
@@ -415,25 +441,25 @@ void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a,
   }
 }
 
-// Wb (and, if agg is not null, A) for the rows of one tile of one sample. Wb goes to kern as
-// (groups, rows, J), or transposed (the backward's grad_x product needs Wb^T row-major) into
-// columns [col0, col0 + rows) of a (groups, J, ld) matrix when `transposed`: then each group's rows
-// are built in rows_scratch (rows x J elements) and transposed in blocks, not written column by
-// column. agg is (groups, rows, J). scratch holds J elements.
+// Wb (and, if agg is not null, A) on one tile of one sample (Jt = t.cols()). Wb goes to kern as
+// (groups, rows, Jt), or transposed (the backward's grad_x product needs Wb^T row-major) into
+// columns [col0, col0 + rows) of a (groups, Jt, ld) matrix when `transposed`: then each group's rows
+// are built in rows_scratch (rows x Jt elements) and transposed in blocks, not written column by
+// column. agg is (groups, rows, Jt). scratch holds J elements.
 template <typename scalar_t, typename acc_t>
 void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
                        const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* rows_scratch,
                        acc_t* scratch, int64_t ld = 0, int64_t col0 = 0) {
-  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows();
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
-      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
-      scalar_t* out = transposed ? rows_scratch + (r - t.r0) * J : kern + slot;
-      aggregate_row_dispatch(weight + o * J, k_stride, a, K, J, f[o], m + gi * J, scratch,
+      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * Jt;
+      scalar_t* out = transposed ? rows_scratch + (r - t.r0) * Jt : kern + slot;
+      aggregate_row_dispatch(weight + o * J + t.j0, k_stride, a, K, Jt, f[o], m + gi * J + t.j0, scratch,
                              agg != nullptr ? agg + slot : nullptr, out);
     }
-    if (transposed) transpose_into(rows_scratch, T, J, kern + (gi - t.g0) * J * ld + col0, ld);
+    if (transposed) transpose_into(rows_scratch, T, Jt, kern + (gi - t.g0) * Jt * ld + col0, ld);
   }
 }
 
@@ -464,7 +490,7 @@ at::Tensor forward_kernel(
   const int64_t x_stride = g.in_channels * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
-  const int64_t max_tile = max_tile_elems(tiles, J);
+  const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
   const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t), kForwardThreadBytes);
@@ -490,14 +516,15 @@ at::Tensor forward_kernel(
       }
       scalar_t* y = out.data_ptr<scalar_t>() + s0 * Cout * P;
       for (const Tile& t : tiles) {
-        const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+        const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), tile = nG * T * Jt, row0 = t.first_row(Cog);
         for (int64_t i = 0; i < n; ++i) {
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
                             m + i * GJ, g, t, /*transposed=*/false, static_cast<acc_t*>(nullptr), kern + i * tile,
                             static_cast<scalar_t*>(nullptr), scratch_buf.data_ptr<acc_t>());
-          // out[g][rows] = Wb[g][rows] @ cols[g]
-          grouped_gemm<scalar_t>(nG, T, P, J, kern + i * tile, J, T * J, cols + i * cols_stride + t.g0 * J * P, P, J * P,
-                                 y + i * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/false, opts);
+          // out[g][rows] (+)= Wb[g][rows, cols] @ cols[g][cols, :]
+          grouped_gemm<scalar_t>(nG, T, P, Jt, kern + i * tile, Jt, T * Jt,
+                                 cols + i * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
+                                 y + i * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
         }
       }
       if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
@@ -506,39 +533,39 @@ at::Tensor forward_kernel(
   return out;
 }
 
-// One sample's gradients from Q on the rows of tile t (see the header): grad_f[o] for the tile's
+// One sample's gradients from Q on tile t (see the header): grad_f[o] += the tile's share for its
 // rows, gm[j] += its share of grad_m, G = Q f m into gbuf, and grad_a[k] += <G row, W_k row> while
-// both rows are in cache. q, agg and gbuf are (groups, rows, J) blocks of the tile; m and gm hold
+// both rows are in cache. q, agg and gbuf are (groups, rows, Jt) blocks of the tile; m and gm hold
 // all G*J columns; f and grad_f all Cout rows; w_acc is W as (K, N) in acc_t.
 template <typename scalar_t, typename acc_t>
 void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* agg, const acc_t* w_acc,
                            const acc_t* m, const acc_t* f, acc_t* gm, acc_t* gbuf, acc_t* grad_f, acc_t* grad_a) {
-  const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows();
+  const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-    const acc_t* __restrict__ mg = m + gi * J;
-    acc_t* __restrict__ gmg = gm + gi * J;
+    const acc_t* __restrict__ mg = m + gi * J + t.j0;
+    acc_t* __restrict__ gmg = gm + gi * J + t.j0;
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
-      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * J;
+      const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * Jt;
       const scalar_t* __restrict__ q_row = q + slot;
       const acc_t* __restrict__ agg_row = agg + slot;
       acc_t* __restrict__ g_row = gbuf + slot;
       const acc_t fo = f[o];
       acc_t gf = 0;
 #pragma omp simd reduction(+ : gf)
-      for (int64_t j = 0; j < J; ++j) {
+      for (int64_t j = 0; j < Jt; ++j) {
         const acc_t qv = static_cast<acc_t>(q_row[j]);
         const acc_t rv = qv * agg_row[j];
         gf += rv * mg[j];
         gmg[j] += rv * fo;
         g_row[j] = qv * fo * mg[j];
       }
-      grad_f[o] = gf;
+      grad_f[o] += gf;
       for (int64_t k = 0; k < g.kernel_num; ++k) {
-        const acc_t* __restrict__ wk = w_acc + k * N + o * J;
+        const acc_t* __restrict__ wk = w_acc + k * N + o * J + t.j0;
         acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < J; ++j) dot += g_row[j] * wk[j];
+        for (int64_t j = 0; j < Jt; ++j) dot += g_row[j] * wk[j];
         grad_a[k] += dot;
       }
     }
@@ -587,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t x_stride = g.in_channels * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
-  const int64_t max_tile = max_tile_elems(tiles, J);
+  const int64_t max_tile = max_tile_elems(tiles);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
@@ -606,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // per sample: Wb of a tile (transposed), or of a whole panel when grad_x is wanted
   int64_t kern_elems = max_tile;
   if (want_x)
-    for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * J * pn.rows);
+    for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * pn.cols * pn.rows);
   const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
   // per sample: rows and gcols, and the tile buffers kern, agg, q, gbuf
   const int64_t bytes_per_sample =
@@ -667,7 +694,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // 2. tile by tile: grad_x products, Q, the attention gradients and grad_W
     for (size_t ti = 0; ti < tiles.size(); ++ti) {
       const Tile& t = tiles[ti];
-      const int64_t nG = t.groups(), T = t.rows(), tile = nG * T * J, row0 = t.first_row(Cog);
+      const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), tile = nG * T * Jt, row0 = t.first_row(Cog);
       const size_t pi = panel_of[ti];
       const Panel& pn = panels[pi];
       for_each_run([&](BackwardRun& run) {
@@ -689,17 +716,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
                             /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
           if (want_x && ti == pn.last_tile) {
-            // gcols[g] (+)= Wb[g][panel rows]^T @ gy[g][panel rows]; the panels of one group (G == 1)
-            // accumulate.
-            grouped_gemm<scalar_t>(nG, J, P, pn.rows, kern + i * kern_elems, pn.rows, J * pn.rows,
+            // gcols[g][panel cols] (+)= Wb[g][panel rows, cols]^T @ gy[g][panel rows]; the panels of
+            // later rows of one group (G == 1) accumulate.
+            grouped_gemm<scalar_t>(nG, Jt, P, pn.rows, kern + i * kern_elems, pn.rows, Jt * pn.rows,
                                    gy_s + i * Cout * P + (pn.g0 * Cog + pn.r0) * P, P, Cog * P,
-                                   gcols + i * gcols_stride + t.g0 * J * P, P, J * P,
-                                   /*accumulate=*/g.groups == 1 && pi > 0, opts);
+                                   gcols + i * gcols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
+                                   /*accumulate=*/g.groups == 1 && pn.r0 > 0, opts);
           }
           if (want_params) {
-            // Q = gy[g][rows] @ rows_x[g]: (T x P) @ (P x J)
-            grouped_gemm<scalar_t>(nG, T, J, P, gy_i, P, Cog * P, rows + i * GJ * P + t.g0 * J, GJ, J,
-                                   q + i * tile, J, T * J, /*accumulate=*/false, opts);
+            // Q = gy[g][rows] @ rows_x[g][:, cols]: (T x P) @ (P x Jt)
+            grouped_gemm<scalar_t>(nG, T, Jt, P, gy_i, P, Cog * P, rows + i * GJ * P + t.g0 * J + t.j0, GJ, J,
+                                   q + i * tile, Jt, T * Jt, /*accumulate=*/false, opts);
           }
         }
         if (!want_params) return;
@@ -709,26 +736,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                 f.const_data_ptr<acc_t>() + b * Cout, gm + i * GJ, run.gbuf.data_ptr<acc_t>() + slot,
                                 grad_f.data_ptr<acc_t>() + b * Cout, grad_a.data_ptr<acc_t>() + b * K);
         }
-        // The tile's rows are one contiguous block of each W_k and of each sample's G:
-        //   grad_W[:, block] (+)= a[s0:s1]^T @ G        (K x n) @ (n x tile)
-        // the first run into grad_W itself, the others into their partial (added below).
+        // grad_W[:, tile] (+)= a[s0:s1]^T @ G        (K x n) @ (n x tile)
+        // the first run into grad_W itself, the others into their partial (added below). A tile of
+        // whole rows is one contiguous block of each W_k; a tile of part of J is a product per row.
         const bool first = run.s0 == c0;
-        grouped_gemm<acc_t>(1, K, tile, n, run.a_t.const_data_ptr<acc_t>(), n, 0, run.gbuf.data_ptr<acc_t>(), tile, 0,
-                            first ? grad_w_ptr + row0 * J : run.gw.data_ptr<acc_t>(), first ? N : max_tile, 0,
-                            /*accumulate=*/first, acc_opts);
+        const int64_t seg = Jt == J ? tile : Jt;
+        for (int64_t e = 0; e < tile; e += seg) {
+          acc_t* dst = first ? grad_w_ptr + (row0 + e / Jt) * J + t.j0 : run.gw.data_ptr<acc_t>() + e;
+          grouped_gemm<acc_t>(1, K, seg, n, run.a_t.const_data_ptr<acc_t>(), n, 0, run.gbuf.data_ptr<acc_t>() + e, tile,
+                              0, dst, first ? N : max_tile, 0, /*accumulate=*/first, acc_opts);
+        }
       });
       if (want_params && runs > 1) {
         // grad_W[:, tile] += the other runs' partials, in run order for every element; the columns
         // are split between the threads (one parallel region, not one ATen add per run: those were
         // ~6 % of a training step of the GTSRB network, more on a busy machine).
+        // Element e of a partial is row e / Jt, column t.j0 + e % Jt of the tile.
         at::parallel_for(0, tile, kGradWAddGrain, [&](int64_t e0, int64_t e1) {
           for (int64_t r = 1; r < runs; ++r) {
             const acc_t* part = run_state[r].gw.const_data_ptr<acc_t>();
             for (int64_t k = 0; k < K; ++k) {
-              acc_t* __restrict__ dst = grad_w_ptr + k * N + row0 * J;
-              const acc_t* __restrict__ src = part + k * max_tile;
+              for (int64_t e = e0; e < e1;) {
+                const int64_t row = e / Jt, col = e % Jt, len = std::min(e1 - e, Jt - col);
+                acc_t* __restrict__ dst = grad_w_ptr + k * N + (row0 + row) * J + t.j0 + col;
+                const acc_t* __restrict__ src = part + k * max_tile + e;
 #pragma omp simd
-              for (int64_t e = e0; e < e1; ++e) dst[e] += src[e];
+                for (int64_t l = 0; l < len; ++l) dst[l] += src[l];
+                e += len;
+              }
             }
           }
         });
