@@ -33,9 +33,8 @@
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q)
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   kern   (n, T, Jt)     Wb of the tile (forward), and (n, Jt, T) its transpose (backward, built
-//                         through a (T, Jt) scratch and a blocked transpose)
-//   agg    (n, T, Jt)     A of the tile, accumulation type (backward)
+//   kern   (T, Jt)        Wb of the tile for one sample (forward), and (n, Jt, T) its transpose
+//                         (backward, built through a (T, Jt) scratch and a blocked transpose)
 //   q      (n, T, Jt)     Q of the tile (backward)
 //   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward)
 //   gW     (K, T*Jt)      the run's share of grad_W for the tile (backward; not for the first run)
@@ -383,38 +382,26 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m) {
     for (int64_t t = 0; t < taps; ++t) m[c * taps + t] = ch[c] * s[t];
 }
 
-// One kernel row: agg[j] = sum_k a[k] * w[k*k_stride + j] (if agg is not null) and
-// out[j] = f * m[j] * agg[j], in one pass over the K rows (K fixed at compile time so the k loop
-// unrolls and the j loop vectorises).
+// One kernel row: out[j] = f * m[j] * sum_k a[k] * w[k*k_stride + j], in one pass over the K rows
+// (K fixed at compile time so the k loop unrolls and the j loop vectorises).
 template <int K, typename scalar_t, typename acc_t>
 inline void aggregate_row(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t J, acc_t f,
-                          const acc_t* __restrict__ m, acc_t* __restrict__ agg, scalar_t* __restrict__ out) {
+                          const acc_t* __restrict__ m, scalar_t* __restrict__ out) {
   acc_t ak[K];
   for (int k = 0; k < K; ++k) ak[k] = a[k];
-  if (agg != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) {
-      acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
-      for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
-      agg[j] = sum;
-      out[j] = static_cast<scalar_t>(sum * f * m[j]);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < J; ++j) {
-      acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
-      for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
-      out[j] = static_cast<scalar_t>(sum * f * m[j]);
-    }
+  for (int64_t j = 0; j < J; ++j) {
+    acc_t sum = ak[0] * static_cast<acc_t>(w[j]);
+    for (int k = 1; k < K; ++k) sum += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
+    out[j] = static_cast<scalar_t>(sum * f * m[j]);
   }
 }
 
 // The same for any K, in K passes through `scratch` (J elements).
 template <typename scalar_t, typename acc_t>
 inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
-                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ scratch,
-                                acc_t* __restrict__ agg, scalar_t* __restrict__ out) {
-  acc_t* sum = agg != nullptr ? agg : scratch;
+                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ sum,
+                                scalar_t* __restrict__ out) {
   const acc_t a0 = a[0];
 #pragma omp simd
   for (int64_t j = 0; j < J; ++j) sum[j] = a0 * static_cast<acc_t>(w[j]);
@@ -430,34 +417,33 @@ inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride
 
 template <typename scalar_t, typename acc_t>
 void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J, acc_t f,
-                            const acc_t* m, acc_t* scratch, acc_t* agg, scalar_t* out) {
+                            const acc_t* m, acc_t* scratch, scalar_t* out) {
   switch (K) {
-    case 1: return aggregate_row<1>(w, k_stride, a, J, f, m, agg, out);
-    case 2: return aggregate_row<2>(w, k_stride, a, J, f, m, agg, out);
-    case 3: return aggregate_row<3>(w, k_stride, a, J, f, m, agg, out);
-    case 4: return aggregate_row<4>(w, k_stride, a, J, f, m, agg, out);
-    case 8: return aggregate_row<8>(w, k_stride, a, J, f, m, agg, out);
-    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, scratch, agg, out);
+    case 1: return aggregate_row<1>(w, k_stride, a, J, f, m, out);
+    case 2: return aggregate_row<2>(w, k_stride, a, J, f, m, out);
+    case 3: return aggregate_row<3>(w, k_stride, a, J, f, m, out);
+    case 4: return aggregate_row<4>(w, k_stride, a, J, f, m, out);
+    case 8: return aggregate_row<8>(w, k_stride, a, J, f, m, out);
+    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, scratch, out);
   }
 }
 
-// Wb (and, if agg is not null, A) on one tile of one sample (Jt = t.cols()). Wb goes to kern as
-// (groups, rows, Jt), or transposed (the backward's grad_x product needs Wb^T row-major) into
-// columns [col0, col0 + rows) of a (groups, Jt, ld) matrix when `transposed`: then each group's rows
-// are built in rows_scratch (rows x Jt elements) and transposed in blocks, not written column by
-// column. agg is (groups, rows, Jt). scratch holds J elements.
+// Wb on one tile of one sample (Jt = t.cols()). Wb goes to kern as (groups, rows, Jt), or
+// transposed (the backward's grad_x product needs Wb^T row-major) into columns [col0, col0 + rows)
+// of a (groups, Jt, ld) matrix when `transposed`: then each group's rows are built in rows_scratch
+// (rows x Jt elements) and transposed in blocks, not written column by column. scratch holds J
+// elements.
 template <typename scalar_t, typename acc_t>
 void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
-                       const Tile& t, bool transposed, acc_t* agg, scalar_t* kern, scalar_t* rows_scratch,
-                       acc_t* scratch, int64_t ld = 0, int64_t col0 = 0) {
+                       const Tile& t, bool transposed, scalar_t* kern, scalar_t* rows_scratch, acc_t* scratch,
+                       int64_t ld = 0, int64_t col0 = 0) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
       const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * Jt;
       scalar_t* out = transposed ? rows_scratch + (r - t.r0) * Jt : kern + slot;
-      aggregate_row_dispatch(weight + o * J + t.j0, k_stride, a, K, Jt, f[o], m + gi * J + t.j0, scratch,
-                             agg != nullptr ? agg + slot : nullptr, out);
+      aggregate_row_dispatch(weight + o * J + t.j0, k_stride, a, K, Jt, f[o], m + gi * J + t.j0, scratch, out);
     }
     if (transposed) transpose_into(rows_scratch, T, Jt, kern + (gi - t.g0) * Jt * ld + col0, ld);
   }
@@ -501,7 +487,7 @@ at::Tensor forward_kernel(
     at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
       const int64_t n = s1 - s0;
       at::Tensor cols_buf = direct ? at::Tensor() : at::empty({n * GJ * P}, opts);
-      at::Tensor kern_buf = at::empty({n * max_tile}, opts);
+      at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
       at::Tensor scratch_buf = at::empty({J}, acc_opts);
       at::Tensor m_buf = at::empty({n * GJ}, acc_opts);
       scalar_t* kern = kern_buf.data_ptr<scalar_t>();
@@ -516,13 +502,13 @@ at::Tensor forward_kernel(
       }
       scalar_t* y = out.data_ptr<scalar_t>() + s0 * Cout * P;
       for (const Tile& t : tiles) {
-        const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), tile = nG * T * Jt, row0 = t.first_row(Cog);
+        const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
         for (int64_t i = 0; i < n; ++i) {
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
-                            m + i * GJ, g, t, /*transposed=*/false, static_cast<acc_t*>(nullptr), kern + i * tile,
-                            static_cast<scalar_t*>(nullptr), scratch_buf.data_ptr<acc_t>());
+                            m + i * GJ, g, t, /*transposed=*/false, kern, static_cast<scalar_t*>(nullptr),
+                            scratch_buf.data_ptr<acc_t>());
           // out[g][rows] (+)= Wb[g][rows, cols] @ cols[g][cols, :]
-          grouped_gemm<scalar_t>(nG, T, P, Jt, kern + i * tile, Jt, T * Jt,
+          grouped_gemm<scalar_t>(nG, T, P, Jt, kern, Jt, T * Jt,
                                  cols + i * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
                                  y + i * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
         }
@@ -533,40 +519,107 @@ at::Tensor forward_kernel(
   return out;
 }
 
-// One sample's gradients from Q on tile t (see the header): grad_f[o] += the tile's share for its
-// rows, gm[j] += its share of grad_m, G = Q f m into gbuf, and grad_a[k] += <G row, W_k row> while
-// both rows are in cache. q, agg and gbuf are (groups, rows, Jt) blocks of the tile; m and gm hold
-// all G*J columns; f and grad_f all Cout rows; w_acc is W as (K, N) in acc_t.
+// One row o of a tile of one sample, in one pass over the K rows of W (see the header), with
+// A[j] = sum_k a[k] W_k[o,j] recomputed rather than stored by the build (it is K loads of rows
+// that the grad_a dot products read anyway):
+//   gf      += sum_j Q[j] A[j] m[j]            (grad_f[o])
+//   gm[j]   += Q[j] A[j] f                     (grad_m)
+//   G[j]     = Q[j] f m[j]                     (gradient w.r.t. A)
+//   grad_a[k] += sum_j G[j] W_k[o,j]
+// K is fixed at compile time (up to 4) so that every sum is a register of the vectorised loop.
+template <int K, typename scalar_t, typename acc_t>
+inline void reduce_row(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
+                       const acc_t* a, const acc_t* __restrict__ m, acc_t f, int64_t J, acc_t* __restrict__ gm,
+                       acc_t* __restrict__ g_out, acc_t& gf, acc_t* grad_a) {
+  static_assert(K >= 1 && K <= 4, "reduce_row keeps one sum per kernel in a named register");
+  const acc_t a0 = a[0], a1 = K > 1 ? a[1] : 0, a2 = K > 2 ? a[2] : 0, a3 = K > 3 ? a[3] : 0;
+  acc_t sf = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : sf, d0, d1, d2, d3)
+  for (int64_t j = 0; j < J; ++j) {
+    const acc_t w0 = w[j];
+    const acc_t w1 = K > 1 ? w[k_stride + j] : 0, w2 = K > 2 ? w[2 * k_stride + j] : 0;
+    const acc_t w3 = K > 3 ? w[3 * k_stride + j] : 0;
+    acc_t agg = a0 * w0;
+    if constexpr (K > 1) agg += a1 * w1;
+    if constexpr (K > 2) agg += a2 * w2;
+    if constexpr (K > 3) agg += a3 * w3;
+    const acc_t qv = static_cast<acc_t>(q[j]);
+    const acc_t rv = qv * agg;
+    sf += rv * m[j];
+    gm[j] += rv * f;
+    const acc_t gv = qv * f * m[j];
+    g_out[j] = gv;
+    d0 += gv * w0;
+    if constexpr (K > 1) d1 += gv * w1;
+    if constexpr (K > 2) d2 += gv * w2;
+    if constexpr (K > 3) d3 += gv * w3;
+  }
+  gf += sf;
+  grad_a[0] += d0;
+  if constexpr (K > 1) grad_a[1] += d1;
+  if constexpr (K > 2) grad_a[2] += d2;
+  if constexpr (K > 3) grad_a[3] += d3;
+}
+
+// The same for any K, in passes through `scratch` (J elements): A first, then the rest, then one
+// dot product per kernel.
 template <typename scalar_t, typename acc_t>
-void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* agg, const acc_t* w_acc,
-                           const acc_t* m, const acc_t* f, acc_t* gm, acc_t* gbuf, acc_t* grad_f, acc_t* grad_a) {
-  const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows(), Jt = t.cols();
+inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
+                             const acc_t* a, int64_t K, const acc_t* __restrict__ m, acc_t f, int64_t J,
+                             acc_t* __restrict__ scratch, acc_t* __restrict__ gm, acc_t* __restrict__ g_out, acc_t& gf,
+                             acc_t* grad_a) {
+  const acc_t a0 = a[0];
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) scratch[j] = a0 * w[j];
+  for (int64_t k = 1; k < K; ++k) {
+    const acc_t ak = a[k];
+    const acc_t* __restrict__ wk = w + k * k_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) scratch[j] += ak * wk[j];
+  }
+  acc_t sf = 0;
+#pragma omp simd reduction(+ : sf)
+  for (int64_t j = 0; j < J; ++j) {
+    const acc_t qv = static_cast<acc_t>(q[j]);
+    const acc_t rv = qv * scratch[j];
+    sf += rv * m[j];
+    gm[j] += rv * f;
+    g_out[j] = qv * f * m[j];
+  }
+  gf += sf;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* __restrict__ wk = w + k * k_stride;
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < J; ++j) dot += g_out[j] * wk[j];
+    grad_a[k] += dot;
+  }
+}
+
+// One sample's gradients from Q on tile t (reduce_row for each of its rows): grad_f[o] += the
+// tile's share for its rows, gm[j] += its share of grad_m, G into gbuf, grad_a[k] += its share.
+// q and gbuf are (groups, rows, Jt) blocks of the tile; m and gm hold all G*J columns; f and
+// grad_f all Cout rows; a the sample's K kernel attentions; w_acc is W as (K, N) in acc_t;
+// scratch holds J elements.
+template <typename scalar_t, typename acc_t>
+void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* a, const acc_t* w_acc,
+                           const acc_t* m, const acc_t* f, acc_t* scratch, acc_t* gm, acc_t* gbuf, acc_t* grad_f,
+                           acc_t* grad_a) {
+  const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows(), Jt = t.cols(), K = g.kernel_num;
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
-    const acc_t* __restrict__ mg = m + gi * J + t.j0;
-    acc_t* __restrict__ gmg = gm + gi * J + t.j0;
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
       const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * Jt;
-      const scalar_t* __restrict__ q_row = q + slot;
-      const acc_t* __restrict__ agg_row = agg + slot;
-      acc_t* __restrict__ g_row = gbuf + slot;
-      const acc_t fo = f[o];
-      acc_t gf = 0;
-#pragma omp simd reduction(+ : gf)
-      for (int64_t j = 0; j < Jt; ++j) {
-        const acc_t qv = static_cast<acc_t>(q_row[j]);
-        const acc_t rv = qv * agg_row[j];
-        gf += rv * mg[j];
-        gmg[j] += rv * fo;
-        g_row[j] = qv * fo * mg[j];
-      }
-      grad_f[o] += gf;
-      for (int64_t k = 0; k < g.kernel_num; ++k) {
-        const acc_t* __restrict__ wk = w_acc + k * N + o * J + t.j0;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < Jt; ++j) dot += g_row[j] * wk[j];
-        grad_a[k] += dot;
+      const acc_t* w = w_acc + o * J + t.j0;
+      const acc_t* mg = m + gi * J + t.j0;
+      acc_t* gmg = gm + gi * J + t.j0;
+      switch (K) {
+        case 1: reduce_row<1>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
+        case 2: reduce_row<2>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
+        case 3: reduce_row<3>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
+        case 4: reduce_row<4>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
+        default:
+          reduce_row_any_k(q + slot, w, N, a, K, mg, f[o], Jt, scratch, gmg, gbuf + slot, grad_f[o], grad_a);
       }
     }
   }
@@ -591,7 +644,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // The backward's working buffers for one run of samples [s0, s0 + n) (shapes in the header).
 struct BackwardRun {
   int64_t s0 = 0, n = 0;
-  at::Tensor rows, cols_scratch, gcols, agg, kern, q, gbuf, rows_scratch, scratch, m, gm, a_t, gw;
+  at::Tensor rows, cols_scratch, gcols, kern, q, gbuf, rows_scratch, scratch, m, gm, a_t, gw;
 };
 
 template <typename scalar_t>
@@ -635,9 +688,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (want_x)
     for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * pn.cols * pn.rows);
   const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
-  // per sample: rows and gcols, and the tile buffers kern, agg, q, gbuf
+  // per sample: rows and gcols, and the tile buffers kern, q, gbuf
   const int64_t bytes_per_sample =
-      (want_params ? im2col_bytes + max_tile * (int64_t)(2 * sizeof(acc_t) + sizeof(scalar_t)) : 0) +
+      (want_params ? im2col_bytes + max_tile * (int64_t)(sizeof(acc_t) + sizeof(scalar_t)) : 0) +
       (want_x && !direct ? im2col_bytes : 0) + kern_elems * (int64_t)sizeof(scalar_t);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample, kBackwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
@@ -667,7 +720,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (want_params) {
         run.rows = at::empty({n * GJ * P}, opts);
         if (!direct) run.cols_scratch = at::empty({im2row_scratch_elems(g)}, opts);
-        run.agg = at::empty({n * max_tile}, acc_opts);
         run.q = at::empty({n * max_tile}, opts);
         run.gbuf = at::empty({n * max_tile}, acc_opts);
         // a[s0:s1]^T, (K x n): the left operand of the grad_W product
@@ -699,7 +751,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const Panel& pn = panels[pi];
       for_each_run([&](BackwardRun& run) {
         const int64_t s0 = run.s0, n = run.n;
-        acc_t* agg = want_params ? run.agg.data_ptr<acc_t>() : nullptr;
         scalar_t* kern = run.kern.data_ptr<scalar_t>();
         const acc_t* m = run.m.const_data_ptr<acc_t>();
         acc_t* gm = run.gm.data_ptr<acc_t>();
@@ -712,8 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
           build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
-                            m + i * GJ, g, t, /*transposed=*/true, agg != nullptr ? agg + i * tile : nullptr,
-                            kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
+                            m + i * GJ, g, t, /*transposed=*/true, kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
                             /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
           if (want_x && ti == pn.last_tile) {
             // gcols[g][panel cols] (+)= Wb[g][panel rows, cols]^T @ gy[g][panel rows]; the panels of
@@ -732,9 +782,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (!want_params) return;
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = s0 + i, slot = i * tile;
-          reduce_tile_gradients(t, g, q + slot, agg + slot, weight_acc.const_data_ptr<acc_t>(), m + i * GJ,
-                                f.const_data_ptr<acc_t>() + b * Cout, gm + i * GJ, run.gbuf.data_ptr<acc_t>() + slot,
-                                grad_f.data_ptr<acc_t>() + b * Cout, grad_a.data_ptr<acc_t>() + b * K);
+          reduce_tile_gradients(t, g, q + slot, a.const_data_ptr<acc_t>() + b * K, weight_acc.const_data_ptr<acc_t>(),
+                                m + i * GJ, f.const_data_ptr<acc_t>() + b * Cout, run.scratch.data_ptr<acc_t>(),
+                                gm + i * GJ, run.gbuf.data_ptr<acc_t>() + slot, grad_f.data_ptr<acc_t>() + b * Cout,
+                                grad_a.data_ptr<acc_t>() + b * K);
         }
         // grad_W[:, tile] (+)= a[s0:s1]^T @ G        (K x n) @ (n x tile)
         // the first run into grad_W itself, the others into their partial (added below). A tile of
