@@ -80,6 +80,15 @@ SUITES = {
         LayerShape(32, 512, 512, 7, 3, 4, 1, 1),
         LayerShape(256, 512, 512, 7, 3, 4, 1, 1),
     ],
+    # The ODConv layers of the GTSRB network (odconv/models.py) at train.py's batch and 48x48 input.
+    "gtsrb": [
+        LayerShape(128, 32, 32, 48, 3, 4, 1, 1),
+        LayerShape(128, 32, 64, 24, 3, 4, 1, 1),
+        LayerShape(128, 64, 64, 24, 3, 4, 1, 1),
+        LayerShape(128, 64, 128, 12, 3, 4, 1, 1),
+        LayerShape(128, 128, 128, 12, 3, 4, 1, 1),
+        LayerShape(128, 128, 256, 6, 3, 4, 1, 1),
+    ],
     "extra": [
         LayerShape(64, 512, 512, 4, 3, 4, 1, 1),      # deep, tiny map
         LayerShape(32, 3, 32, 64, 3, 4, 1, 1),        # stem-like, 3 input channels

@@ -683,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   std::vector<size_t> panel_of;
   const std::vector<Panel> panels = make_panels(tiles, g, sizeof(scalar_t), panel_of);
-  // per sample: Wb of a tile (transposed), or of a whole panel when grad_x is wanted
+  // per sample, when grad_x is wanted: Wb of a tile (transposed), or of a whole panel
   int64_t kern_elems = max_tile;
   if (want_x)
     for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * pn.cols * pn.rows);
@@ -691,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // per sample: rows and gcols, and the tile buffers kern, q, gbuf
   const int64_t bytes_per_sample =
       (want_params ? im2col_bytes + max_tile * (int64_t)(sizeof(acc_t) + sizeof(scalar_t)) : 0) +
-      (want_x && !direct ? im2col_bytes : 0) + kern_elems * (int64_t)sizeof(scalar_t);
+      (want_x ? (direct ? 0 : im2col_bytes) + kern_elems * (int64_t)sizeof(scalar_t) : 0);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample, kBackwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
@@ -727,8 +727,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (run.s0 != c0) run.gw = at::empty({K, max_tile}, acc_opts);
       }
       if (want_x && !direct) run.gcols = at::empty({n * GJ * P}, opts);
-      run.kern = at::empty({n * kern_elems}, opts);
-      run.rows_scratch = at::empty({max_tile}, opts);  // one group's rows of a tile: rows x J <= max_tile
+      if (want_x) {
+        run.kern = at::empty({n * kern_elems}, opts);
+        run.rows_scratch = at::empty({max_tile}, opts);  // one group's rows of a tile: rows x Jt <= max_tile
+      }
       run.scratch = at::empty({J}, acc_opts);
       run.m = at::empty({n * GJ}, acc_opts);
       run.gm = at::zeros({n * GJ}, acc_opts);
@@ -751,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const Panel& pn = panels[pi];
       for_each_run([&](BackwardRun& run) {
         const int64_t s0 = run.s0, n = run.n;
-        scalar_t* kern = run.kern.data_ptr<scalar_t>();
+        scalar_t* kern = want_x ? run.kern.data_ptr<scalar_t>() : nullptr;
         const acc_t* m = run.m.const_data_ptr<acc_t>();
         acc_t* gm = run.gm.data_ptr<acc_t>();
         const scalar_t* gy_s = gy.const_data_ptr<scalar_t>() + s0 * Cout * P;
@@ -762,9 +764,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         scalar_t* q = want_params ? run.q.data_ptr<scalar_t>() : nullptr;
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
-          build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
-                            m + i * GJ, g, t, /*transposed=*/true, kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(), run.scratch.data_ptr<acc_t>(),
-                            /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
+          // Wb is only an operand of the grad_x product (the parameter gradients recompute A)
+          if (want_x) {
+            build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K,
+                              f.const_data_ptr<acc_t>() + (s0 + i) * Cout, m + i * GJ, g, t, /*transposed=*/true,
+                              kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(),
+                              run.scratch.data_ptr<acc_t>(), /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
+          }
           if (want_x && ti == pn.last_tile) {
             // gcols[g][panel cols] (+)= Wb[g][panel rows, cols]^T @ gy[g][panel rows]; the panels of
             // later rows of one group (G == 1) accumulate.
