@@ -108,8 +108,14 @@ def count_parameters(model):
 @torch.no_grad()
 def count_macs(model, input_size):
     """Multiply-accumulates of one image's forward pass, counting convolutions (ODConv: the
-    convolution with the per-sample kernel plus the kernel aggregation) and linear layers."""
+    convolution with the per-sample kernel plus the kernel aggregation; a static multi-scale
+    fusion: the one convolution with the merged kernel that it runs) and linear layers."""
     macs = []
+
+    def fusion_hook(module, inputs, output):
+        branch = module.branches[0]
+        size = max(module.kernel_sizes)
+        macs.append(output[0].numel() * branch.in_channels * size * size)
 
     def conv_hook(module, inputs, output):
         out_elems = output[0].numel()  # per image
@@ -124,7 +130,9 @@ def count_macs(model, input_size):
 
     handles = []
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, ODConv2d)):
+        if isinstance(m, MultiScaleFeatureFusion) and m.conv == "static":
+            handles.append(m.register_forward_hook(fusion_hook))  # its branches do not run
+        elif isinstance(m, (nn.Conv2d, ODConv2d)):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))

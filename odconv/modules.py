@@ -201,6 +201,13 @@ class MultiScaleFeatureFusion(nn.Module):
 
     ``conv="static"`` uses ``nn.Conv2d`` branches, ``conv="odconv"`` ``ODConv2d`` branches
     (``odconv_kwargs`` go to each). The branches have no bias; follow with a norm layer.
+
+    Static branches run as one convolution: a sum of "same"-padded convolutions with one stride is
+    the convolution with their kernels zero-padded to the largest size and summed, so the module
+    computes the same function (to float rounding) and keeps one weight per branch, while the
+    input is read once and the 1x1/3x3/5x5 products are not computed separately. On this project's
+    CPU, for the GTSRB stem (3 -> 32 channels, 48x48, batch 128), forward + backward took 80 ms
+    instead of 310-370 ms. ODConv branches cannot be merged (each has its own attentions).
     """
 
     def __init__(self, in_ch, out_ch, kernel_sizes=(1, 3, 5, 7), stride=1, conv="static", **odconv_kwargs):
@@ -210,6 +217,8 @@ class MultiScaleFeatureFusion(nn.Module):
         if any(k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"MultiScaleFeatureFusion: kernel sizes must be odd for 'same' padding, got {kernel_sizes}")
         self.kernel_sizes = tuple(kernel_sizes)
+        self.conv = conv
+        self.stride = stride
         branches = []
         for k in self.kernel_sizes:
             if conv == "static":
@@ -218,7 +227,14 @@ class MultiScaleFeatureFusion(nn.Module):
                 branches.append(ODConv2d(in_ch, out_ch, k, stride=stride, padding=k // 2, **odconv_kwargs))
         self.branches = nn.ModuleList(branches)
 
+    def merged_weight(self):
+        """The static branches' kernels zero-padded to the largest kernel size and summed."""
+        size = max(self.kernel_sizes)
+        return sum(F.pad(branch.weight, [(size - k) // 2] * 4) for branch, k in zip(self.branches, self.kernel_sizes))
+
     def forward(self, x):
+        if self.conv == "static":
+            return F.conv2d(x, self.merged_weight(), stride=self.stride, padding=max(self.kernel_sizes) // 2)
         out = self.branches[0](x)
         for branch in self.branches[1:]:
             out = out + branch(x)

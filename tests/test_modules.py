@@ -160,3 +160,22 @@ def test_multi_scale_feature_fusion_is_sum_of_branches():
         torch.testing.assert_close(dynamic(x), sum(b(x) for b in dynamic.branches))
     with pytest.raises(ValueError, match="odd"):
         odconv.MultiScaleFeatureFusion(3, 8, kernel_sizes=(2, 3))
+
+
+@pytest.mark.parametrize("kernel_sizes,stride,size", [((1, 3, 5, 7), 1, 11), ((3, 7), 2, 10), ((5, 1), 3, 9)])
+def test_static_fusion_as_one_convolution_matches_its_branches(kernel_sizes, stride, size):
+    # the merged-kernel forward against the branches run one by one, in float64: values and the
+    # gradients of the input and of every branch's weight
+    torch.manual_seed(0)
+    fusion = odconv.MultiScaleFeatureFusion(3, 5, kernel_sizes=kernel_sizes, stride=stride).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    out = fusion(x)
+    expected = sum(branch(x) for branch in fusion.branches)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    params = [x] + [b.weight for b in fusion.branches]
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(expected, params, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fusion, (x,))

@@ -178,3 +178,11 @@ def test_network_attention_starts_neutral():
     assert official.stages[0][0][0].attention.kernel_fc.weight.std() > 0
     with pytest.raises(ValueError, match="attention_init"):
         build_model({"attention_init": "ones"})
+
+
+def test_count_macs_counts_what_the_forward_runs():
+    # static twin, 8x8 input: the stem runs as one 7x7 convolution (3 -> 4 channels, merged kernel),
+    # then one 3x3 convolution 4 -> 8 on 8x8, then the 8 -> 43 linear layer
+    from odconv.models import build_model, count_macs
+    model = build_model({"widths": [8], "blocks": [1], "stem_width": 4, "conv": "static"})
+    assert count_macs(model, 8) == 8 * 8 * 4 * (3 * 7 * 7) + 8 * 8 * 8 * (4 * 3 * 3) + 8 * 43
