@@ -150,14 +150,16 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
 def test_train_benchmark_smoke_run(tmp_path):
     path = tmp_path / "train.json"
     command = [sys.executable, os.path.join(BENCHMARKS, "bench_train.py"), "--quick", "--image-size", "16",
-               "--json", str(path)]
+               "--rounds", "2", "--json", str(path)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(path.read_text())
     results = report["results"]  # in the order of bench_train.CONFIGS
     assert [(r["conv"], r["amp"]) for r in results] == [
         ("odconv", "none"), ("odconv", "none"), ("static", "none"), ("odconv", "bf16"), ("static", "bf16")]
+    assert report["rounds"] == 2
     for r in results:
+        assert len(r["round_step_ms"]) == 2 and r["step_ms"] == min(r["round_step_ms"])  # the fastest round
         assert r["images_per_s"] == pytest.approx(report["batch_size"] * 1e3 / r["step_ms"])
         assert f"| {r['amp']} | {r['step_ms']:.1f} |" in proc.stdout
     assert set(report["bf16_autocast_over_float32"]) == {"odconv", "static"}
