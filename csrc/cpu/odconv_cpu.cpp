@@ -151,7 +151,7 @@ constexpr int64_t kGradXRows = 128;
 
 struct Panel {
   size_t last_tile;  // the panel's product runs after this tile
-  int64_t g0, r0, rows, j0, cols;
+  int64_t g0, r0, rows, cols;  // cols: of J, those of its tiles
 };
 
 // panel_of[i]: the panel of tiles[i]. With G > 1 every tile (whole groups) is its own panel.
@@ -168,7 +168,7 @@ std::vector<Panel> make_panels(const std::vector<Tile>& tiles, const Geometry& g
       panels.back().rows += t.rows();
       panels.back().last_tile = i;
     } else {
-      panels.push_back({i, t.g0, t.r0, t.rows(), t.j0, t.cols()});
+      panels.push_back({i, t.g0, t.r0, t.rows(), t.cols()});
     }
     panel_of[i] = panels.size() - 1;
   }
