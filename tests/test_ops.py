@@ -48,8 +48,10 @@ def test_extension_matches_reference(case, dtype):
 
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_extension_low_precision(dtype):
-    inputs64 = make_inputs(4, 8, 8, 6, 3, 4, 1)
+@pytest.mark.parametrize("size", [6, 17], ids=["float32_forward", "16bit_forward"])
+def test_extension_low_precision(dtype, size):
+    # maps of at most 16x16 run the forward through the float32 kernels, larger ones in 16 bit
+    inputs64 = make_inputs(4, 8, 8, size, 3, 4, 1)
     inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
     # compare against the reference evaluated on the rounded inputs, in float64
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]

@@ -47,7 +47,8 @@
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
-// inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu). Depthwise-like layers in
+// inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
+// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers in
 // float32 and float64 take the grouped-convolution path instead (see "Grouped-convolution path"
 // below). Inside the parallel region these run single-threaded, one thread per run of samples.
 #include "../odconv.h"
@@ -89,6 +90,9 @@ constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile p
 // Groups whose products are smaller than this many multiply-adds (depthwise, ...) are multiplied
 // in one batched call rather than one call per group, which would be dominated by call overhead.
 constexpr int64_t kMinGroupGemm = 16384;
+// bfloat16/float16 forwards with at most this many output pixels run the float32 kernels
+// (odconv2d_cpu); larger maps keep 16-bit products.
+constexpr int64_t kHalfForwardMaxPixelsIn16Bit = 256;
 
 // Part of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1) and
 // columns [j0, j1) of the group's J.
@@ -968,6 +972,17 @@ at::Tensor odconv2d_cpu(
   if (use_conv_path(g, x.scalar_type())) {
     return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
   }
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (half && g.out_pixels() <= kHalfForwardMaxPixelsIn16Bit) {
+    // On small maps the 16-bit route (per-sample ATen matmuls) is the slower one: with 16x16 maps or
+    // fewer the float32 kernels on float32 copies win (B64 512->512 4x4 bf16: 254 -> 70 ms, 256->256
+    // 8x8 52 -> 20, B128 128->128 12x12 63 -> 41, B64 128->128 16x16 39 -> 33; on 32x32 and larger
+    // maps 16 bit is faster, 24 against 36 ms at B64 64->64 32x32).
+    const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    return forward_kernel<float>(f32(x), f32(weight), f32(channel_att), f32(filter_att), f32(spatial_att),
+                                 f32(kernel_att), g)
+        .to(x.scalar_type());
+  }
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "odconv2d_cpu", [&] {
     out = forward_kernel<scalar_t>(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
@@ -1010,7 +1025,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
   // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
   // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
-  // The forward stays in 16 bit, which was faster on large maps (2.3x at 48x48).
+  // The forward stays in 16 bit on maps larger than 16x16, where that was faster (2.3x at 48x48).
   const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
   const auto grads = backward_checked(f32(grad_out), f32(x), f32(weight), f32(channel_att), f32(filter_att),
                                       f32(spatial_att), f32(kernel_att), g, output_mask);
