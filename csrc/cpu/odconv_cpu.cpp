@@ -401,20 +401,28 @@ inline void aggregate_row(const scalar_t* __restrict__ w, int64_t k_stride, cons
   }
 }
 
-// The same for any K, in K passes through `scratch` (J elements).
-template <typename scalar_t, typename acc_t>
-inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
-                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ sum,
-                                scalar_t* __restrict__ out) {
+// sum[j] = sum_k a[k] * w[k*k_stride + j] for any K, in K passes (A of one row, for the K without an
+// unrolled loop).
+template <typename w_t, typename acc_t>
+inline void sum_kernel_rows(const w_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
+                            acc_t* __restrict__ sum) {
   const acc_t a0 = a[0];
 #pragma omp simd
   for (int64_t j = 0; j < J; ++j) sum[j] = a0 * static_cast<acc_t>(w[j]);
   for (int64_t k = 1; k < K; ++k) {
     const acc_t ak = a[k];
-    const scalar_t* __restrict__ wk = w + k * k_stride;
+    const w_t* __restrict__ wk = w + k * k_stride;
 #pragma omp simd
     for (int64_t j = 0; j < J; ++j) sum[j] += ak * static_cast<acc_t>(wk[j]);
   }
+}
+
+// The same as aggregate_row for any K, through `sum` (J elements).
+template <typename scalar_t, typename acc_t>
+inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
+                                acc_t f, const acc_t* __restrict__ m, acc_t* __restrict__ sum,
+                                scalar_t* __restrict__ out) {
+  sum_kernel_rows(w, k_stride, a, K, J, sum);
 #pragma omp simd
   for (int64_t j = 0; j < J; ++j) out[j] = static_cast<scalar_t>(sum[j] * f * m[j]);
 }
@@ -572,15 +580,7 @@ inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __rest
                              const acc_t* a, int64_t K, const acc_t* __restrict__ m, acc_t f, int64_t J,
                              acc_t* __restrict__ scratch, acc_t* __restrict__ gm, acc_t* __restrict__ g_out, acc_t& gf,
                              acc_t* grad_a) {
-  const acc_t a0 = a[0];
-#pragma omp simd
-  for (int64_t j = 0; j < J; ++j) scratch[j] = a0 * w[j];
-  for (int64_t k = 1; k < K; ++k) {
-    const acc_t ak = a[k];
-    const acc_t* __restrict__ wk = w + k * k_stride;
-#pragma omp simd
-    for (int64_t j = 0; j < J; ++j) scratch[j] += ak * wk[j];
-  }
+  sum_kernel_rows(w, k_stride, a, K, J, scratch);
   acc_t sf = 0;
 #pragma omp simd reduction(+ : sf)
   for (int64_t j = 0; j < J; ++j) {
@@ -959,6 +959,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
 }
 
+// bfloat16 and float16 take float32 kernels on float32 copies where 16-bit products are slower.
+bool is_16bit(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
+
 at::Tensor odconv2d_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
     const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
@@ -972,15 +976,13 @@ at::Tensor odconv2d_cpu(
   if (use_conv_path(g, x.scalar_type())) {
     return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
   }
-  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  if (half && g.out_pixels() <= kHalfForwardMaxPixelsIn16Bit) {
+  if (is_16bit(x) && g.out_pixels() <= kHalfForwardMaxPixelsIn16Bit) {
     // On small maps the 16-bit route (per-sample ATen matmuls) is the slower one: with 16x16 maps or
     // fewer the float32 kernels on float32 copies win (B64 512->512 4x4 bf16: 254 -> 70 ms, 256->256
     // 8x8 52 -> 20, B128 128->128 12x12 63 -> 41, B64 128->128 16x16 39 -> 33; on 32x32 and larger
     // maps 16 bit is faster, 24 against 36 ms at B64 64->64 32x32).
-    const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    return forward_kernel<float>(f32(x), f32(weight), f32(channel_att), f32(filter_att), f32(spatial_att),
-                                 f32(kernel_att), g)
+    return forward_kernel<float>(to_float(x), to_float(weight), to_float(channel_att), to_float(filter_att),
+                                 to_float(spatial_att), to_float(kernel_att), g)
         .to(x.scalar_type());
   }
   at::Tensor out;
@@ -1019,16 +1021,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_grad_out("odconv2d_backward", grad_out, x, g);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) {
+  if (!is_16bit(x)) {
     return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
   }
   // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
   // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
   // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
   // The forward stays in 16 bit on maps larger than 16x16, where that was faster (2.3x at 48x48).
-  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-  const auto grads = backward_checked(f32(grad_out), f32(x), f32(weight), f32(channel_att), f32(filter_att),
-                                      f32(spatial_att), f32(kernel_att), g, output_mask);
+  const auto grads = backward_checked(to_float(grad_out), to_float(x), to_float(weight), to_float(channel_att),
+                                      to_float(filter_att), to_float(spatial_att), to_float(kernel_att), g,
+                                      output_mask);
   const auto back = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
   return std::make_tuple(back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)),
                          back(std::get<3>(grads)), back(std::get<4>(grads)), back(std::get<5>(grads)));
