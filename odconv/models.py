@@ -113,9 +113,7 @@ def count_macs(model, input_size):
     macs = []
 
     def fusion_hook(module, inputs, output):
-        branch = module.branches[0]
-        size = max(module.kernel_sizes)
-        macs.append(output[0].numel() * branch.in_channels * size * size)
+        macs.append(output[0].numel() * module.merged_weight()[0].numel())
 
     def conv_hook(module, inputs, output):
         out_elems = output[0].numel()  # per image

@@ -218,7 +218,6 @@ class MultiScaleFeatureFusion(nn.Module):
             raise ValueError(f"MultiScaleFeatureFusion: kernel sizes must be odd for 'same' padding, got {kernel_sizes}")
         self.kernel_sizes = tuple(kernel_sizes)
         self.conv = conv
-        self.stride = stride
         branches = []
         for k in self.kernel_sizes:
             if conv == "static":
@@ -234,7 +233,7 @@ class MultiScaleFeatureFusion(nn.Module):
 
     def forward(self, x):
         if self.conv == "static":
-            return F.conv2d(x, self.merged_weight(), stride=self.stride, padding=max(self.kernel_sizes) // 2)
+            return F.conv2d(x, self.merged_weight(), stride=self.branches[0].stride, padding=max(self.kernel_sizes) // 2)
         out = self.branches[0](x)
         for branch in self.branches[1:]:
             out = out + branch(x)
