@@ -117,10 +117,11 @@ inline int64_t even_step(int64_t n, int64_t most) {
 // 512->512 3x3 fill 512 KB) the rows alone make thin products (7 x 4608 @ 4608 x 16 at 4x4) that
 // re-read the sample's im2col matrix for every 7 rows, and the tile is cut in J as well:
 // kMinTileRows rows by as many columns as fit. The products then accumulate over the column
-// blocks of a row range, which are consecutive in the tile order. (Measured on 2 cores, B64
-// 512->512 4x4: forward 115 -> 50 ms, backward 377 -> 254 ms; 256->256 8x8 backward 77 -> 61 ms.
-// With large maps, 16x16 and the 5x5 layer on 24x24, cutting J made the backward 1.1-1.2x slower:
-// its grad_x product then re-reads a block of gcols for every 32 rows instead of every 128.)
+// blocks of a row range, which are consecutive in the tile order. (A/B on 2 cores,
+// benchmarks/results/ab_cut_columns_cpu.json: B64 512->512 4x4 forward 118 -> 58 ms, backward
+// 353 -> 222 ms; 256->256 8x8 backward 80 -> 66 ms. With large maps, 16x16 and the 5x5 layer on
+// 24x24, cutting J made the backward 1.1-1.2x slower in a trial: its grad_x product then re-reads a
+// block of gcols for every 32 rows instead of every 128.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
