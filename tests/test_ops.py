@@ -278,6 +278,24 @@ def test_blocking_edges_match_reference(case, dtype):
     assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
 
 
+@requires_extension
+@pytest.mark.parametrize("case", [BLOCKING[0], BLOCKING[2], BLOCKING[3], BLOCKING[5], BLOCKING[8]], ids=case_id)
+def test_one_gradient_group_equals_the_full_backward(case):
+    # With both groups the backward builds Wb for grad_x inside the parameter-gradient reduction; with
+    # grad_x alone it aggregates Wb separately, and with the parameters alone it builds no Wb at all.
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float64)]
+    conv = (list(stride), list(padding), list(dilation), groups)
+    out = torch.ops.odconv.odconv2d(*inputs, *conv)
+    grad_out = torch.randn_like(out)
+    both = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])
+    x_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, False])
+    params_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [False, True])
+    torch.testing.assert_close(x_only[0], both[0], rtol=1e-12, atol=1e-12)
+    for name, alone, full in zip(NAMES[1:], params_only[1:], both[1:]):
+        torch.testing.assert_close(alone, full, rtol=1e-12, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+
+
 # ---- the two CPU algorithms: per-sample GEMMs (im2col) and the grouped convolution on chunks of samples
 # (chosen for depthwise-like layers). ODCONV_CPU_CONV_PATH forces one, so both run on every layer kind.
 CONV_PATH_CASES = [case for case in GRID if unpack(case)[-1] > 1 and unpack(case)[0] > 0] + [
