@@ -6,7 +6,8 @@ Uses the installed torch. The CUDA sources are compiled when torch is a CUDA bui
 toolkit (nvcc) is found; no GPU is needed for that. Environment variables:
 
     ODCONV_NO_CUDA=1            build the CPU kernels only
-    ODCONV_CPU_ARCH             compiler flags for the target CPU, default "-march=native"
+    ODCONV_CPU_ARCH             compiler flags for the target CPU, default "-march=native"; to run
+                                the build on other machines, name the oldest CPU, e.g. "-march=x86-64-v3"
     ODCONV_REQUIRE_EXTENSION=1  fail the install when the extension does not build (CI sets it);
                                 otherwise the package installs without it and runs the pure-PyTorch
                                 reference, and odconv.backend_info() says why
@@ -48,6 +49,41 @@ def find_cuda_home():
     return None
 
 
+# x86 instruction-set macros a compiler defines for its -march, and the /proc/cpuinfo flag of each.
+# An extension compiled for a CPU with one of these may use its instructions anywhere.
+ISA_MACROS = {
+    "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__POPCNT__": "popcnt", "__LZCNT__": "abm",
+    "__MOVBE__": "movbe",
+    "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__BMI__": "bmi1",
+    "__BMI2__": "bmi2", "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BF16__": "avx512_bf16", "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512FP16__": "avx512_fp16",
+}
+
+
+def required_cpu_features(arch_flags):
+    """The CPU flags (as /proc/cpuinfo names them) that code compiled with arch_flags may need.
+
+    Asks the compiler which instruction-set macros the flags define. None when it cannot tell.
+    odconv/ops.py compares the list with the CPU it runs on before loading the extension, so a build
+    copied to an older CPU falls back to the reference instead of dying on an illegal instruction.
+    """
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        macros = subprocess.run([compiler, *arch_flags, "-dM", "-E", "-x", "c++", os.devnull],
+                                capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
+    return sorted(flag for macro, flag in ISA_MACROS.items() if macro in defined)
+
+
 def build_config():
     import torch
 
@@ -61,6 +97,10 @@ def build_config():
         cuda_home = find_cuda_home()
         if cuda_home is None:
             reason = "no CUDA toolkit (nvcc, cuda_runtime.h, libcudart) found; set CUDA_HOME"
+    # The extension is compiled where it runs (pip install -e .), so let the element-wise loops of
+    # the CPU kernels use the machine's vector width (AVX-512 here). ODCONV_CPU_ARCH="" disables.
+    native = "-march=native" if platform.machine() in ("x86_64", "AMD64", "aarch64") else ""
+    cpu_arch_flags = os.environ.get("ODCONV_CPU_ARCH", native).split()
     if cuda_home:
         # torch.utils.cpp_extension reads these when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
@@ -73,7 +113,8 @@ def build_config():
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_home else None,
         "cuda_skipped_because": reason or None,
         "openmp": "OpenMP" in torch.__config__.parallel_info(),
-        "cpu_arch_default": "-march=native" if platform.machine() in ("x86_64", "AMD64", "aarch64") else "",
+        "cpu_arch_flags": cpu_arch_flags,
+        "required_cpu_features": required_cpu_features(cpu_arch_flags),
         "python": sys.version.split()[0],
     }
 
@@ -83,10 +124,8 @@ def extensions(config):
 
     cpu_sources = ["csrc/odconv.cpp", "csrc/odconv_autocast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++17 before 2.10, C++20 after)
-    # The extension is compiled where it runs (pip install -e .), so let the element-wise loops of
-    # the CPU kernels use the machine's vector width (AVX-512 here). ODCONV_CPU_ARCH="" disables.
-    cxx += os.environ.get("ODCONV_CPU_ARCH", config["cpu_arch_default"]).split()
+    # the C++ standard is the one torch asks for (C++17 before 2.10, C++20 after)
+    cxx = ["-O3"] + config["cpu_arch_flags"]
     link = []
     if config["openmp"]:
         # at::parallel_for is inline OpenMP code: without -fopenmp it would run serially.

@@ -22,17 +22,6 @@ _BACKEND_ENV = "ODCONV_BACKEND"
 _CHOICES = ("auto", "extension", "reference")
 
 
-def _load_extension():
-    try:
-        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
-    except Exception as error:  # not built, or built against another torch
-        return None, f"extension not built or not loadable: {type(error).__name__}: {error}"
-    return _C, None
-
-
-_C, _LOAD_ERROR = _load_extension()
-
-
 def _build_info():
     import json
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")
@@ -41,6 +30,45 @@ def _build_info():
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def _cpu_flags():
+    """This CPU's feature flags as /proc/cpuinfo lists them; None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _missing_cpu_features(build, cpu_flags):
+    """The instruction-set features the build was compiled for (setup.py records them) that this CPU
+    lacks: code built with -march=native on one machine dies with an illegal instruction on an older
+    one. Empty when either side is unknown."""
+    required = build.get("required_cpu_features")
+    if not required or cpu_flags is None:
+        return []
+    return [feature for feature in required if feature not in cpu_flags]
+
+
+def _load_extension(build, cpu_flags):
+    missing = _missing_cpu_features(build, cpu_flags)
+    if missing:
+        return None, (f"extension built for a CPU with {', '.join(missing)} (compiler flags "
+                      f"{' '.join(build.get('cpu_arch_flags') or [])!r}), which this CPU lacks: rebuild it here "
+                      "(pip install --no-build-isolation -e .), or build with ODCONV_CPU_ARCH naming the oldest "
+                      "target CPU")
+    try:
+        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    except Exception as error:  # not built, or built against another torch
+        return None, f"extension not built or not loadable: {type(error).__name__}: {error}"
+    return _C, None
+
+
+_C, _LOAD_ERROR = _load_extension(_build_info(), _cpu_flags())
 
 
 def _kernel_registered(dispatch_key):
