@@ -394,49 +394,48 @@ def test_missing_cpu_features():
     assert _missing_cpu_features({"required_cpu_features": None}, {"sse2"}) == []
 
 
+def _package_in_subprocess(setup_code):
+    """Runs setup_code, imports odconv, trains a step of one layer and returns backend_info()."""
+    code = setup_code + (
+        "import json, torch, odconv\n"
+        "undo_setup()\n"
+        "layer = odconv.ODConv2d(4, 8, 3, padding=1)\n"
+        "layer(torch.randn(2, 4, 6, 6)).sum().backward()\n"
+        "print(json.dumps(odconv.backend_info()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "ODCONV_BACKEND"})
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not odconv.backend_info()["build"].get("required_cpu_features"),
                     reason="this build recorded no instruction-set features (not x86, or an older setup.py)")
 def test_build_for_another_cpu_falls_back_to_the_reference():
     """An extension compiled with -march=native elsewhere is not loaded on a CPU without its instructions."""
-    code = (
+    info = _package_in_subprocess(
         "import builtins, io, sys, importlib.abc\n"
         "real_open = builtins.open\n"
         "def fake_open(path, *args, **kwargs):\n"
         "    if path == '/proc/cpuinfo': return io.StringIO('processor : 0\\nflags : fpu sse sse2\\n')\n"
         "    return real_open(path, *args, **kwargs)\n"
         "builtins.open = fake_open\n"
+        "def undo_setup(): builtins.open = real_open\n"
         "class Watch(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name == 'odconv._C': raise AssertionError('tried to load the extension')\n"
-        "sys.meta_path.insert(0, Watch())\n"
-        "import json, torch, odconv\n"
-        "builtins.open = real_open\n"
-        "layer = odconv.ODConv2d(4, 8, 3, padding=1)\n"
-        "layer(torch.randn(2, 4, 6, 6)).sum().backward()\n"
-        "print(json.dumps(odconv.backend_info()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "ODCONV_BACKEND"})
-    import json
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+        "sys.meta_path.insert(0, Watch())\n")
     assert info["cpu"]["backend"] == "reference"
     assert "which this CPU lacks" in info["cpu"]["reason"] and "avx" in info["cpu"]["reason"], info["cpu"]
 
 
 def test_package_works_without_the_extension():
     """A failed or missing build leaves a working package on the reference path, saying why."""
-    code = (
+    info = _package_in_subprocess(
         "import sys, importlib.abc\n"
+        "def undo_setup(): pass\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name == 'odconv._C': raise ImportError('simulated: no compiled extension')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import json, torch, odconv\n"
-        "layer = odconv.ODConv2d(4, 8, 3, padding=1)\n"
-        "layer(torch.randn(2, 4, 6, 6)).sum().backward()\n"
-        "print(json.dumps(odconv.backend_info()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "ODCONV_BACKEND"})
-    import json
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+        "sys.meta_path.insert(0, Block())\n")
     assert info["cpu"]["backend"] == "reference"
     assert "extension not built" in info["cpu"]["reason"] and "simulated" in info["cpu"]["reason"]
