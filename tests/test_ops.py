@@ -46,11 +46,22 @@ def test_extension_matches_reference(case, dtype):
     assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
 
 
+@pytest.fixture
+def num_threads():
+    """Sets torch's intra-op thread count for the test, restoring it after."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
 @requires_extension
+@pytest.mark.parametrize("threads", [1, 16], ids=["1_thread", "16_threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("size", [6, 17], ids=["float32_forward", "16bit_forward"])
-def test_extension_low_precision(dtype, size):
-    # maps of at most 16x16 run the forward through the float32 kernels, larger ones in 16 bit
+def test_extension_low_precision(dtype, size, threads, num_threads):
+    # maps of at most 16x16 run the forward through the float32 kernels, larger ones in 16 bit; with
+    # 16 threads the 4 samples' output rows are split between threads as well
+    num_threads(threads)
     inputs64 = make_inputs(4, 8, 8, size, 3, 4, 1)
     inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
     # compare against the reference evaluated on the rounded inputs, in float64
@@ -349,6 +360,28 @@ def test_blocking_independent_of_thread_count(case):
     for many_threads in results[1:]:
         for one, many in zip(results[0], many_threads):
             torch.testing.assert_close(one, many, rtol=1e-12, atol=1e-12)
+
+
+# Batches smaller than the thread count: the forward splits each sample's output rows between
+# threads (ranges of at least 8 rows, or of whole groups), and im2col by input channels.
+SMALL_BATCHES = [
+    (1, 32, 40, 12, 3, 4, 1, 1, 1, 1),     # one tile, split into row ranges (8 rows each at 16 threads)
+    (2, 201, 70, 4, 3, 4, 1, 1, 1, 1),     # tiles cut in J: each row range has several column blocks
+    (1, 16, 24, 7, 3, 3, 1, 1, 1, 4),      # groups: ranges of whole groups
+    (3, 192, 36, 6, 1, 4, 1, 0, 1, 1),     # im2col-free (1x1)
+    (1, 9, 12, 10, 3, 2, 2, 1, 2, 1),      # stride and dilation 2; 12 rows: 8 + 4
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [2, 16])
+@pytest.mark.parametrize("case", SMALL_BATCHES, ids=case_id)
+def test_small_batches_split_rows_between_threads(case, threads, num_threads):
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    num_threads(threads)
+    for dtype in (torch.float64, torch.float32):
+        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
 
 
 @requires_extension

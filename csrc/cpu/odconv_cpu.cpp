@@ -28,7 +28,9 @@
 // kTileBytes, for deep layers with small maps a range of rows and a range of J (make_tiles). A
 // thread handles a tile for all of its samples before the next tile, so a tile of W_k is read from
 // memory once per thread and chunk and then served from cache; the aggregated rows are consumed by
-// the GEMMs while still in cache.
+// the GEMMs while still in cache. A forward with fewer samples than threads (one image in the GUI)
+// splits each sample's output rows between threads instead: im2col by input channels, then the
+// (sample, row range) pairs in parallel.
 // Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q)
@@ -75,6 +77,7 @@ namespace {
 
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
+constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
 // One sample's im2col matrix (J x P) up to this size stays in cache (L2) while a thread works on it.
 constexpr int64_t kSmallIm2colBytes = 1024 * 1024;
 // Working buffers per thread and chunk. The forward does better with fewer samples per run (its
@@ -122,7 +125,10 @@ inline int64_t even_step(int64_t n, int64_t most) {
 // 353 -> 222 ms; 256->256 8x8 backward 80 -> 66 ms. With large maps, 16x16 and the 5x5 layer on
 // 24x24, cutting J made the backward 1.1-1.2x slower in a trial: its grad_x product then re-reads a
 // block of gcols for every 32 rows instead of every 128.)
-std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
+// min_row_blocks > 1 asks for at least that many ranges of rows (or of groups), of at least
+// kMinSplitRows rows: the forward of batches smaller than the thread count splits the rows of a
+// sample between threads.
+std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileBytes / row_bytes);
@@ -130,14 +136,16 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size) {
   if (g.groups == 1) {
     const bool cut_columns = rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
                              J * g.out_pixels() * elem_size <= kSmallIm2colBytes;
-    const int64_t rows = cut_columns ? kMinTileRows : rows_per_tile;
+    const int64_t split = std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks);
+    const int64_t rows = std::min(cut_columns ? kMinTileRows : rows_per_tile, split);
     const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
     const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(J, cols);
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
         tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
   } else {
-    const int64_t groups_per_tile = std::max<int64_t>(1, rows_per_tile / g.out_per_group);
+    const int64_t groups_per_tile = std::clamp<int64_t>(rows_per_tile / g.out_per_group, 1,
+                                                        (g.groups + min_row_blocks - 1) / min_row_blocks);
     for (int64_t gi = 0; gi < g.groups; gi += groups_per_tile)
       tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, g.out_per_group, 0, J});
   }
@@ -488,13 +496,74 @@ at::Tensor forward_kernel(
   const int64_t GJ = g.groups * J, K = g.kernel_num;
   const int64_t x_stride = g.in_channels * g.height * g.width;
   const bool direct = g.im2col_is_identity();
-  const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
+  // A batch smaller than the thread count (one image in the GUI) would leave threads idle with one
+  // run of samples per thread: then the output rows of a sample are split between threads too.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool split_rows = g.batch < threads;
+  const std::vector<Tile> tiles =
+      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1);
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
-  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t), kForwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
 
+  // out[b][g][rows of t] (+)= Wb[g][rows, cols of t] @ cols_b[g][cols of t, :], with Wb of the tile
+  // built into kern first; the column blocks of a row range (tiles cut in J) accumulate.
+  const auto multiply_tile = [&](const Tile& t, int64_t b, const scalar_t* cols_b, const acc_t* m_b, scalar_t* kern,
+                                 acc_t* scratch) {
+    const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
+    build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
+                      /*transposed=*/false, kern, static_cast<scalar_t*>(nullptr), scratch);
+    grouped_gemm<scalar_t>(nG, T, P, Jt, kern, Jt, T * Jt, cols_b + t.g0 * J * P + t.j0 * P, P, J * P,
+                           y + b * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
+  };
+
+  if (split_rows) {
+    // im2col of every sample, split by input channels; then the (sample, row range) pairs in parallel.
+    const int64_t Cin = g.in_channels, taps = g.taps(), B = g.batch;
+    at::Tensor cols_buf = direct ? at::Tensor() : at::empty({B * GJ * P}, opts);
+    at::Tensor m_buf = at::empty({B * GJ}, acc_opts);
+    const scalar_t* cols = direct ? x.const_data_ptr<scalar_t>() : cols_buf.const_data_ptr<scalar_t>();
+    const int64_t cols_stride = direct ? x_stride : GJ * P;
+    if (!direct) {
+      at::parallel_for(0, B * Cin, 1, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1;) {
+          const int64_t b = u / Cin, c0 = u % Cin, c1 = std::min(Cin, c0 + (u1 - u));
+          im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, cols_buf.data_ptr<scalar_t>() + b * GJ * P + c0 * taps * P,
+                 c0, c1);
+          u += c1 - c0;
+        }
+      });
+    }
+    for (int64_t b = 0; b < B; ++b)
+      input_scale(ch.const_data_ptr<acc_t>() + b * Cin, s.const_data_ptr<acc_t>() + b * taps, g,
+                  m_buf.data_ptr<acc_t>() + b * GJ);
+    // row ranges: consecutive tiles with the same groups and first row (a range's column blocks)
+    std::vector<std::pair<size_t, size_t>> ranges;
+    for (size_t ti = 0; ti < tiles.size(); ++ti) {
+      if (ti > 0 && tiles[ti].g0 == tiles[ti - 1].g0 && tiles[ti].r0 == tiles[ti - 1].r0)
+        ranges.back().second = ti + 1;
+      else
+        ranges.emplace_back(ti, ti + 1);
+    }
+    const int64_t n_ranges = ranges.size();
+    at::parallel_for(0, B * n_ranges, 1, [&](int64_t u0, int64_t u1) {
+      at::Tensor kern_buf = at::empty({max_tile}, opts);
+      at::Tensor scratch_buf = at::empty({J}, acc_opts);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / n_ranges;
+        const auto [first, last] = ranges[u % n_ranges];
+        for (size_t ti = first; ti < last; ++ti)
+          multiply_tile(tiles[ti], b, cols + b * cols_stride, m_buf.const_data_ptr<acc_t>() + b * GJ,
+                        kern_buf.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>());
+      }
+      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+    });
+    return out;
+  }
+
+  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t), kForwardThreadBytes);
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
     at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
@@ -503,7 +572,6 @@ at::Tensor forward_kernel(
       at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
       at::Tensor scratch_buf = at::empty({J}, acc_opts);
       at::Tensor m_buf = at::empty({n * GJ}, acc_opts);
-      scalar_t* kern = kern_buf.data_ptr<scalar_t>();
       acc_t* m = m_buf.data_ptr<acc_t>();
       // the cols matrix of sample s0 + i is at cols + i * cols_stride
       const scalar_t* cols = direct ? x.const_data_ptr<scalar_t>() + s0 * x_stride : cols_buf.const_data_ptr<scalar_t>();
@@ -513,19 +581,10 @@ at::Tensor forward_kernel(
         if (!direct) im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, cols_buf.data_ptr<scalar_t>() + i * GJ * P);
         input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
       }
-      scalar_t* y = out.data_ptr<scalar_t>() + s0 * Cout * P;
-      for (const Tile& t : tiles) {
-        const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
-        for (int64_t i = 0; i < n; ++i) {
-          build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K, f.const_data_ptr<acc_t>() + (s0 + i) * Cout,
-                            m + i * GJ, g, t, /*transposed=*/false, kern, static_cast<scalar_t*>(nullptr),
-                            scratch_buf.data_ptr<acc_t>());
-          // out[g][rows] (+)= Wb[g][rows, cols] @ cols[g][cols, :]
-          grouped_gemm<scalar_t>(nG, T, P, Jt, kern, Jt, T * Jt,
-                                 cols + i * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
-                                 y + i * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
-        }
-      }
+      for (const Tile& t : tiles)
+        for (int64_t i = 0; i < n; ++i)
+          multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
+                        scratch_buf.data_ptr<acc_t>());
       if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
     });
   }
