@@ -277,6 +277,9 @@ BLOCKING = [
     (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
     (4, 192, 160, 6, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) with tiles
     (3, 1030, 40, 2, 1, 4, 1, 0, 1, 1),    # pointwise (im2col-free) cut in J: 2 x 3 tiles (344 + 344 + 342)
+    (2, 256, 20, 12, 3, 4, 1, 1, 1, 1),    # im2col > 1 MB, < 16 rows per tile: the forward cuts J (20 rows x 5
+                                           # blocks of 461/460; float32: 3 x 768), the backward gathers its row
+                                           # tiles (7 + 7 + 6; float32 10 + 10) in one grad_x panel
 ]
 
 

@@ -78,6 +78,7 @@ namespace {
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
 constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
+constexpr int64_t kForwardCutRows = 16;            // the forward cuts J below this many rows (make_tiles)
 // One sample's im2col matrix (J x P) up to this size stays in cache (L2) while a thread works on it.
 constexpr int64_t kSmallIm2colBytes = 1024 * 1024;
 // Working buffers per thread and chunk. The forward does better with fewer samples per run (its
@@ -125,17 +126,23 @@ inline int64_t even_step(int64_t n, int64_t most) {
 // 353 -> 222 ms; 256->256 8x8 backward 80 -> 66 ms. With large maps, 16x16 and the 5x5 layer on
 // 24x24, cutting J made the backward 1.1-1.2x slower in a trial: its grad_x product then re-reads a
 // block of gcols for every 32 rows instead of every 128.)
+// The forward (for_forward) has no grad_x product and cuts J on large im2col matrices too when
+// fewer than kForwardCutRows rows fit: 256->256 14x14 thin tiles re-read 1.8 MB of im2col for
+// every 14 rows (A/B, benchmarks/results/ab_forward_cut_large_cpu.json: forward 0.61-0.76x on
+// 128->128 16x16 5x5, 256->256 14x14 and 28x28; 0.94 on the 96->96 5x5 layer; with 28 rows,
+// 128->128 3x3 on 28x28, cutting was slower in a trial, 39 -> 42-47 ms).
 // min_row_blocks > 1 asks for at least that many ranges of rows (or of groups), of at least
 // kMinSplitRows rows: the forward of batches smaller than the thread count splits the rows of a
 // sample between threads.
-std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1) {
+std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileBytes / row_bytes);
   std::vector<Tile> tiles;
   if (g.groups == 1) {
-    const bool cut_columns = rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
-                             J * g.out_pixels() * elem_size <= kSmallIm2colBytes;
+    const bool cut_columns =
+        rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
+        (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
     const int64_t split = std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks);
     const int64_t rows = std::min(cut_columns ? kMinTileRows : rows_per_tile, split);
     const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
@@ -501,7 +508,7 @@ at::Tensor forward_kernel(
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool split_rows = g.batch < threads;
   const std::vector<Tile> tiles =
-      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1);
+      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true);
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
