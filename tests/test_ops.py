@@ -280,6 +280,8 @@ BLOCKING = [
     (2, 256, 20, 12, 3, 4, 1, 1, 1, 1),    # im2col > 1 MB, < 16 rows per tile: the forward cuts J (20 rows x 5
                                            # blocks of 461/460; float32: 3 x 768), the backward gathers its row
                                            # tiles (7 + 7 + 6; float32 10 + 10) in one grad_x panel
+    (5, 32, 8, 64, 3, 2, 1, 1, 1, 1),      # im2col >= 4 MB: the backward takes the grouped-convolution path,
+                                           # in chunks of 4 samples' activations (float64; float32: one chunk)
 ]
 
 

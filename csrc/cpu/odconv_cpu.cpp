@@ -51,8 +51,8 @@
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
 // on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers in
-// float32 and float64 take the grouped-convolution path instead (see "Grouped-convolution path"
-// below). Inside the parallel region these run single-threaded, one thread per run of samples.
+// float32 and float64, and the backward of layers whose im2col matrix is large, take the
+// grouped-convolution path instead (see "Grouped-convolution path" below). Inside the parallel region these run single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
 #include <ATen/ATen.h>
@@ -918,15 +918,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
 }
 
-// ---- Grouped-convolution path, for depthwise-like layers ---------------------------------------
+// ---- Grouped-convolution path, for depthwise-like layers and the backward on large maps ---------
 //
 // When each group's kernel matrix is tiny (Cog * J <= kConvPathMaxMacs multiply-adds per output
 // pixel: depthwise, channel multipliers, small groups), the im2col GEMMs above are all overhead:
 // im2col expands x by kh*kw for 1xJ @ JxP products. Such layers instead run, for a chunk of n
 // samples, the convolution primitive with groups = n*G on x viewed as (1, n*Cin, H, W) and the
 // chunk's per-sample kernels (n*Cout, Cin/G, kh, kw) -- the official formulation, but on a bounded
-// chunk: the per-sample kernels of a chunk take at most kConvPathChunkBytes (for depthwise layers
-// they are smaller than one sample's activations). Buffers, per chunk:
+// chunk: the per-sample kernels of a chunk, and its activations (the convolution returns a chunk of
+// out or grad_x that is then copied), take at most kConvPathChunkBytes each.
+// The backward takes this path as well when one sample's im2col matrix reaches
+// kConvPathBackwardIm2colBytes: the GEMM path then streams im2row and gcols, kh*kw times the
+// activations, through memory for every sample, where the convolution's backward reads and writes
+// the activations only. (2 cores, ODCONV_CPU_CONV_PATH=never against always, 3 alternations:
+// B32 64->64 56x56 backward 224-253 -> 127-141 ms, B64 96->96 24x24 5x5 266-320 -> 208-231 ms; with
+// smaller im2col matrices the GEMM path was as fast or faster: B64 64->64 32x32 (2.4 MB) 62-72
+// against 65-76, B16 64->64 56x56 stride 2 (1.8 MB) 27 against 30, B64 128->128 16x16 82-88 against
+// 88-105.) Buffers, per chunk:
 //   agg   (n, G, Cog, J)   A, the aggregated kernels
 //   m     (n, G, 1, J)     channel * spatial attention of each column
 //   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
@@ -936,19 +944,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // both paths on the same layers).
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
+constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
 
-bool use_conv_path(const Geometry& g, at::ScalarType dtype) {
+bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
   const char* env = std::getenv("ODCONV_CPU_CONV_PATH");
   const std::string mode = env == nullptr ? "auto" : env;
   TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
               "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
   if (mode != "auto") return mode == "always";
-  return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
+  if (g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs) return true;
+  const int64_t im2col_bytes = g.groups * g.cols_per_group() * g.out_pixels() * (int64_t)c10::elementSize(dtype);
+  return backward && im2col_bytes >= kConvPathBackwardIm2colBytes;
 }
 
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
-  const int64_t per_sample = std::max<int64_t>(1, g.kernel_numel() * (int64_t)x.element_size());
+  const int64_t activations = std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels());
+  const int64_t per_sample = std::max<int64_t>(1, std::max(g.kernel_numel(), activations) * (int64_t)x.element_size());
   return std::max<int64_t>(1, std::min(g.batch, kConvPathChunkBytes / per_sample));
 }
 
@@ -1040,7 +1052,7 @@ at::Tensor odconv2d_cpu(
   TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
   // the products below run on views of working buffers: keep autograd out of them
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (use_conv_path(g, x.scalar_type())) {
+  if (use_conv_path(g, x.scalar_type(), /*backward=*/false)) {
     return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
   }
   if (is_16bit(x) && g.out_pixels() <= kHalfForwardMaxPixelsIn16Bit) {
@@ -1064,7 +1076,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
     const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att, const Geometry& g,
     std::array<bool, 2> output_mask) {
-  if (use_conv_path(g, x.scalar_type())) {
+  if (use_conv_path(g, x.scalar_type(), /*backward=*/true)) {
     return backward_conv_path(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g,
                               output_mask[0], output_mask[1]);
   }
