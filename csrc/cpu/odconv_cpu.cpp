@@ -143,8 +143,11 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
     const bool cut_columns =
         rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
         (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
-    const int64_t split = std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks);
-    const int64_t rows = std::min(cut_columns ? kMinTileRows : rows_per_tile, split);
+    const int64_t rows_wanted = cut_columns ? kMinTileRows : rows_per_tile;
+    const int64_t rows =
+        min_row_blocks > 1
+            ? std::min(rows_wanted, std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks))
+            : rows_wanted;
     const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
     const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(J, cols);
     for (int64_t r = 0; r < g.out_channels; r += row_step)
