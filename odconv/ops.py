@@ -68,7 +68,8 @@ def _load_extension(build, cpu_flags):
     return _C, None
 
 
-_C, _LOAD_ERROR = _load_extension(_build_info(), _cpu_flags())
+_BUILD = _build_info()  # what setup.py recorded about the extension this process loads (or not)
+_C, _LOAD_ERROR = _load_extension(_BUILD, _cpu_flags())
 
 
 def _kernel_registered(dispatch_key):
@@ -106,7 +107,7 @@ def backend_info():
     "build": {...}}``; backend is "extension" or "reference".
     """
     choice = _REQUESTED
-    build = _build_info()
+    build = dict(_BUILD)
     info = {"requested": choice, "build": build}
     for device_type in ("cpu", "cuda"):
         if choice == "reference":

@@ -50,9 +50,10 @@
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
-// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers in
-// float32 and float64, and the backward of layers whose im2col matrix is large, take the
-// grouped-convolution path instead (see "Grouped-convolution path" below). Inside the parallel region these run single-threaded, one thread per run of samples.
+// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers in float32 and float64, and the
+// backward of layers whose im2col matrix is large, take the grouped-convolution path instead (see
+// "Grouped-convolution path" below). Inside the parallel region these run single-threaded, one
+// thread per run of samples.
 #include "../odconv.h"
 
 #include <ATen/ATen.h>
@@ -98,6 +99,11 @@ constexpr int64_t kMinGroupGemm = 16384;
 // (odconv2d_cpu); larger maps keep 16-bit products.
 constexpr int64_t kHalfForwardMaxPixelsIn16Bit = 256;
 
+// Bytes of one sample's im2col matrix (G*J x P).
+inline int64_t im2col_bytes(const Geometry& g, int64_t elem_size) {
+  return g.groups * g.cols_per_group() * g.out_pixels() * elem_size;
+}
+
 // Part of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1) and
 // columns [j0, j1) of the group's J.
 struct Tile {
@@ -142,7 +148,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
   if (g.groups == 1) {
     const bool cut_columns =
         rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
-        (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
+        (im2col_bytes(g, elem_size) <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
     const int64_t rows_wanted = cut_columns ? kMinTileRows : rows_per_tile;
     const int64_t rows =
         min_row_blocks > 1
@@ -183,7 +189,7 @@ std::vector<Panel> make_panels(const std::vector<Tile>& tiles, const Geometry& g
   std::vector<Panel> panels;
   panel_of.assign(tiles.size(), 0);
   const int64_t J = g.cols_per_group();
-  const bool gather = g.groups == 1 && J * g.out_pixels() * elem_size > kSmallIm2colBytes;
+  const bool gather = g.groups == 1 && im2col_bytes(g, elem_size) > kSmallIm2colBytes;
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& t = tiles[i];
     const bool extend = gather && t.cols() == J && !panels.empty() && panels.back().rows < kGradXRows;
@@ -573,7 +579,7 @@ at::Tensor forward_kernel(
     return out;
   }
 
-  const int64_t chunk = chunk_size(g.batch, direct ? 0 : GJ * P * (int64_t)sizeof(scalar_t), kForwardThreadBytes);
+  const int64_t chunk = chunk_size(g.batch, direct ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
     at::parallel_for(c0, c1, 1, [&](int64_t s0, int64_t s1) {
@@ -761,11 +767,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t kern_elems = max_tile;
   if (want_x)
     for (const Panel& pn : panels) kern_elems = std::max(kern_elems, tiles[pn.last_tile].groups() * pn.cols * pn.rows);
-  const int64_t im2col_bytes = GJ * P * (int64_t)sizeof(scalar_t);
+  const int64_t cols_bytes = im2col_bytes(g, sizeof(scalar_t));
   // per sample: rows and gcols, and the tile buffers kern, q, gbuf
   const int64_t bytes_per_sample =
-      (want_params ? im2col_bytes + max_tile * (int64_t)(sizeof(acc_t) + sizeof(scalar_t)) : 0) +
-      (want_x ? (direct ? 0 : im2col_bytes) + kern_elems * (int64_t)sizeof(scalar_t) : 0);
+      (want_params ? cols_bytes + max_tile * (int64_t)(sizeof(acc_t) + sizeof(scalar_t)) : 0) +
+      (want_x ? (direct ? 0 : cols_bytes) + kern_elems * (int64_t)sizeof(scalar_t) : 0);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample, kBackwardThreadBytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
@@ -957,8 +963,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
               "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
   if (mode != "auto") return mode == "always";
   if (g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs) return true;
-  const int64_t im2col_bytes = g.groups * g.cols_per_group() * g.out_pixels() * (int64_t)c10::elementSize(dtype);
-  return backward && im2col_bytes >= kConvPathBackwardIm2colBytes;
+  return backward && im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes;
 }
 
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
