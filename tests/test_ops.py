@@ -347,6 +347,47 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
         ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
 
 
+# ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
+# tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
+# default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192
+# get three ranges, narrower ones fewer. ----------------------------------------------------------
+SPLIT_CASES = [case for case in GRID if unpack(case)[-1] == 1 and unpack(case)[0] > 0] + [
+    case for case in BLOCKING if unpack(case)[-1] == 1] + [
+    (4, 14, 33, 5, 3, 2, 1, 1, 1, 1),      # J = 126: one range of columns, row tiles of 17 + 16
+    (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, J = 1170 in 3 ranges, fewer output channels than a tile
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
+def test_both_backward_splits_match_reference(case, split, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    num_threads(3)
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    for dtype in (torch.float64, torch.float32):
+        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+
+
+@requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
+def test_both_backward_splits_gradcheck(split, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    num_threads(2)
+    inputs = make_inputs(2, 17, 3, 3, 3, 2, 1)  # J = 153: two ranges of columns (8 + 9 channels)
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+def test_bad_backward_split_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "rows")
+    inputs = make_inputs(2, 4, 4, 5, 3, 2, 1)
+    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_BACKWARD_SPLIT.*auto, samples or columns.*'rows'"):
+        out.sum().backward()
+
+
 @requires_extension
 @pytest.mark.parametrize("case", [(9, 80, 67, 16, 3, 3, 1, 1, 1, 1), (9, 201, 70, 4, 3, 4, 1, 1, 1, 1)],
                          ids=["panels", "cut_in_J"])

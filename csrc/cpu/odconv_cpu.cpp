@@ -358,33 +358,41 @@ inline int64_t im2row_scratch_elems(const Geometry& g) {
   return g.im2col_is_identity() ? 0 : im2row_channels_per_block(g) * g.taps() * g.out_pixels();
 }
 
-// rows[p][j] = cols[j][p]: the transpose of im2col. scratch: im2row_scratch_elems(g) elements.
+// rows[p][j] = cols[j][p]: the transpose of im2col, for the input channels [c_begin, c_end) (all by
+// default; columns numbered from c_begin), rows ld apart (default: the columns written).
+// scratch: im2row_scratch_elems(g) elements.
 template <typename scalar_t>
-void im2row(const scalar_t* x, const Geometry& g, scalar_t* scratch, scalar_t* rows) {
-  const int64_t CJ = g.in_channels * g.taps(), P = g.out_pixels();
+void im2row(const scalar_t* x, const Geometry& g, scalar_t* scratch, scalar_t* rows, int64_t c_begin = 0,
+            int64_t c_end = -1, int64_t ld = -1) {
+  if (c_end < 0) c_end = g.in_channels;
+  const int64_t taps = g.taps(), P = g.out_pixels();
+  if (ld < 0) ld = (c_end - c_begin) * taps;
   if (g.im2col_is_identity()) {  // x itself is the (Cin x H*W) cols matrix
-    transpose_into(x, CJ, P, rows, CJ);
+    transpose_into(x + c_begin * P, c_end - c_begin, P, rows, ld);
     return;
   }
   const int64_t step = im2row_channels_per_block(g);
-  for (int64_t c0 = 0; c0 < g.in_channels; c0 += step) {
-    const int64_t c1 = std::min(g.in_channels, c0 + step);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += step) {
+    const int64_t c1 = std::min(c_end, c0 + step);
     im2col(x, g, scratch, c0, c1);
-    transpose_into(scratch, (c1 - c0) * g.taps(), P, rows + c0 * g.taps(), CJ);
+    transpose_into(scratch, (c1 - c0) * taps, P, rows + (c0 - c_begin) * taps, ld);
   }
 }
 
-// The adjoint of im2col: gx[c][ih][iw] = sum of the gcols entries that im2col read from it.
+// The adjoint of im2col: gx[c][ih][iw] = sum of the gcols entries that im2col read from it, for the
+// input channels [c_begin, c_end) (all by default; gcols rows numbered from c_begin). gx is the
+// whole sample; only those channels are written.
 template <typename scalar_t>
-void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx) {
+void col2im(const scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 0, int64_t c_end = -1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
-  std::fill(gx, gx + g.in_channels * H * W, scalar_t(0));
-  for (int64_t c = 0; c < g.in_channels; ++c) {
+  if (c_end < 0) c_end = g.in_channels;
+  std::fill(gx + c_begin * H * W, gx + c_end * H * W, scalar_t(0));
+  for (int64_t c = c_begin; c < c_end; ++c) {
     scalar_t* gxc = gx + c * H * W;
     for (int64_t u = 0; u < g.kernel_h; ++u) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
-        const scalar_t* row = gcols + ((c * g.kernel_h + u) * g.kernel_w + v) * P;
+        const scalar_t* row = gcols + (((c - c_begin) * g.kernel_h + u) * g.kernel_w + v) * P;
         const int64_t w_off = v * g.dil_w - g.pad_w;
         int64_t lo, hi;
         valid_columns(w_off, g, lo, hi);
@@ -705,12 +713,14 @@ void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, 
   }
 }
 
-// One sample's grad_ch[c] = sum_t gm[c*taps + t] s[t] and grad_s[t] += sum_c gm[c*taps + t] ch[c].
+// One sample's grad_ch[c] = sum_t gm[c*taps + t] s[t] and grad_s[t] += sum_c gm[c*taps + t] ch[c], for
+// the input channels [c_begin, c_end) (all by default).
 template <typename acc_t>
 void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, const acc_t* s, acc_t* grad_ch,
-                           acc_t* grad_s) {
+                           acc_t* grad_s, int64_t c_begin = 0, int64_t c_end = -1) {
   const int64_t taps = g.taps();
-  for (int64_t c = 0; c < g.in_channels; ++c) {
+  if (c_end < 0) c_end = g.in_channels;
+  for (int64_t c = c_begin; c < c_end; ++c) {
     acc_t sum_c = 0;
     for (int64_t tp = 0; tp < taps; ++tp) {
       const acc_t v = gm[c * taps + tp];
@@ -718,6 +728,205 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
       grad_s[tp] += v * ch[c];
     }
     grad_ch[c] = sum_c;
+  }
+}
+
+// ---- The backward by columns ----------------------------------------------------------------------
+//
+// The backward above splits the samples of a chunk between threads, and so needs one parallel
+// region per tile (the threads' shares of a tile of grad_W are summed in a fixed order), every
+// thread streams all of W_k, and each chunk allocates its buffers anew (page faults: about a third of
+// a perf profile of the backward of B128 32->32 48x48 on one thread). Layers without groups instead give each thread a range of input
+// channels -- the columns [c0*taps, c1*taps) of J -- for every sample of a chunk: its im2row columns,
+// its rows of gcols and so its channels of grad_x, its columns of grad_m and of grad_W. Only grad_f,
+// grad_a and grad_s sum over columns: each part keeps its share per sample, added in part order
+// after the chunk (deterministic for a thread count). One parallel region per chunk, a tile of W_k
+// is read by one thread, the buffers are allocated once per call, and a batch of one (Grad-CAM in
+// the GUI) runs on every thread. Tiles are kMinTileRows rows by as many columns as fit kTileBytes.
+// (2 cores, ODCONV_CPU_BACKWARD_SPLIT=samples against columns in one process, fastest of 3 rounds:
+// B64 512->512 4x4 207 -> 153 ms, B32 512->512 7x7 201 -> 157, B128 32->32 48x48 292 -> 89, B128
+// 128->128 12x12 85 -> 75, B128 128->256 6x6 77 -> 57, B32 256->256 8x8 44 -> 39, B64 64->128 32x32
+// stride 2 41 -> 34; the other layers of bench_op's suite and of the GTSRB network 0.9-1.0.)
+// It needs as many parts as threads (at least kMinColumnsPerPart columns each); with fewer (many
+// cores, narrow layers) the samples split keeps every thread busy.
+// Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
+//   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
+//   kern   (Jt, T)      Wb^T of a tile, one sample       q     (T, Jt)     Q of a tile, one sample
+//   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
+//   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
+// n fits kColumnsThreadBytes per part (4 MB: 2 and 8 were slower on 4x4, 8x8 and 12x12 maps).
+// ODCONV_CPU_BACKWARD_SPLIT=auto (default) | samples | columns overrides the choice (tests run both
+// on the same layers; columns with fewer parts than threads); layers with groups always split samples.
+constexpr int64_t kMinColumnsPerPart = 64;
+constexpr int64_t kMaxColumnsChunk = 32;
+constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
+
+// Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
+// columns (and one input channel); 0 when the backward splits the samples instead.
+int64_t column_parts(const Geometry& g) {
+  const char* env = std::getenv("ODCONV_CPU_BACKWARD_SPLIT");
+  const std::string mode = env == nullptr ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "samples" || mode == "columns",
+              "ODCONV_CPU_BACKWARD_SPLIT must be auto, samples or columns, got '", mode, "'");
+  if (g.groups != 1 || mode == "samples") return 0;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = std::clamp<int64_t>(g.cols_per_group() / kMinColumnsPerPart, 1, std::min(threads, g.in_channels));
+  return mode == "columns" || parts == threads ? parts : 0;
+}
+
+// Tiles of the columns [j_begin, j_end) of J: kMinTileRows rows by as many columns as fit kTileBytes.
+std::vector<Tile> part_tiles(const Geometry& g, int64_t elem_size, int64_t j_begin, int64_t j_end) {
+  const int64_t rows = std::min(kMinTileRows, g.out_channels);
+  const int64_t cols = std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size));
+  const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(j_end - j_begin, cols);
+  std::vector<Tile> tiles;
+  for (int64_t r = 0; r < g.out_channels; r += row_step)
+    for (int64_t j = j_begin; j < j_end; j += col_step)
+      tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(j_end, j + col_step)});
+  return tiles;
+}
+
+// One part's channels [c0, c1), its tiles and its buffers (shapes above).
+struct ColumnPart {
+  int64_t c0 = 0, c1 = 0;
+  std::vector<Tile> tiles;
+  at::Tensor rows, im2row_scratch, gcols, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch;
+};
+
+template <typename scalar_t>
+void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& weight_acc, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
+                         const at::Tensor& a, const Geometry& g, bool want_x, bool want_params, int64_t parts,
+                         at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_ch, at::Tensor& grad_f,
+                         at::Tensor& grad_s, at::Tensor& grad_a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, Cin = g.in_channels;
+  const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps(), B = g.batch;
+  const int64_t x_stride = Cin * g.height * g.width;
+  const bool direct = g.im2col_is_identity();
+  const auto opts = x.options();
+  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  std::vector<ColumnPart> part(parts);
+  int64_t widest = 0, max_tile = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    part[p].c0 = Cin * p / parts;
+    part[p].c1 = Cin * (p + 1) / parts;
+    part[p].tiles = part_tiles(g, sizeof(scalar_t), part[p].c0 * taps, part[p].c1 * taps);
+    widest = std::max(widest, (part[p].c1 - part[p].c0) * taps);
+    max_tile = std::max(max_tile, max_tile_elems(part[p].tiles));
+  }
+  const int64_t bytes_per_sample = (want_params ? widest * P * (int64_t)sizeof(scalar_t) + max_tile * (int64_t)sizeof(acc_t) : 0) +
+                                   (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
+  int64_t chunk = std::clamp<int64_t>(kColumnsThreadBytes / std::max<int64_t>(1, bytes_per_sample), 1,
+                                      std::min(B, kMaxColumnsChunk));
+  chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
+  for (ColumnPart& pt : part) {
+    const int64_t Jr = (pt.c1 - pt.c0) * taps;
+    if (want_params) {
+      pt.rows = at::empty({chunk * P * Jr}, opts);
+      if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
+      pt.q = at::empty({max_tile}, opts);
+      pt.gbuf = at::empty({chunk * max_tile}, acc_opts);
+      pt.gm = at::empty({chunk * J}, acc_opts);
+      pt.gf = at::empty({chunk * Cout}, acc_opts);
+      pt.ga = at::empty({chunk * K}, acc_opts);
+      pt.gs = at::empty({chunk * taps}, acc_opts);
+    }
+    if (want_x) {
+      if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
+      pt.kern = at::empty({max_tile}, opts);
+      pt.kern_rows = at::empty({max_tile}, opts);
+    }
+    pt.m = at::empty({chunk * J}, acc_opts);
+    pt.scratch = at::empty({J}, acc_opts);
+  }
+
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  const acc_t* w_acc = want_params ? weight_acc.const_data_ptr<acc_t>() : nullptr;
+  const acc_t *a_ptr = a.const_data_ptr<acc_t>(), *f_ptr = f.const_data_ptr<acc_t>();
+  const acc_t *ch_ptr = ch.const_data_ptr<acc_t>(), *s_ptr = s.const_data_ptr<acc_t>();
+  const scalar_t *gy_ptr = gy.const_data_ptr<scalar_t>(), *x_ptr = x.const_data_ptr<scalar_t>();
+  scalar_t* gx_ptr = grad_x.data_ptr<scalar_t>();
+  acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
+  acc_t* grad_ch_ptr = grad_ch.data_ptr<acc_t>();
+
+  for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+    const int64_t n = std::min(chunk, B - c0);
+    const at::Tensor a_t = want_params ? a.narrow(0, c0, n).t().contiguous() : at::Tensor();  // (K x n)
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t pi = p0; pi < p1; ++pi) {
+        ColumnPart& pt = part[pi];
+        const int64_t j_begin = pt.c0 * taps, Jr = (pt.c1 - pt.c0) * taps;
+        acc_t* m = pt.m.data_ptr<acc_t>();
+        acc_t* scratch = pt.scratch.data_ptr<acc_t>();
+        scalar_t* rows = want_params ? pt.rows.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gcols = want_x && !direct ? pt.gcols.data_ptr<scalar_t>() : nullptr;
+        acc_t *gm = nullptr, *gbuf = nullptr, *gf = nullptr, *ga = nullptr, *gs = nullptr;
+        if (want_params) {
+          gm = pt.gm.data_ptr<acc_t>();
+          gbuf = pt.gbuf.data_ptr<acc_t>();
+          gf = pt.gf.data_ptr<acc_t>();
+          ga = pt.ga.data_ptr<acc_t>();
+          gs = pt.gs.data_ptr<acc_t>();
+          std::fill(gm, gm + n * J, acc_t(0));
+          std::fill(gf, gf + n * Cout, acc_t(0));
+          std::fill(ga, ga + n * K, acc_t(0));
+          std::fill(gs, gs + n * taps, acc_t(0));
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = c0 + i;
+          if (want_params)
+            im2row(x_ptr + b * x_stride, g, direct ? nullptr : pt.im2row_scratch.data_ptr<scalar_t>(), rows + i * P * Jr,
+                   pt.c0, pt.c1, Jr);
+          input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J);
+        }
+        for (const Tile& t : pt.tiles) {
+          const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = c0 + i;
+            const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+            if (want_x) {
+              // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
+              scalar_t* kern = pt.kern.data_ptr<scalar_t>();
+              build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
+                                pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
+              scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
+              grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0, opts);
+            }
+            if (want_params) {
+              // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once
+              scalar_t* q = pt.q.data_ptr<scalar_t>();
+              grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
+                                     /*accumulate=*/false, opts);
+              reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
+                                    gbuf + i * tile, gf + i * Cout, ga + i * K);
+            }
+          }
+          // grad_W[:, row, tile cols] += a[c0:c0+n]^T @ G[:, row]     (K x n) @ (n x Jt), row by row
+          if (want_params)
+            for (int64_t r = 0; r < T; ++r)
+              grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>(), n, 0, gbuf + r * Jt, tile, 0,
+                                  grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/true, acc_opts);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = c0 + i;
+          if (want_x && !direct) col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
+          if (want_params)
+            reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
+                                  pt.c0, pt.c1);
+        }
+      }
+      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+    });
+    if (want_params) {
+      // the parts' shares of grad_f, grad_a and grad_s, in part order
+      for (const ColumnPart& pt : part) {
+        grad_f.narrow(0, c0, n).add_(pt.gf.narrow(0, 0, n * Cout).view({n, Cout}));
+        grad_a.narrow(0, c0, n).add_(pt.ga.narrow(0, 0, n * K).view({n, K}));
+        grad_s.narrow(0, c0, n).add_(pt.gs.narrow(0, 0, n * taps).view({n, taps}));
+      }
+    }
   }
 }
 
@@ -760,6 +969,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_s = at::zeros({g.batch, taps}, acc_opts);
   at::Tensor grad_a = at::zeros({g.batch, K}, acc_opts);
   const at::Tensor weight_acc = want_params ? weight.to(acc_type).view({K, N}) : at::Tensor();
+
+  const auto results = [&] {
+    const auto dtype = x.scalar_type();
+    return std::make_tuple(
+        grad_x, grad_w.view(weight.sizes()).to(dtype), grad_ch.to(dtype), grad_f.to(dtype),
+        grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
+  };
+  if (const int64_t parts = column_parts(g); parts > 0 && g.batch > 0 && (want_x || want_params)) {
+    backward_by_columns<scalar_t>(gy, x, weight, weight_acc, ch, f, s, a, g, want_x, want_params, parts, grad_x, grad_w,
+                                  grad_ch, grad_f, grad_s, grad_a);
+    return results();
+  }
 
   std::vector<size_t> panel_of;
   const std::vector<Panel> panels = make_panels(tiles, g, sizeof(scalar_t), panel_of);
@@ -921,10 +1142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   }
 
-  const auto dtype = x.scalar_type();
-  return std::make_tuple(
-      grad_x, grad_w.view(weight.sizes()).to(dtype), grad_ch.to(dtype), grad_f.to(dtype),
-      grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
+  return results();
 }
 
 // ---- Grouped-convolution path, for depthwise-like layers and the backward on large maps ---------
