@@ -734,19 +734,18 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // ---- The backward by columns ----------------------------------------------------------------------
 //
 // The backward above splits the samples of a chunk between threads, and so needs one parallel
-// region per tile (the threads' shares of a tile of grad_W are summed in a fixed order), every
-// thread streams all of W_k, and each chunk allocates its buffers anew (page faults: about a third of
-// a perf profile of the backward of B128 32->32 48x48 on one thread). Layers without groups instead give each thread a range of input
+// region per tile (the threads' shares of a tile of grad_W are summed in a fixed order: 80 regions
+// per chunk for 512->512 3x3 on 4x4, whose waits were ~9 % of its backward in perf), and every
+// thread streams all of W_k. Layers without groups instead give each thread a range of input
 // channels -- the columns [c0*taps, c1*taps) of J -- for every sample of a chunk: its im2row columns,
 // its rows of gcols and so its channels of grad_x, its columns of grad_m and of grad_W. Only grad_f,
 // grad_a and grad_s sum over columns: each part keeps its share per sample, added in part order
 // after the chunk (deterministic for a thread count). One parallel region per chunk, a tile of W_k
-// is read by one thread, the buffers are allocated once per call, and a batch of one (Grad-CAM in
-// the GUI) runs on every thread. Tiles are kMinTileRows rows by as many columns as fit kTileBytes.
-// (2 cores, ODCONV_CPU_BACKWARD_SPLIT=samples against columns in one process, fastest of 3 rounds:
-// B64 512->512 4x4 207 -> 153 ms, B32 512->512 7x7 201 -> 157, B128 32->32 48x48 292 -> 89, B128
-// 128->128 12x12 85 -> 75, B128 128->256 6x6 77 -> 57, B32 256->256 8x8 44 -> 39, B64 64->128 32x32
-// stride 2 41 -> 34; the other layers of bench_op's suite and of the GTSRB network 0.9-1.0.)
+// is read by one thread, and a batch of one (Grad-CAM in the GUI) runs on every thread. Tiles are
+// kMinTileRows rows by as many columns as fit kTileBytes. (2 cores, benchmarks/ab_builds.py against
+// the samples split, results/ab_backward_columns*_cpu.json: backward 0.74 on 128->128 12x12,
+// 0.83-0.87 on 512->512 7x7, 0.87-0.93 on 4x4, 0.87-0.97 on 32->32 48x48, 0.90 on 256->256 8x8
+// (5 rounds), 0.70-1.02 on the other dense layers of bench_op's suite and of the GTSRB network.)
 // It needs as many parts as threads (at least kMinColumnsPerPart columns each); with fewer (many
 // cores, narrow layers) the samples split keeps every thread busy.
 // Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
