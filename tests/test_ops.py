@@ -431,12 +431,14 @@ def test_small_batches_split_rows_between_threads(case, threads, num_threads):
 
 
 @requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
 @pytest.mark.parametrize("threads", [1, 3, 16])
 @pytest.mark.parametrize("channels", [(60, 45), (201, 70)], ids=["row_tiles", "cut_in_J"])
-def test_backward_over_several_chunks_and_uneven_runs(threads, channels):
-    # 37 samples: several chunks of at most 16 samples per thread, runs of unequal length, and grad_W
-    # summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64; 201 -> 70: tiles
-    # cut in J, whose grad_W partials are added row by row
+def test_backward_over_several_chunks_and_uneven_runs(threads, channels, split, monkeypatch):
+    # 37 samples: several chunks (buffers reused from chunk to chunk), runs of unequal length, and
+    # grad_W summed over chunks and runs; 60 -> 45 channels, 3x3: two row tiles in float64; 201 -> 70:
+    # tiles cut in J, whose grad_W partials are added row by row
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
     inputs = make_inputs(37, *channels, 5, 3, 3, 1, dtype=torch.float64)
     saved = torch.get_num_threads()
     try:
