@@ -37,13 +37,19 @@ def assert_matches_reference(inputs, stride, padding, dilation, groups, dtype, r
         torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * scale, msg=lambda m: f"grad {name}: {m}")
 
 
+
+def assert_case_matches_reference(case, dtypes=(torch.float64, torch.float32)):
+    """assert_matches_reference on the layer of a GRID-style case, in each dtype."""
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    for dtype in dtypes:
+        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
+        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_extension_matches_reference(case, dtype):
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
-    assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+    assert_case_matches_reference(case, (dtype,))
 
 
 @pytest.fixture
@@ -289,9 +295,7 @@ BLOCKING = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", BLOCKING, ids=case_id)
 def test_blocking_edges_match_reference(case, dtype):
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
-    assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+    assert_case_matches_reference(case, (dtype,))
 
 
 @requires_extension
@@ -326,10 +330,7 @@ CONV_PATH_CASES = [case for case in GRID if unpack(case)[-1] > 1 and unpack(case
 @pytest.mark.parametrize("case", CONV_PATH_CASES, ids=case_id)
 def test_both_cpu_algorithms_match_reference(case, path, monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", path)
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    for dtype in (torch.float64, torch.float32):
-        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
-        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+    assert_case_matches_reference(case)
 
 
 @requires_extension
@@ -364,10 +365,7 @@ SPLIT_CASES = [case for case in GRID if unpack(case)[-1] == 1 and unpack(case)[0
 def test_both_backward_splits_match_reference(case, split, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
     num_threads(3)
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    for dtype in (torch.float64, torch.float32):
-        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
-        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+    assert_case_matches_reference(case)
 
 
 @requires_extension
@@ -423,11 +421,8 @@ SMALL_BATCHES = [
 @pytest.mark.parametrize("threads", [2, 16])
 @pytest.mark.parametrize("case", SMALL_BATCHES, ids=case_id)
 def test_small_batches_split_rows_between_threads(case, threads, num_threads):
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
     num_threads(threads)
-    for dtype in (torch.float64, torch.float32):
-        inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=dtype)
-        assert_matches_reference(inputs, stride, padding, dilation, groups, dtype)
+    assert_case_matches_reference(case)
 
 
 @requires_extension
