@@ -348,6 +348,24 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
         ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
 
 
+# ---- the float32 forward multiplies out^T = im2row @ Wb^T when P = Ho*Wo is just above a multiple of 16
+# (brgemm runs a ragged block of columns slowly): 6x6 and 7x7 maps, with groups, 1x1 without im2col,
+# tiles cut in J, several chunks. -------------------------------------------------------------------
+TRANSPOSED_FORWARD = [
+    (5, 24, 40, 6, 3, 4, 1, 1, 1, 1),      # P = 36
+    (3, 16, 24, 7, 3, 3, 1, 1, 1, 2),      # P = 49, two groups
+    (4, 40, 24, 6, 1, 2, 1, 0, 1, 1),      # 1x1 without im2col: im2row is x transposed
+    (3, 150, 40, 6, 3, 4, 1, 1, 1, 1),     # J = 1350: tiles cut in J accumulate out^T
+    (70, 16, 8, 5, 3, 2, 1, 1, 1, 1),      # P = 25, several chunks of samples
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", TRANSPOSED_FORWARD, ids=case_id)
+def test_transposed_forward_matches_reference(case):
+    assert_case_matches_reference(case, (torch.float32,))
+
+
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
 # tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
 # default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192

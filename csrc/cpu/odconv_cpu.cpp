@@ -590,9 +590,18 @@ at::Tensor forward_kernel(
   // One run of samples per thread and chunk. Each run's buffers are allocated once, for the longest
   // run, and reused by every chunk: allocated per chunk they went back to the allocator and came back
   // as fresh pages (B64 64->64 32x32: ~400 page faults per forward, none now; times within noise).
-  const int64_t chunk = chunk_size(g.batch, direct ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
+  // brgemm's micro-kernel covers N in blocks of 16 columns and runs a ragged last block slowly: on one
+  // core a (32 x 576) @ (576 x 36) product ran at 75 GFLOP/s against 112 for its transpose
+  // (36 x 576) @ (576 x 32), and with 49 columns at 78 against 114. Where rounding P up to 16 would
+  // waste more than a fifth of the columns (6x6, 7x7, 5x5 maps), the float32 forward multiplies
+  // out^T = im2row @ Wb^T instead (N = the tile's rows) and transposes each sample's output at the end. (A/B on 2 cores,
+  // the same build with and without: B128 128->256 6x6 forward 27 -> 23-24 ms, B32 512->512 7x7
+  // 77 -> 65-67; 10x10 and 14x14, where the ragged block is a small part of N, did not change.)
+  const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
+  const int64_t chunk = chunk_size(g.batch, direct && !transposed ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
   const int64_t runs = std::min(threads, chunk), run_max = (chunk + runs - 1) / runs;
   std::vector<at::Tensor> cols_bufs(runs), kern_bufs(runs), scratch_bufs(runs), m_bufs(runs);
+  std::vector<at::Tensor> im2row_scratch(runs), kern_rows(runs), out_t(runs);
   for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
     const int64_t c1 = std::min(g.batch, c0 + chunk);
     at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
@@ -600,12 +609,42 @@ at::Tensor forward_kernel(
         const int64_t s0 = c0 + (c1 - c0) * r / runs, n = c0 + (c1 - c0) * (r + 1) / runs - s0;
         if (n == 0) continue;
         if (!kern_bufs[r].defined()) {
-          if (!direct) cols_bufs[r] = at::empty({run_max * GJ * P}, opts);
+          if (!direct || transposed) cols_bufs[r] = at::empty({run_max * GJ * P}, opts);
           kern_bufs[r] = at::empty({max_tile}, opts);  // Wb of one sample's tile
           scratch_bufs[r] = at::empty({J}, acc_opts);
           m_bufs[r] = at::empty({run_max * GJ}, acc_opts);
+          if (transposed) {
+            if (!direct) im2row_scratch[r] = at::empty({im2row_scratch_elems(g)}, opts);
+            kern_rows[r] = at::empty({max_tile}, opts);
+            out_t[r] = at::empty({run_max * P * Cout}, opts);
+          }
         }
         acc_t* m = m_bufs[r].data_ptr<acc_t>();
+        if (transposed) {
+          // out_b^T (P x Cout) (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, then transposed into out
+          scalar_t* rows = cols_bufs[r].data_ptr<scalar_t>();
+          scalar_t* ot = out_t[r].data_ptr<scalar_t>();
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = s0 + i;
+            im2row(x.const_data_ptr<scalar_t>() + b * x_stride, g, direct ? nullptr : im2row_scratch[r].data_ptr<scalar_t>(),
+                   rows + i * P * GJ);
+            input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
+          }
+          for (const Tile& t : tiles) {
+            const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t b = s0 + i;
+              scalar_t* kern = kern_bufs[r].data_ptr<scalar_t>();
+              build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m + i * GJ, g,
+                                t, /*transposed=*/true, kern, kern_rows[r].data_ptr<scalar_t>(),
+                                scratch_bufs[r].data_ptr<acc_t>(), /*ld=*/T, /*col0=*/0);
+              grouped_gemm<scalar_t>(nG, P, T, Jt, rows + i * P * GJ + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T,
+                                     ot + i * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
+          continue;
+        }
         // the cols matrix of sample s0 + i is at cols + i * cols_stride
         const scalar_t* cols = direct ? x.const_data_ptr<scalar_t>() + s0 * x_stride : cols_bufs[r].const_data_ptr<scalar_t>();
         const int64_t cols_stride = direct ? x_stride : GJ * P;
