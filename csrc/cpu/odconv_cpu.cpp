@@ -30,10 +30,14 @@
 // memory once per thread and chunk and then served from cache; the aggregated rows are consumed by
 // the GEMMs while still in cache. A forward with fewer samples than threads (one image in the GUI)
 // splits each sample's output rows between threads instead: im2col by input channels, then the
-// (sample, row range) pairs in parallel.
+// (sample, row range) pairs in parallel. The backward of layers without groups gives each thread a
+// range of input channels for every sample of a chunk instead of a run of samples ("The backward by
+// columns" below); the buffers and the grad_W reduction described next are those of the split by
+// samples.
 // Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
-//   rows   (n, P, G*J)    im2row of x (backward, for Q)
+//   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
+//                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
 //   kern   (T, Jt)        Wb of the tile for one sample (forward), and (n, Jt, T) its transpose
 //                         (backward, built through a (T, Jt) scratch and a blocked transpose)
@@ -594,9 +598,10 @@ at::Tensor forward_kernel(
   // core a (32 x 576) @ (576 x 36) product ran at 75 GFLOP/s against 112 for its transpose
   // (36 x 576) @ (576 x 32), and with 49 columns at 78 against 114. Where rounding P up to 16 would
   // waste more than a fifth of the columns (6x6, 7x7, 5x5 maps), the float32 forward multiplies
-  // out^T = im2row @ Wb^T instead (N = the tile's rows) and transposes each sample's output at the end. (A/B on 2 cores,
-  // the same build with and without: B128 128->256 6x6 forward 27 -> 23-24 ms, B32 512->512 7x7
-  // 77 -> 65-67; 10x10 and 14x14, where the ragged block is a small part of N, did not change.)
+  // out^T = im2row @ Wb^T instead (N = the tile's rows) and transposes each sample's output at the
+  // end. (2 cores, benchmarks/ab_builds.py, results/ab_transposed_forward_cpu.json: forward 0.75 on
+  // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
+  // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
   const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
   const int64_t chunk = chunk_size(g.batch, direct && !transposed ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
   const int64_t runs = std::min(threads, chunk), run_max = (chunk + runs - 1) / runs;
