@@ -603,7 +603,18 @@ at::Tensor forward_kernel(
   // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
   // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
   const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
-  const int64_t chunk = chunk_size(g.batch, direct && !transposed ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
+  // out_b^T[:, rows of t] (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, with Wb^T of the tile built
+  // into kern (through kern_rows); out_t_b is the sample's (P x Cout) transposed output.
+  const auto multiply_tile_transposed = [&](const Tile& t, int64_t b, const scalar_t* rows_b, const acc_t* m_b,
+                                            scalar_t* kern, scalar_t* kern_rows, acc_t* scratch, scalar_t* out_t_b) {
+    const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
+    build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
+                      /*transposed=*/true, kern, kern_rows, scratch, /*ld=*/T, /*col0=*/0);
+    grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
+                           /*accumulate=*/t.j0 > 0, opts);
+  };
+  const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
+  const int64_t chunk = chunk_size(g.batch, reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
   const int64_t runs = std::min(threads, chunk), run_max = (chunk + runs - 1) / runs;
   std::vector<at::Tensor> cols_bufs(runs), kern_bufs(runs), scratch_bufs(runs), m_bufs(runs);
   std::vector<at::Tensor> im2row_scratch(runs), kern_rows(runs), out_t(runs);
@@ -614,7 +625,7 @@ at::Tensor forward_kernel(
         const int64_t s0 = c0 + (c1 - c0) * r / runs, n = c0 + (c1 - c0) * (r + 1) / runs - s0;
         if (n == 0) continue;
         if (!kern_bufs[r].defined()) {
-          if (!direct || transposed) cols_bufs[r] = at::empty({run_max * GJ * P}, opts);
+          if (!reads_x) cols_bufs[r] = at::empty({run_max * GJ * P}, opts);
           kern_bufs[r] = at::empty({max_tile}, opts);  // Wb of one sample's tile
           scratch_bufs[r] = at::empty({J}, acc_opts);
           m_bufs[r] = at::empty({run_max * GJ}, acc_opts);
@@ -625,43 +636,34 @@ at::Tensor forward_kernel(
           }
         }
         acc_t* m = m_bufs[r].data_ptr<acc_t>();
-        if (transposed) {
-          // out_b^T (P x Cout) (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, then transposed into out
-          scalar_t* rows = cols_bufs[r].data_ptr<scalar_t>();
-          scalar_t* ot = out_t[r].data_ptr<scalar_t>();
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t b = s0 + i;
-            im2row(x.const_data_ptr<scalar_t>() + b * x_stride, g, direct ? nullptr : im2row_scratch[r].data_ptr<scalar_t>(),
-                   rows + i * P * GJ);
-            input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
-          }
-          for (const Tile& t : tiles) {
-            const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t b = s0 + i;
-              scalar_t* kern = kern_bufs[r].data_ptr<scalar_t>();
-              build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m + i * GJ, g,
-                                t, /*transposed=*/true, kern, kern_rows[r].data_ptr<scalar_t>(),
-                                scratch_bufs[r].data_ptr<acc_t>(), /*ld=*/T, /*col0=*/0);
-              grouped_gemm<scalar_t>(nG, P, T, Jt, rows + i * P * GJ + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T,
-                                     ot + i * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
-            }
-          }
-          for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
-          continue;
-        }
-        // the cols matrix of sample s0 + i is at cols + i * cols_stride
-        const scalar_t* cols = direct ? x.const_data_ptr<scalar_t>() + s0 * x_stride : cols_bufs[r].const_data_ptr<scalar_t>();
-        const int64_t cols_stride = direct ? x_stride : GJ * P;
+        scalar_t* buf = cols_bufs[r].defined() ? cols_bufs[r].data_ptr<scalar_t>() : nullptr;
+        scalar_t* ot = transposed ? out_t[r].data_ptr<scalar_t>() : nullptr;
+        // the cols matrix (transposed: the rows matrix) of sample s0 + i is at cols + i * cols_stride
+        const scalar_t* cols = reads_x ? x.const_data_ptr<scalar_t>() + s0 * x_stride : buf;
+        const int64_t cols_stride = reads_x ? x_stride : GJ * P;
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = s0 + i;
-          if (!direct) im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, cols_bufs[r].data_ptr<scalar_t>() + i * GJ * P);
+          const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
+          if (transposed)
+            im2row(x_b, g, direct ? nullptr : im2row_scratch[r].data_ptr<scalar_t>(), buf + i * GJ * P);
+          else if (!direct)
+            im2col(x_b, g, buf + i * GJ * P);
           input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
         }
-        for (const Tile& t : tiles)
-          for (int64_t i = 0; i < n; ++i)
-            multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_bufs[r].data_ptr<scalar_t>(),
-                          scratch_bufs[r].data_ptr<acc_t>());
+        for (const Tile& t : tiles) {
+          for (int64_t i = 0; i < n; ++i) {
+            if (transposed)
+              multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_bufs[r].data_ptr<scalar_t>(),
+                                       kern_rows[r].data_ptr<scalar_t>(), scratch_bufs[r].data_ptr<acc_t>(),
+                                       ot + i * P * Cout);
+            else
+              multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_bufs[r].data_ptr<scalar_t>(),
+                            scratch_bufs[r].data_ptr<acc_t>());
+          }
+        }
+        // out_b = (out_b^T)^T
+        if (transposed)
+          for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
       }
       if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
     });
