@@ -648,7 +648,8 @@ at::Tensor forward_kernel(
             im2row(x_b, g, direct ? nullptr : im2row_scratch[r].data_ptr<scalar_t>(), buf + i * GJ * P);
           else if (!direct)
             im2col(x_b, g, buf + i * GJ * P);
-          input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
+          input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
+                      m + i * GJ);
         }
         for (const Tile& t : tiles) {
           for (int64_t i = 0; i < n; ++i) {
@@ -825,7 +826,8 @@ int64_t column_parts(const Geometry& g) {
               "ODCONV_CPU_BACKWARD_SPLIT must be auto, samples or columns, got '", mode, "'");
   if (g.groups != 1 || mode == "samples") return 0;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t parts = std::clamp<int64_t>(g.cols_per_group() / kMinColumnsPerPart, 1, std::min(threads, g.in_channels));
+  const int64_t parts =
+      std::clamp<int64_t>(g.cols_per_group() / kMinColumnsPerPart, 1, std::min(threads, g.in_channels));
   return mode == "columns" || parts == threads ? parts : 0;
 }
 
@@ -871,8 +873,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     widest = std::max(widest, (part[p].c1 - part[p].c0) * taps);
     max_tile = std::max(max_tile, max_tile_elems(part[p].tiles));
   }
-  const int64_t bytes_per_sample = (want_params ? widest * P * (int64_t)sizeof(scalar_t) + max_tile * (int64_t)sizeof(acc_t) : 0) +
-                                   (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
+  const int64_t bytes_per_sample =
+      (want_params ? widest * P * (int64_t)sizeof(scalar_t) + max_tile * (int64_t)sizeof(acc_t) : 0) +
+      (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
   int64_t chunk = std::clamp<int64_t>(kColumnsThreadBytes / std::max<int64_t>(1, bytes_per_sample), 1,
                                       std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
