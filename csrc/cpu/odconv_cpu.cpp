@@ -21,17 +21,18 @@
 //              grad_W[k] += a[k] G                                    summed over the batch
 //
 // Work split and memory. No tensor ever holds the per-sample kernels (or kernel gradients) of the
-// whole batch. The batch is processed in chunks; in a chunk each thread (at::parallel_for) takes a
-// contiguous run of n <= kMaxSamplesPerThread samples, sized so its im2col buffers stay within
-// kForwardThreadBytes (forward) or kBackwardThreadBytes (backward). The kernel matrix is cut into
+// whole batch. The forward gives each thread (at::parallel_for) a contiguous range of the batch,
+// which it works through n <= kMaxSamplesPerThread samples at a time, n sized so its im2col buffers
+// stay within kForwardThreadBytes; the backward processes the batch in chunks, and in a chunk each
+// thread takes a run of n samples within kBackwardThreadBytes. The kernel matrix is cut into
 // tiles: whole groups (G > 1) or ranges of output channels (G == 1) whose K slices of W_k fit in
 // kTileBytes, for deep layers with small maps a range of rows and a range of J (make_tiles). A
 // thread handles a tile for all of its samples before the next tile, so a tile of W_k is read from
-// memory once per thread and chunk and then served from cache; the aggregated rows are consumed by
+// memory once per thread and run and then served from cache; the aggregated rows are consumed by
 // the GEMMs while still in cache. A forward with fewer samples than threads (one image in the GUI)
 // splits each sample's output rows between threads instead: im2col by input channels, then the
 // (sample, row range) pairs in parallel. The backward of layers without groups gives each thread a
-// range of input channels for every sample of a chunk instead of a run of samples ("The backward by
+// range of input channels for every sample instead of a run of samples ("The backward by
 // columns" below); the buffers and the grad_W reduction described next are those of the split by
 // samples.
 // Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
@@ -216,10 +217,12 @@ int64_t max_tile_elems(const std::vector<Tile>& tiles) {
 
 // Samples per chunk: each thread gets at most kMaxSamplesPerThread samples whose im2col buffers
 // fit thread_bytes, and the chunks split the batch evenly so no thread idles in the last one.
+inline int64_t samples_per_run(int64_t bytes_per_sample, int64_t thread_bytes) {
+  return std::clamp<int64_t>(thread_bytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
+}
 int64_t chunk_size(int64_t batch, int64_t bytes_per_sample, int64_t thread_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_thread =
-      std::clamp<int64_t>(thread_bytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
+  const int64_t per_thread = samples_per_run(bytes_per_sample, thread_bytes);
   const int64_t n_chunks = std::max<int64_t>(1, (batch + per_thread * threads - 1) / (per_thread * threads));
   const int64_t per_chunk = (batch + n_chunks - 1) / n_chunks;
   return std::max<int64_t>(1, (per_chunk + threads - 1) / threads * threads);
@@ -591,9 +594,12 @@ at::Tensor forward_kernel(
     return out;
   }
 
-  // One run of samples per thread and chunk. Each run's buffers are allocated once, for the longest
-  // run, and reused by every chunk: allocated per chunk they went back to the allocator and came back
-  // as fresh pages (B64 64->64 32x32: ~400 page faults per forward, none now; times within noise).
+  // One parallel region: each thread works through its range of the batch, n samples at a time,
+  // with buffers allocated once (allocated per chunk they went back to the allocator and came back
+  // as fresh pages: B64 64->64 32x32, ~400 page faults per forward). It had one region per chunk of
+  // n samples per thread, whose barriers made the threads wait for each other after every chunk:
+  // libgomp's share of a perf profile fell from 6.2 to 4.7 % (B64 64->64 32x32, 32 chunks) and from
+  // 5.5 to 2.5 % (B64 512->512 4x4) with one region.
   // brgemm's micro-kernel covers N in blocks of 16 columns and runs a ragged last block slowly: on one
   // core a (32 x 576) @ (576 x 36) product ran at 75 GFLOP/s against 112 for its transpose
   // (36 x 576) @ (576 x 32), and with 49 columns at 78 against 114. Where rounding P up to 16 would
@@ -614,30 +620,26 @@ at::Tensor forward_kernel(
                            /*accumulate=*/t.j0 > 0, opts);
   };
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
-  const int64_t chunk = chunk_size(g.batch, reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
-  const int64_t runs = std::min(threads, chunk), run_max = (chunk + runs - 1) / runs;
-  std::vector<at::Tensor> cols_bufs(runs), kern_bufs(runs), scratch_bufs(runs), m_bufs(runs);
-  std::vector<at::Tensor> im2row_scratch(runs), kern_rows(runs), out_t(runs);
-  for (int64_t c0 = 0; c0 < g.batch; c0 += chunk) {
-    const int64_t c1 = std::min(g.batch, c0 + chunk);
-    at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t s0 = c0 + (c1 - c0) * r / runs, n = c0 + (c1 - c0) * (r + 1) / runs - s0;
-        if (n == 0) continue;
-        if (!kern_bufs[r].defined()) {
-          if (!reads_x) cols_bufs[r] = at::empty({run_max * GJ * P}, opts);
-          kern_bufs[r] = at::empty({max_tile}, opts);  // Wb of one sample's tile
-          scratch_bufs[r] = at::empty({J}, acc_opts);
-          m_bufs[r] = at::empty({run_max * GJ}, acc_opts);
-          if (transposed) {
-            if (!direct) im2row_scratch[r] = at::empty({im2row_scratch_elems(g)}, opts);
-            kern_rows[r] = at::empty({max_tile}, opts);
-            out_t[r] = at::empty({run_max * P * Cout}, opts);
-          }
-        }
-        acc_t* m = m_bufs[r].data_ptr<acc_t>();
-        scalar_t* buf = cols_bufs[r].defined() ? cols_bufs[r].data_ptr<scalar_t>() : nullptr;
-        scalar_t* ot = transposed ? out_t[r].data_ptr<scalar_t>() : nullptr;
+  const int64_t runs = std::min(threads, g.batch);
+  const int64_t per_run = samples_per_run(reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
+      const int64_t step = even_step(b_end - b_begin, per_run);
+      at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
+      at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
+      at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
+      at::Tensor im2row_scratch, kern_rows, out_t;
+      if (transposed) {
+        if (!direct) im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
+        kern_rows = at::empty({max_tile}, opts);
+        out_t = at::empty({step * P * Cout}, opts);
+      }
+      acc_t* m = m_buf.data_ptr<acc_t>();
+      scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
+      scalar_t* ot = transposed ? out_t.data_ptr<scalar_t>() : nullptr;
+      for (int64_t s0 = b_begin; s0 < b_end; s0 += step) {
+        const int64_t n = std::min(step, b_end - s0);
         // the cols matrix (transposed: the rows matrix) of sample s0 + i is at cols + i * cols_stride
         const scalar_t* cols = reads_x ? x.const_data_ptr<scalar_t>() + s0 * x_stride : buf;
         const int64_t cols_stride = reads_x ? x_stride : GJ * P;
@@ -645,7 +647,7 @@ at::Tensor forward_kernel(
           const int64_t b = s0 + i;
           const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
           if (transposed)
-            im2row(x_b, g, direct ? nullptr : im2row_scratch[r].data_ptr<scalar_t>(), buf + i * GJ * P);
+            im2row(x_b, g, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P);
           else if (!direct)
             im2col(x_b, g, buf + i * GJ * P);
           input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
@@ -654,21 +656,21 @@ at::Tensor forward_kernel(
         for (const Tile& t : tiles) {
           for (int64_t i = 0; i < n; ++i) {
             if (transposed)
-              multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_bufs[r].data_ptr<scalar_t>(),
-                                       kern_rows[r].data_ptr<scalar_t>(), scratch_bufs[r].data_ptr<acc_t>(),
+              multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
+                                       kern_rows.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
                                        ot + i * P * Cout);
             else
-              multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_bufs[r].data_ptr<scalar_t>(),
-                            scratch_bufs[r].data_ptr<acc_t>());
+              multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
+                            scratch_buf.data_ptr<acc_t>());
           }
         }
         // out_b = (out_b^T)^T
         if (transposed)
           for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
       }
-      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
-    });
-  }
+    }
+    if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+  });
   return out;
 }
 
@@ -797,7 +799,10 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // channels -- the columns [c0*taps, c1*taps) of J -- for every sample of a chunk: its im2row columns,
 // its rows of gcols and so its channels of grad_x, its columns of grad_m and of grad_W. Only grad_f,
 // grad_a and grad_s sum over columns: each part keeps its share per sample, added in part order
-// after the chunk (deterministic for a thread count). One parallel region per chunk, a tile of W_k
+// at the end (deterministic for a thread count). Each part works through the batch in chunks of n
+// samples (its buffers' size) inside one parallel region per call, with no barrier between chunks
+// (one region per chunk: libgomp's share of a perf profile of B64 512->512 4x4 was 6.4 %, now 3.2 %);
+// its first chunk writes its columns of grad_W, so grad_W is never zeroed. A tile of W_k
 // is read by one thread, and a batch of one (Grad-CAM in the GUI) runs on every thread. Tiles are
 // kMinTileRows rows by as many columns as fit kTileBytes. (2 cores, benchmarks/ab_builds.py against
 // the samples split, results/ab_backward_columns*_cpu.json: backward 0.74 on 128->128 12x12,
@@ -887,9 +892,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       pt.q = at::empty({max_tile}, opts);
       pt.gbuf = at::empty({chunk * max_tile}, acc_opts);
       pt.gm = at::empty({chunk * J}, acc_opts);
-      pt.gf = at::empty({chunk * Cout}, acc_opts);
-      pt.ga = at::empty({chunk * K}, acc_opts);
-      pt.gs = at::empty({chunk * taps}, acc_opts);
+      pt.gf = at::zeros({B * Cout}, acc_opts);
+      pt.ga = at::zeros({B * K}, acc_opts);
+      pt.gs = at::zeros({B * taps}, acc_opts);
     }
     if (want_x) {
       if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
@@ -909,12 +914,12 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
   acc_t* grad_ch_ptr = grad_ch.data_ptr<acc_t>();
 
-  for (int64_t c0 = 0; c0 < B; c0 += chunk) {
-    const int64_t n = std::min(chunk, B - c0);
-    const at::Tensor a_t = want_params ? a.narrow(0, c0, n).t().contiguous() : at::Tensor();  // (K x n)
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t pi = p0; pi < p1; ++pi) {
-        ColumnPart& pt = part[pi];
+  const at::Tensor a_t = want_params ? a.t().contiguous() : at::Tensor();  // (K x B)
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      ColumnPart& pt = part[pi];
+      for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+        const int64_t n = std::min(chunk, B - c0);
         const int64_t j_begin = pt.c0 * taps, Jr = (pt.c1 - pt.c0) * taps;
         acc_t* m = pt.m.data_ptr<acc_t>();
         acc_t* scratch = pt.scratch.data_ptr<acc_t>();
@@ -924,13 +929,10 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
         if (want_params) {
           gm = pt.gm.data_ptr<acc_t>();
           gbuf = pt.gbuf.data_ptr<acc_t>();
-          gf = pt.gf.data_ptr<acc_t>();
-          ga = pt.ga.data_ptr<acc_t>();
-          gs = pt.gs.data_ptr<acc_t>();
+          gf = pt.gf.data_ptr<acc_t>() + c0 * Cout;
+          ga = pt.ga.data_ptr<acc_t>() + c0 * K;
+          gs = pt.gs.data_ptr<acc_t>() + c0 * taps;
           std::fill(gm, gm + n * J, acc_t(0));
-          std::fill(gf, gf + n * Cout, acc_t(0));
-          std::fill(ga, ga + n * K, acc_t(0));
-          std::fill(gs, gs + n * taps, acc_t(0));
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = c0 + i;
@@ -961,11 +963,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                     gbuf + i * tile, gf + i * Cout, ga + i * K);
             }
           }
-          // grad_W[:, row, tile cols] += a[c0:c0+n]^T @ G[:, row]     (K x n) @ (n x Jt), row by row
+          // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
           if (want_params)
             for (int64_t r = 0; r < T; ++r)
-              grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>(), n, 0, gbuf + r * Jt, tile, 0,
-                                  grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/true, acc_opts);
+              grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
+                                  grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = c0 + i;
@@ -975,15 +977,15 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                   pt.c0, pt.c1);
         }
       }
-      if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
-    });
-    if (want_params) {
-      // the parts' shares of grad_f, grad_a and grad_s, in part order
-      for (const ColumnPart& pt : part) {
-        grad_f.narrow(0, c0, n).add_(pt.gf.narrow(0, 0, n * Cout).view({n, Cout}));
-        grad_a.narrow(0, c0, n).add_(pt.ga.narrow(0, 0, n * K).view({n, K}));
-        grad_s.narrow(0, c0, n).add_(pt.gs.narrow(0, 0, n * taps).view({n, taps}));
-      }
+    }
+    if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+  });
+  if (want_params) {
+    // the parts' shares of grad_f, grad_a and grad_s, in part order
+    for (const ColumnPart& pt : part) {
+      grad_f.add_(pt.gf.view({B, Cout}));
+      grad_a.add_(pt.ga.view({B, K}));
+      grad_s.add_(pt.gs.view({B, taps}));
     }
   }
 }
@@ -1021,7 +1023,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Parameter gradients accumulate in acc_t. grad_W has no per-thread copies: a tile's share of
   // the first run of samples goes straight into it, the other runs' shares into tile-sized
   // partials that are added in run order after the tile (deterministic for a thread count).
-  at::Tensor grad_w = at::zeros({K, N}, acc_opts);
+  // The split by columns writes every element of grad_W in its first chunk: no zeroing pass (for
+  // 512->512 3x3 it is 36 MiB, fresh pages from the system on every call), and its pages are first
+  // touched by the threads that own them.
+  const int64_t parts = g.batch > 0 && (want_x || want_params) ? column_parts(g) : 0;
+  at::Tensor grad_w = parts > 0 && want_params ? at::empty({K, N}, acc_opts) : at::zeros({K, N}, acc_opts);
   at::Tensor grad_ch = at::zeros({g.batch, g.in_channels}, acc_opts);
   at::Tensor grad_f = at::zeros({g.batch, Cout}, acc_opts);
   at::Tensor grad_s = at::zeros({g.batch, taps}, acc_opts);
@@ -1034,7 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         grad_x, grad_w.view(weight.sizes()).to(dtype), grad_ch.to(dtype), grad_f.to(dtype),
         grad_s.view({g.batch, g.kernel_h, g.kernel_w}).to(dtype), grad_a.to(dtype));
   };
-  if (const int64_t parts = column_parts(g); parts > 0 && g.batch > 0 && (want_x || want_params)) {
+  if (parts > 0) {
     backward_by_columns<scalar_t>(gy, x, weight, weight_acc, ch, f, s, a, g, want_x, want_params, parts, grad_x, grad_w,
                                   grad_ch, grad_f, grad_s, grad_a);
     return results();
