@@ -348,6 +348,24 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
         ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
 
 
+# ---- the float32 forward of layers on large maps (a sample's im2col matrix >= 1.5 MB, >= 256 output
+# pixels) runs the convolution primitive per sample: each thread a run of samples, two per call while a
+# sample's x is at most 512 KB. Odd runs end with a call of one sample; 3 threads give uneven runs. ------
+SAMPLE_CONVOLUTIONS = [
+    (5, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # x 256 KB: two samples per call
+    (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # x 768 KB: one sample per call; stride 2
+    (4, 48, 16, 32, 3, 3, 1, 1, 1, 2),     # two groups
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", SAMPLE_CONVOLUTIONS, ids=case_id)
+def test_forward_by_sample_convolutions_matches_reference(case, threads, num_threads):
+    num_threads(threads)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
 # ---- the float32 forward multiplies out^T = im2row @ Wb^T when P = Ho*Wo is just above a multiple of 16
 # (brgemm runs a ragged block of columns slowly): 6x6 and 7x7 maps, with groups, 1x1 without im2col,
 # tiles cut in J, several chunks. -------------------------------------------------------------------

@@ -1216,7 +1216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return results();
 }
 
-// ---- Grouped-convolution path, for depthwise-like layers and the backward on large maps ---------
+// ---- Convolution path: depthwise-like layers, and dense layers on large maps ---------------------
 //
 // When each group's kernel matrix is tiny (Cog * J <= kConvPathMaxMacs multiply-adds per output
 // pixel: depthwise, channel multipliers, small groups), the im2col GEMMs above are all overhead:
@@ -1225,6 +1225,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // chunk's per-sample kernels (n*Cout, Cin/G, kh, kw) -- the official formulation, but on a bounded
 // chunk: the per-sample kernels of a chunk, and its activations (the convolution returns a chunk of
 // out or grad_x that is then copied), take at most kConvPathChunkBytes each.
+// The float32 forward of other layers takes the convolution primitive too when a sample's im2col
+// matrix is large (at least kSampleConvMinIm2colBytes, and at least kSampleConvMinPixels output
+// pixels so that building each sample's whole kernel, K * Cout * J reads, stays small next to its
+// Cout * J * P multiply-adds): the GEMM path then writes and reads that matrix, kh*kw times the
+// activations, for every sample, where oneDNN's direct convolution reads x itself. There each thread
+// takes a run of samples and, one or two samples at a time (two when a sample's x is at most
+// kSampleConvPairBytes: fewer calls), builds their kernels into its own buffer and calls the
+// convolution single-threaded (forward_by_sample_convolutions). (2 cores, float32, the two forwards
+// alternated in one process, fastest of 4 rounds: B32 32->32 112x112 0.43-0.46x the GEMM path's
+// time, B16 256->256 28x28 0.77, B64 128->128 32x32 0.77, B64 96->96 24x24 5x5 0.70, B128 32->32
+// 48x48 0.70, B64 64->64 32x32 0.83-0.89, B16 64->64 56x56 stride 2 (1.8 MB) 0.85-0.88, B64 128->128
+// 20x20 (1.8 MB) 0.90, B64 128->128 16x16 5x5 0.83-0.90; below the thresholds it gained nothing or
+// was slower: B128 64->64 24x24 (1.3 MB) 0.93-1.03, B64 128->128 16x16 (1.2 MB) 0.99-1.12, B32 3->32
+// 64x64 (0.44 MB) 1.23-1.38, B128 32->64 24x24 (0.66 MB) 1.05-1.35, and on maps of 14x14 and less,
+// where each sample's kernel is large next to its products, 1.04-1.66.)
 // The backward takes this path as well when one sample's im2col matrix reaches
 // kConvPathBackwardIm2colBytes: the GEMM path then streams im2row and gcols, kh*kw times the
 // activations, through memory for every sample, where the convolution's backward reads and writes
@@ -1238,11 +1253,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 //   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
 //   q     (n*Cout, Cin/G, kh, kw) gradient w.r.t. kern (convolution_backward), then reduced as in
 //                                 the header: grad_f, grad_m -> grad_ch / grad_s, G -> grad_a, grad_W.
+// and per thread in forward_by_sample_convolutions: kern (n, Cout, J), m (G*J), scratch (J).
 // ODCONV_CPU_CONV_PATH=auto (default) | always | never overrides the choice (tests use it to run
 // both paths on the same layers).
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
+constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
+constexpr int64_t kSampleConvMinPixels = 256;
+constexpr int64_t kSampleConvPairBytes = 512 * 1024;
+
+bool depthwise_like(const Geometry& g) {
+  return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
+}
 
 bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
@@ -1251,8 +1274,10 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
               "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
   if (mode != "auto") return mode == "always";
-  if (g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs) return true;
-  return backward && im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes;
+  if (depthwise_like(g)) return true;
+  if (backward) return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes;
+  return dtype == at::kFloat && g.batch >= at::get_num_threads() && g.out_pixels() >= kSampleConvMinPixels &&
+         im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes;
 }
 
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
@@ -1277,11 +1302,53 @@ ChunkKernels chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const
   return c;
 }
 
+// out[b] = conv(x[b], Wb) for every sample, each thread a run of samples, n = 1 or 2 per call.
+template <typename scalar_t>
+void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ch,
+                                    const at::Tensor& f, const at::Tensor& s, const at::Tensor& a, const Geometry& g,
+                                    at::Tensor& out) {
+  static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
+  const int64_t Cout = g.out_channels, Cin = g.in_channels, J = g.cols_per_group(), K = g.kernel_num;
+  const int64_t per_call = Cin * g.height * g.width * (int64_t)sizeof(scalar_t) <= kSampleConvPairBytes ? 2 : 1;
+  const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), g.batch);
+  const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};  // Wb as (G, Cog, J): the conv weight's layout
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
+      at::Tensor kern = at::empty({per_call * Cout * J}, x.options());
+      at::Tensor m = at::empty({g.groups * J}, x.options()), scratch = at::empty({J}, x.options());
+      for (int64_t b0 = b_begin; b0 < b_end; b0 += per_call) {
+        const int64_t n = std::min(per_call, b_end - b0);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = b0 + i;
+          input_scale(ch.const_data_ptr<scalar_t>() + b * Cin, s.const_data_ptr<scalar_t>() + b * g.taps(), g,
+                      m.data_ptr<scalar_t>());
+          build_tile_kernel(weight.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>() + b * K,
+                            f.const_data_ptr<scalar_t>() + b * Cout, m.const_data_ptr<scalar_t>(), g, whole,
+                            /*transposed=*/false, kern.data_ptr<scalar_t>() + i * Cout * J,
+                            static_cast<scalar_t*>(nullptr), scratch.data_ptr<scalar_t>());
+        }
+        const at::Tensor y = at::convolution(
+            x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}),
+            kern.narrow(0, 0, n * Cout * J).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
+            {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
+        out.narrow(0, b0, n).view({1, n * Cout, g.out_h, g.out_w}).copy_(y);
+      }
+    }
+  });
+}
+
 at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
                              const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g) {
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  if (!depthwise_like(g) && g.batch >= at::get_num_threads()) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_sample_convolutions", [&] {
+      forward_by_sample_convolutions<scalar_t>(x, weight, ch, f, s, a, g, out);
+    });
+    return out;
+  }
   const int64_t chunk = conv_path_chunk(g, x);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
