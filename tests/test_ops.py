@@ -366,6 +366,19 @@ def test_forward_by_sample_convolutions_matches_reference(case, threads, num_thr
     assert_case_matches_reference(case, (torch.float32,))
 
 
+@requires_extension
+def test_forward_by_sample_convolutions_under_inference_mode(num_threads):
+    # its convolutions run on worker threads, which must see the caller's inference mode (odconv.predict)
+    num_threads(2)
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(SAMPLE_CONVOLUTIONS[0])
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)
+    conv = (stride, padding, dilation, groups)
+    want = ext(inputs, *conv).detach()
+    with torch.inference_mode():
+        got = ext([t.detach() for t in inputs], *conv)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- the float32 forward multiplies out^T = im2row @ Wb^T when P = Ho*Wo is just above a multiple of 16
 # (brgemm runs a ragged block of columns slowly): 6x6 and 7x7 maps, with groups, 1x1 without im2col,
 # tiles cut in J, several chunks. -------------------------------------------------------------------

@@ -65,6 +65,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -1312,7 +1313,12 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
   const int64_t per_call = Cin * g.height * g.width * (int64_t)sizeof(scalar_t) <= kSampleConvPairBytes ? 2 : 1;
   const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), g.batch);
   const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};  // Wb as (G, Cog, J): the conv weight's layout
+  // The ATen calls below run on worker threads, which do not inherit the caller's thread-local state:
+  // without it the convolution would dispatch through autograd again (recording a graph when x
+  // requires grad) and, under torch.inference_mode(), writing into `out` would be refused.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
       at::Tensor kern = at::empty({per_call * Cout * J}, x.options());
