@@ -355,6 +355,7 @@ SAMPLE_CONVOLUTIONS = [
     (5, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # x 256 KB: two samples per call
     (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # x 768 KB: one sample per call; stride 2
     (4, 48, 16, 32, 3, 3, 1, 1, 1, 2),     # two groups
+    (1, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # batch 1: one convolution call spread over the threads
 ]
 
 
