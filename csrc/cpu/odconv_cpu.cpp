@@ -216,11 +216,13 @@ int64_t max_tile_elems(const std::vector<Tile>& tiles) {
   return m;
 }
 
-// Samples per chunk: each thread gets at most kMaxSamplesPerThread samples whose im2col buffers
-// fit thread_bytes, and the chunks split the batch evenly so no thread idles in the last one.
+// Samples a thread takes at a time: at most kMaxSamplesPerThread, whose buffers fit thread_bytes.
 inline int64_t samples_per_run(int64_t bytes_per_sample, int64_t thread_bytes) {
   return std::clamp<int64_t>(thread_bytes / std::max<int64_t>(1, bytes_per_sample), 1, kMaxSamplesPerThread);
 }
+
+// Samples per chunk (the backward split by samples): each thread gets samples_per_run of them, and
+// the chunks split the batch evenly so no thread idles in the last one.
 int64_t chunk_size(int64_t batch, int64_t bytes_per_sample, int64_t thread_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = samples_per_run(bytes_per_sample, thread_bytes);
