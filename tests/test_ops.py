@@ -380,6 +380,82 @@ def test_forward_by_sample_convolutions_under_inference_mode(num_threads):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+# ---- the float32 backward of dense layers on maps of at least 256 output pixels runs convolution_backward on
+# each thread's run of samples, c samples per call (about 32 M multiply-adds; one at a time below 8 input channels
+# per group), and reduces each sample's kernel gradient at once; runs after the first keep a share of grad_W, which
+# the cases keep below a quarter of the activations (else the chunks run). ----------------------------------------
+SAMPLE_CONVOLUTION_BACKWARDS = [
+    (4, 128, 8, 16, 3, 2, 1, 1, 1, 1),     # oneDNN's backward-weights kernel (it ran a wrong work split here)
+    (7, 16, 16, 32, 3, 3, 1, 1, 1, 1),     # several samples per call; 3 threads: uneven runs
+    (4, 3, 16, 32, 3, 4, 1, 1, 1, 1),      # 3 input channels: one sample per call
+    (5, 32, 16, 32, 3, 2, 1, 1, 1, 2),     # two groups
+    (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # stride 2; 3 threads: one sample per run
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS, ids=case_id)
+def test_backward_by_sample_convolutions_matches_reference(case, threads, num_threads):
+    num_threads(threads)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+@pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS[1:4], ids=case_id)
+def test_backward_by_sample_convolutions_gradient_groups(case, monkeypatch):
+    # float64 takes the path only when forced; grad_x alone and the parameter gradients alone give the same values
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "always")
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float64)]
+    conv = (list(stride), list(padding), list(dilation), groups)
+    out = torch.ops.odconv.odconv2d(*inputs, *conv)
+    grad_out = torch.randn_like(out)
+    both = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])
+    ref = [t.detach().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(odconv2d_reference(*ref, *conv), ref, grad_out)
+    for name, got, expected in zip(NAMES, both, want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    x_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, False])
+    params_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [False, True])
+    torch.testing.assert_close(x_only[0], both[0], rtol=0, atol=0)
+    for name, alone, full in zip(NAMES[1:], params_only[1:], both[1:]):
+        torch.testing.assert_close(alone, full, rtol=0, atol=0, msg=lambda m: f"grad {name}: {m}")
+
+
+@requires_extension
+def test_backward_by_sample_convolutions_gradcheck(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "always")
+    inputs = make_inputs(2, 4, 4, 10, 3, 2, 1)
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+def test_backward_by_sample_convolutions_on_fresh_threads():
+    # A thread's first ATen call sets its OpenMP thread count to torch's; the workers must make that happen before
+    # they lower it to one for oneDNN (else its backward-weights kernel, created for 3 threads and run by one, left
+    # part of grad_W unwritten). Only a fresh process has threads that ATen has not seen yet.
+    code = """
+import os, torch, odconv
+torch.set_num_threads(3)
+torch.manual_seed(0)
+x = torch.randn(3, 48, 64, 64); w = torch.randn(2, 8, 48, 3, 3) * 0.05
+ch, f, s = torch.rand(3, 48), torch.rand(3, 8), torch.rand(3, 3, 3)
+a = torch.softmax(torch.randn(3, 2), 1)
+grad_out = torch.randn(3, 8, 32, 32)
+conv = ([2, 2], [1, 1], [1, 1], 1)
+got = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True])
+os.environ["ODCONV_CPU_CONV_PATH"] = "never"
+want = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True])
+for name, g, e in zip("x weight channel_att filter_att spatial_att kernel_att".split(), got, want):
+    err = ((g - e).abs().max() / e.abs().max()).item()
+    assert err < 1e-5, (name, err)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "ODCONV_CPU_CONV_PATH": "auto"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # ---- the float32 forward multiplies out^T = im2row @ Wb^T when P = Ho*Wo is just above a multiple of 16
 # (brgemm runs a ragged block of columns slowly): 6x6 and 7x7 maps, with groups, 1x1 without im2col,
 # tiles cut in J, several chunks. -------------------------------------------------------------------

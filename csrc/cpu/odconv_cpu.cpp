@@ -55,10 +55,10 @@
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
-// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers in float32 and float64, and the
-// backward of layers whose im2col matrix is large, take the grouped-convolution path instead (see
-// "Grouped-convolution path" below). Inside the parallel region these run single-threaded, one
-// thread per run of samples.
+// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, the float32 forward of layers whose
+// im2col matrix is large and the float32 backward of layers on maps of 256 pixels or more take the
+// convolution primitive instead (see "Convolution path" below). Inside the parallel region these run
+// single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
 #include <ATen/ATen.h>
@@ -71,6 +71,9 @@
 
 #if defined(__AVX__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 #include <algorithm>
@@ -1247,28 +1250,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // spreads over the threads: at batch 1, against the GEMM path's split of output rows, 0.46 at
 // 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64 56x56 and 32x32 and on the 5x5 96->96
 // 24x24 layer (same method, 5 rounds).
-// The backward takes this path as well when one sample's im2col matrix reaches
-// kConvPathBackwardIm2colBytes: the GEMM path then streams im2row and gcols, kh*kw times the
-// activations, through memory for every sample, where the convolution's backward reads and writes
-// the activations only. (2 cores, ODCONV_CPU_CONV_PATH=never against always, 3 alternations:
-// B32 64->64 56x56 backward 224-253 -> 127-141 ms, B64 96->96 24x24 5x5 266-320 -> 208-231 ms; with
-// smaller im2col matrices the GEMM path was as fast or faster: B64 64->64 32x32 (2.4 MB) 62-72
-// against 65-76, B16 64->64 56x56 stride 2 (1.8 MB) 27 against 30, B64 128->128 16x16 82-88 against
-// 88-105.) Buffers, per chunk:
-//   agg   (n, G, Cog, J)   A, the aggregated kernels
-//   m     (n, G, 1, J)     channel * spatial attention of each column
-//   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
-//   q     (n*Cout, Cin/G, kh, kw) gradient w.r.t. kern (convolution_backward), then reduced as in
-//                                 the header: grad_f, grad_m -> grad_ch / grad_s, G -> grad_a, grad_W.
-// and per thread in forward_by_sample_convolutions: kern (n, Cout, J), m (G*J), scratch (J).
-// ODCONV_CPU_CONV_PATH=auto (default) | always | never overrides the choice (tests use it to run
-// both paths on the same layers).
+// The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels
+// output pixels (and im2col is not x itself, 1x1 unpadded kernels), and that of any layer whose im2col
+// matrix reaches kConvPathBackwardIm2colBytes: the GEMM path streams im2row and gcols, kh*kw times
+// the activations, through memory for every sample, where the convolution's backward reads and
+// writes the activations only. There each thread takes a run of samples (backward_by_sample_convolutions,
+// below), and a call covers as many samples as make kSampleConvCallMacs multiply-adds (small layers:
+// fewer calls), one at a time when a group has fewer than kSampleConvMinCallChannels input channels
+// (oneDNN's grouped convolution with 3 channels per group ran the stem-like layer 1.6x slower than
+// one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
+// those would exceed a kSampleConvShareFraction-th of the batch's activations (x and out; deep layers:
+// 9 MiB per thread for 256->256 3x3), or the batch is smaller than the thread count, the backward runs
+// the chunks below instead. (2 cores, float32, ODCONV_CPU_CONV_PATH=never (GEMM path) against always,
+// alternated in one process, fastest of 3 rounds, new/GEMM: B32 32->32 112x112 0.45 (the chunks
+// 0.50), B32 64->64 56x56 0.66 (0.75), B16 256->256 28x28 0.83 (0.97), B64 96->96 24x24 5x5 0.79
+// (0.93), B128 32->32 48x48 0.81-0.86, B128 64->64 24x24 0.85-0.90, B64 64->64 32x32 0.89-0.97,
+// B16 64->64 56x56 stride 2 0.88, B128 32->64 32x32 two groups 0.71, B64 16->16 32x32 0.71 (one
+// sample per call 1.19-1.26), B128 32->64 24x24 0.89 (1.12-1.13), B32 3->32 64x64 0.62-0.71, B64
+// 128->128 16x16 0.94-1.01, B64 64->128 32x32 stride 2 0.97-1.02; on smaller maps it was slower: 1.09
+// at 128->128 and 64->128 12x12 and 256->256 14x14, 1.32 at 6x6, 1.59 at 8x8; and at 1x1 on 32x32 1.47.)
+// Buffers of the chunks, per chunk:
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
 constexpr int64_t kSampleConvPairBytes = 512 * 1024;
+constexpr int64_t kSampleConvGradBytes = 2 * 1024 * 1024;
+constexpr int64_t kSampleConvCallMacs = 32 * 1000 * 1000;
+constexpr int64_t kSampleConvMinCallChannels = 8;
+constexpr int64_t kSampleConvShareFraction = 4;
 
 bool depthwise_like(const Geometry& g) {
   return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
@@ -1282,9 +1293,30 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
               "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
   if (mode != "auto") return mode == "always";
   if (depthwise_like(g)) return true;
-  if (backward) return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes;
+  if (backward)
+    return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
+           (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
   return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
          im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes;
+}
+
+// Whether the backward on the convolution path gives each thread a run of samples (rather than
+// chunks of samples through multi-threaded convolutions): see above.
+bool backward_by_samples(const Geometry& g, int64_t elem_size) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (depthwise_like(g) || g.batch < threads) return false;
+  const int64_t shares = (threads - 1) * g.kernel_num * g.kernel_numel() * elem_size;
+  const int64_t activations =
+      g.batch * (g.in_channels * g.height * g.width + g.out_channels * g.out_pixels()) * elem_size;
+  return shares * kSampleConvShareFraction <= activations;
+}
+
+// Samples per convolution call in backward_by_sample_convolutions: about kSampleConvCallMacs
+// multiply-adds, at most per_product; one when a group has few input channels.
+int64_t backward_samples_per_call(const Geometry& g, int64_t per_product) {
+  if (g.in_per_group < kSampleConvMinCallChannels) return 1;
+  const int64_t macs = std::max<int64_t>(1, g.out_channels * g.cols_per_group() * g.out_pixels());
+  return std::clamp<int64_t>((kSampleConvCallMacs + macs - 1) / macs, 1, per_product);
 }
 
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
@@ -1292,6 +1324,26 @@ int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
   const int64_t per_sample = std::max<int64_t>(1, std::max(g.kernel_numel(), activations) * (int64_t)x.element_size());
   return std::max<int64_t>(1, std::min(g.batch, kConvPathChunkBytes / per_sample));
 }
+
+// oneDNN sizes the work split of some primitives when it creates them (for dnnl_get_max_threads()
+// threads) but, called inside a parallel region, runs only the first thread's share: the
+// backward-weights convolution of a 128->128 3x3 layer on 16x16 then left part of its output
+// unwritten (and a kernel that synchronises its threads waited for them forever). Workers that call
+// convolutions hold this guard, under which the OpenMP thread count is one, so the primitives they
+// create split the work for one thread (oneDNN keys its primitive cache by thread count). It first
+// lets ATen set the thread up: a thread's first ATen call sets its OpenMP thread count to torch's,
+// which would undo the guard on threads new to ATen. It restores the count on exit: a parallel_for
+// of one task runs on the calling thread itself. (Without OpenMP, oneDNN is not nested: no guard.)
+class OneThreadPrimitives {
+ public:
+#ifdef _OPENMP
+  OneThreadPrimitives() : saved_((at::get_num_threads(), omp_get_max_threads())) { omp_set_num_threads(1); }
+  ~OneThreadPrimitives() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+#endif
+};
 
 struct ChunkKernels {
   at::Tensor agg, m, kern;  // (n, G, Cog, J), (n, G, 1, J), (n*Cout, Cin/G, kh, kw)
@@ -1325,6 +1377,7 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
     const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OneThreadPrimitives one_thread;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
       at::Tensor kern = at::empty({per_call * Cout * J}, x.options());
@@ -1348,6 +1401,96 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
       }
     }
   });
+}
+
+// The backward of the same layers, each thread a run of samples. Per call of c samples
+// (backward_samples_per_call): their kernels Wb are built into the thread's buffer, and
+// convolution_backward (single-threaded, groups = c*G) gives their grad_x and Q, the gradient w.r.t.
+// each Wb as (Cout, Cin/G, kh, kw) -- the (G, Cog, J) layout of the GEMM path's tiles -- reduced at
+// once as there (reduce_tile_gradients over the whole kernel: grad_f, grad_m, grad_a, and G into the
+// run's buffer). Every n samples (G of n samples within kSampleConvGradBytes), the run's share of
+// grad_W gets a^T @ G, (K x n) @ (n x N); run 0's share is grad_W itself, the others' are added in
+// run order at the end (deterministic for a thread count). Per thread: kern (c, N), m (c, G*J),
+// gm (G*J), gbuf (n, N), scratch (J), what the convolution returns (grad_x and Q of c samples), and
+// for runs after the first a (K, N) share of grad_W.
+template <typename scalar_t>
+void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
+                                     const at::Tensor& a, const Geometry& g, bool want_x, bool want_params,
+                                     at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_ch, at::Tensor& grad_f,
+                                     at::Tensor& grad_s, at::Tensor& grad_a) {
+  static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
+  const int64_t Cout = g.out_channels, Cin = g.in_channels, J = g.cols_per_group(), K = g.kernel_num;
+  const int64_t N = g.kernel_numel(), GJ = g.groups * J, taps = g.taps(), B = g.batch;
+  const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), B);
+  const int64_t per_product = samples_per_run(N * (int64_t)sizeof(scalar_t), kSampleConvGradBytes);
+  const int64_t per_call = backward_samples_per_call(g, per_product);
+  const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};
+  const auto opts = x.options();
+  const at::Tensor a_t = want_params ? a.t().contiguous() : at::Tensor();  // (K x B)
+  std::vector<at::Tensor> shares(runs);                                    // of grad_W, (K, N)
+  const scalar_t *w_ptr = weight.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
+  const scalar_t *f_ptr = f.const_data_ptr<scalar_t>(), *ch_ptr = ch.const_data_ptr<scalar_t>();
+  const scalar_t* s_ptr = s.const_data_ptr<scalar_t>();
+  const at::ThreadLocalState caller_state;  // see forward_by_sample_convolutions
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OneThreadPrimitives one_thread;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b_begin = B * r / runs, b_end = B * (r + 1) / runs;
+      at::Tensor kern = at::empty({per_call * N}, opts), m = at::empty({per_call * GJ}, opts);
+      at::Tensor scratch = at::empty({J}, opts), gm, gbuf;
+      if (want_params) {
+        gm = at::empty({GJ}, opts);
+        gbuf = at::empty({per_product, N}, opts);
+        shares[r] = r == 0 ? grad_w : at::empty({K, N}, opts);
+      }
+      for (int64_t b0 = b_begin; b0 < b_end; b0 += per_product) {
+        const int64_t n = std::min(per_product, b_end - b0);
+        for (int64_t c0 = b0; c0 < b0 + n; c0 += per_call) {
+          const int64_t nc = std::min(per_call, b0 + n - c0);
+          for (int64_t i = 0; i < nc; ++i) {
+            const int64_t b = c0 + i;
+            input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m.data_ptr<scalar_t>() + i * GJ);
+            build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m.const_data_ptr<scalar_t>() + i * GJ, g, whole,
+                              /*transposed=*/false, kern.data_ptr<scalar_t>() + i * N, static_cast<scalar_t*>(nullptr),
+                              scratch.data_ptr<scalar_t>());
+          }
+          auto [gx, q, unused] = at::convolution_backward(
+              gy.narrow(0, c0, nc).view({1, nc * Cout, g.out_h, g.out_w}),
+              x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}),
+              kern.narrow(0, 0, nc * N).view({nc * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
+              {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, nc * g.groups,
+              {want_x, want_params, false});
+          if (want_x) grad_x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}).copy_(gx);
+          if (!want_params) continue;
+          const at::Tensor q_c = q.contiguous();
+          for (int64_t i = 0; i < nc; ++i) {
+            const int64_t b = c0 + i;
+            scalar_t* gm_ptr = gm.data_ptr<scalar_t>();
+            std::fill(gm_ptr, gm_ptr + GJ, scalar_t(0));
+            reduce_tile_gradients(whole, g, q_c.const_data_ptr<scalar_t>() + i * N, a_ptr + b * K, w_ptr,
+                                  m.const_data_ptr<scalar_t>() + i * GJ, f_ptr + b * Cout, scratch.data_ptr<scalar_t>(),
+                                  gm_ptr, gbuf.data_ptr<scalar_t>() + (b - b0) * N, grad_f.data_ptr<scalar_t>() + b * Cout,
+                                  grad_a.data_ptr<scalar_t>() + b * K);
+            reduce_scale_gradient(g, gm.const_data_ptr<scalar_t>(), ch_ptr + b * Cin, s_ptr + b * taps,
+                                  grad_ch.data_ptr<scalar_t>() + b * Cin, grad_s.data_ptr<scalar_t>() + b * taps);
+          }
+        }
+        if (want_params) {
+          // share (+)= a[b0:b0+n]^T @ G    (K x n) @ (n x N)
+          const at::Tensor a_n = at::from_blob(const_cast<scalar_t*>(a_t.const_data_ptr<scalar_t>()) + b0, {K, n},
+                                               {B, 1}, opts);
+          if (b0 == b_begin)
+            at::mm_out(shares[r], a_n, gbuf.narrow(0, 0, n));
+          else
+            shares[r].addmm_(a_n, gbuf.narrow(0, 0, n));
+        }
+      }
+    }
+  });
+  if (want_params)
+    for (int64_t r = 1; r < runs; ++r) grad_w.add_(shares[r]);
 }
 
 at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
@@ -1381,12 +1524,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
   const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), Cin = g.in_channels, Cout = g.out_channels;
+  const bool by_sample = backward_by_samples(g, x.element_size());
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
-  at::Tensor grad_w = at::zeros({K, N}, weight.options());
+  // by_sample writes grad_W with its first product
+  at::Tensor grad_w = by_sample && want_params ? at::empty({K, N}, weight.options()) : at::zeros({K, N}, weight.options());
   at::Tensor grad_ch = at::zeros({g.batch, Cin}, x.options());
   at::Tensor grad_f = at::zeros({g.batch, Cout}, x.options());
   at::Tensor grad_s = at::zeros({g.batch, taps}, x.options());
   at::Tensor grad_a = at::zeros({g.batch, K}, x.options());
+  if (by_sample && (want_x || want_params)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_sample_convolutions", [&] {
+      backward_by_sample_convolutions<scalar_t>(gy, x, weight, ch, f, s, a, g, want_x, want_params, grad_x, grad_w,
+                                                grad_ch, grad_f, grad_s, grad_a);
+    });
+    return std::make_tuple(grad_x, grad_w.view(weight.sizes()), grad_ch, grad_f,
+                           grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
+  }
   const at::Tensor w_mat = weight.view({K, N});
   const int64_t chunk = conv_path_chunk(g, x);
   for (int64_t b0 = 0; b0 < g.batch && (want_x || want_params); b0 += chunk) {
