@@ -348,14 +348,17 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
         ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
 
 
-# ---- the float32 forward of layers on large maps (a sample's im2col matrix >= 1.5 MB, >= 256 output
-# pixels) runs the convolution primitive per sample: each thread a run of samples, two per call while a
-# sample's x is at most 512 KB. Odd runs end with a call of one sample; 3 threads give uneven runs. ------
+# ---- the float32 forward of layers on maps of at least 256 output pixels runs the convolution primitive on each
+# thread's run of samples, c samples per call (about 32 M multiply-adds; with fewer than 8 input channels per group
+# one per call, and only when a sample's im2col matrix reaches 1.5 MB). Runs end with a shorter call; 3 threads
+# give uneven runs. -------------------------------------------------------------------------------------------------
 SAMPLE_CONVOLUTIONS = [
-    (5, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # x 256 KB: two samples per call
-    (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # x 768 KB: one sample per call; stride 2
+    (5, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # several samples per call
+    (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # stride 2
     (4, 48, 16, 32, 3, 3, 1, 1, 1, 2),     # two groups
     (1, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # batch 1: one convolution call spread over the threads
+    (3, 3, 4, 128, 3, 2, 1, 1, 1, 1),      # 3 input channels, im2col 1.7 MB: one sample per call
+    (9, 16, 16, 32, 3, 2, 1, 1, 1, 1),     # small layer: up to 9 samples per call
 ]
 
 

@@ -1231,25 +1231,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // chunk's per-sample kernels (n*Cout, Cin/G, kh, kw) -- the official formulation, but on a bounded
 // chunk: the per-sample kernels of a chunk, and its activations (the convolution returns a chunk of
 // out or grad_x that is then copied), take at most kConvPathChunkBytes each.
-// The float32 forward of other layers takes the convolution primitive too when a sample's im2col
-// matrix is large (at least kSampleConvMinIm2colBytes, and at least kSampleConvMinPixels output
-// pixels so that building each sample's whole kernel, K * Cout * J reads, stays small next to its
-// Cout * J * P multiply-adds): the GEMM path then writes and reads that matrix, kh*kw times the
-// activations, for every sample, where oneDNN's direct convolution reads x itself. There each thread
-// takes a run of samples and, one or two samples at a time (two when a sample's x is at most
-// kSampleConvPairBytes: fewer calls), builds their kernels into its own buffer and calls the
-// convolution single-threaded (forward_by_sample_convolutions). (2 cores, float32, the two forwards
-// alternated in one process, fastest of 4 rounds: B32 32->32 112x112 0.43-0.46x the GEMM path's
-// time, B16 256->256 28x28 0.77, B64 128->128 32x32 0.77, B64 96->96 24x24 5x5 0.70, B128 32->32
-// 48x48 0.70, B64 64->64 32x32 0.83-0.89, B16 64->64 56x56 stride 2 (1.8 MB) 0.85-0.88, B64 128->128
-// 20x20 (1.8 MB) 0.90, B64 128->128 16x16 5x5 0.83-0.90; below the thresholds it gained nothing or
-// was slower: B128 64->64 24x24 (1.3 MB) 0.93-1.03, B64 128->128 16x16 (1.2 MB) 0.99-1.12, B32 3->32
-// 64x64 (0.44 MB) 1.23-1.38, B128 32->64 24x24 (0.66 MB) 1.05-1.35, and on maps of 14x14 and less,
-// where each sample's kernel is large next to its products, 1.04-1.66.) A batch smaller than the
-// thread count (one image in the GUI) takes one convolution call on the chunk instead, which oneDNN
-// spreads over the threads: at batch 1, against the GEMM path's split of output rows, 0.46 at
-// 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64 56x56 and 32x32 and on the 5x5 96->96
-// 24x24 layer (same method, 5 rounds).
+// The float32 forward of other layers takes the convolution primitive too on maps of at least
+// kSampleConvMinPixels output pixels (so that building each sample's whole kernel, K * Cout * J
+// reads, stays small next to its Cout * J * P multiply-adds) whose im2col matrix is not x itself:
+// the GEMM path writes and reads that matrix, kh*kw times the activations, for every sample, where
+// oneDNN's direct convolution reads x itself. There each thread takes a run of samples and, c at a
+// time (samples_per_call: about kSampleConvCallMacs multiply-adds per call, so small layers make
+// fewer calls), builds their kernels into its own buffer and calls the convolution single-threaded
+// with groups = c*G (forward_by_sample_convolutions). Layers with fewer than
+// kSampleConvMinCallChannels input channels per group (one sample per call), and layers with
+// groups (at most kSampleConvMaxGroupedCall samples per call), take it only when a sample's im2col
+// matrix reaches kSampleConvMinIm2colBytes: oneDNN's convolution of 3 channels ran the stem-like
+// B32 3->32 64x64 1.23-1.38x the GEMM path's time, and B128 32->64 32x32 with two groups (1.2 MB)
+// ran 1.00x with two samples per call but 1.80x with four (8 groups of 16 channels). (2 cores, float32, the two
+// forwards alternated in one process, fastest of 4 rounds, new/GEMM path: B32 32->32 112x112
+// 0.43-0.46, B16 256->256 28x28 0.77, B64 128->128 32x32 0.77, B64 96->96 24x24 5x5 0.70, B128
+// 32->32 48x48 0.70, B64 64->64 32x32 0.83-0.89, B16 64->64 56x56 stride 2 0.85-0.88, B64 128->128
+// 20x20 0.90, B64 128->128 16x16 5x5 0.83-0.90, with one or two samples per call; calls sized by
+// multiply-adds took these layers on smaller im2col matrices as well, against the build before:
+// B64 16->16 32x32 0.80, B128 64->64 24x24 0.88, B128 32->64 24x24 0.91, B64 128->128 16x16 0.97,
+// and 0.93-1.01 on the layers that took pairs before. On maps of
+// 14x14 and less, where each sample's kernel is large next to its products, it was slower:
+// 1.04-1.66.) A batch smaller than the thread count (one image in the GUI) takes one convolution
+// call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
+// path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
+// 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
 // The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels
 // output pixels (and im2col is not x itself, 1x1 unpadded kernels), and that of any layer whose im2col
 // matrix reaches kConvPathBackwardIm2colBytes: the GEMM path streams im2row and gcols, kh*kw times
@@ -1275,10 +1281,10 @@ constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
-constexpr int64_t kSampleConvPairBytes = 512 * 1024;
 constexpr int64_t kSampleConvGradBytes = 2 * 1024 * 1024;
 constexpr int64_t kSampleConvCallMacs = 32 * 1000 * 1000;
 constexpr int64_t kSampleConvMinCallChannels = 8;
+constexpr int64_t kSampleConvMaxGroupedCall = 2;
 constexpr int64_t kSampleConvShareFraction = 4;
 
 bool depthwise_like(const Geometry& g) {
@@ -1296,8 +1302,9 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (backward)
     return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
            (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
-  return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
-         im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes;
+  return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity() &&
+         ((g.groups == 1 && g.in_per_group >= kSampleConvMinCallChannels) ||
+          im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes);
 }
 
 // Whether the backward on the convolution path gives each thread a run of samples (rather than
@@ -1311,12 +1318,13 @@ bool backward_by_samples(const Geometry& g, int64_t elem_size) {
   return shares * kSampleConvShareFraction <= activations;
 }
 
-// Samples per convolution call in backward_by_sample_convolutions: about kSampleConvCallMacs
-// multiply-adds, at most per_product; one when a group has few input channels.
-int64_t backward_samples_per_call(const Geometry& g, int64_t per_product) {
+// Samples per convolution call of a thread (forward_by_sample_convolutions and
+// backward_by_sample_convolutions): about kSampleConvCallMacs multiply-adds, at most `most`; one
+// when a group has few input channels.
+int64_t samples_per_call(const Geometry& g, int64_t most) {
   if (g.in_per_group < kSampleConvMinCallChannels) return 1;
   const int64_t macs = std::max<int64_t>(1, g.out_channels * g.cols_per_group() * g.out_pixels());
-  return std::clamp<int64_t>((kSampleConvCallMacs + macs - 1) / macs, 1, per_product);
+  return std::clamp<int64_t>((kSampleConvCallMacs + macs - 1) / macs, 1, most);
 }
 
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
@@ -1361,14 +1369,14 @@ ChunkKernels chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const
   return c;
 }
 
-// out[b] = conv(x[b], Wb) for every sample, each thread a run of samples, n = 1 or 2 per call.
+// out[b] = conv(x[b], Wb) for every sample, each thread a run of samples, samples_per_call at a time.
 template <typename scalar_t>
 void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ch,
                                     const at::Tensor& f, const at::Tensor& s, const at::Tensor& a, const Geometry& g,
                                     at::Tensor& out) {
   static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
   const int64_t Cout = g.out_channels, Cin = g.in_channels, J = g.cols_per_group(), K = g.kernel_num;
-  const int64_t per_call = Cin * g.height * g.width * (int64_t)sizeof(scalar_t) <= kSampleConvPairBytes ? 2 : 1;
+  const int64_t per_call = samples_per_call(g, g.groups == 1 ? kMaxSamplesPerThread : kSampleConvMaxGroupedCall);
   const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), g.batch);
   const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};  // Wb as (G, Cog, J): the conv weight's layout
   // The ATen calls below run on worker threads, which do not inherit the caller's thread-local state:
@@ -1404,7 +1412,7 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
 }
 
 // The backward of the same layers, each thread a run of samples. Per call of c samples
-// (backward_samples_per_call): their kernels Wb are built into the thread's buffer, and
+// (samples_per_call): their kernels Wb are built into the thread's buffer, and
 // convolution_backward (single-threaded, groups = c*G) gives their grad_x and Q, the gradient w.r.t.
 // each Wb as (Cout, Cin/G, kh, kw) -- the (G, Cog, J) layout of the GEMM path's tiles -- reduced at
 // once as there (reduce_tile_gradients over the whole kernel: grad_f, grad_m, grad_a, and G into the
@@ -1424,7 +1432,7 @@ void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, 
   const int64_t N = g.kernel_numel(), GJ = g.groups * J, taps = g.taps(), B = g.batch;
   const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), B);
   const int64_t per_product = samples_per_run(N * (int64_t)sizeof(scalar_t), kSampleConvGradBytes);
-  const int64_t per_call = backward_samples_per_call(g, per_product);
+  const int64_t per_call = samples_per_call(g, per_product);
   const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};
   const auto opts = x.options();
   const at::Tensor a_t = want_params ? a.t().contiguous() : at::Tensor();  // (K x B)
