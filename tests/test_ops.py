@@ -303,17 +303,28 @@ def test_blocking_edges_match_reference(case, dtype):
 def test_one_gradient_group_equals_the_full_backward(case):
     # With both groups the backward builds Wb for grad_x inside the parameter-gradient reduction; with
     # grad_x alone it aggregates Wb separately, and with the parameters alone it builds no Wb at all.
+    assert_gradient_groups_agree(case, tol=1e-12)
+
+
+def assert_gradient_groups_agree(case, tol, check_reference=False):
+    """In float64, the backward op's grad_x alone and parameter gradients alone equal those of the full backward
+    (within tol), and with check_reference the full backward equals the reference's gradients."""
     batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
     inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float64)]
     conv = (list(stride), list(padding), list(dilation), groups)
     out = torch.ops.odconv.odconv2d(*inputs, *conv)
     grad_out = torch.randn_like(out)
     both = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])
+    if check_reference:
+        ref = [t.detach().requires_grad_() for t in inputs]
+        want = torch.autograd.grad(odconv2d_reference(*ref, *conv), ref, grad_out)
+        for name, got, expected in zip(NAMES, both, want):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
     x_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, False])
     params_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [False, True])
-    torch.testing.assert_close(x_only[0], both[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_only[0], both[0], rtol=tol, atol=tol)
     for name, alone, full in zip(NAMES[1:], params_only[1:], both[1:]):
-        torch.testing.assert_close(alone, full, rtol=1e-12, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(alone, full, rtol=tol, atol=tol, msg=lambda m: f"grad {name}: {m}")
 
 
 # ---- the two CPU algorithms: per-sample GEMMs (im2col) and the grouped convolution on chunks of samples
@@ -363,14 +374,6 @@ SAMPLE_CONVOLUTIONS = [
 
 
 @requires_extension
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("case", SAMPLE_CONVOLUTIONS, ids=case_id)
-def test_forward_by_sample_convolutions_matches_reference(case, threads, num_threads):
-    num_threads(threads)
-    assert_case_matches_reference(case, (torch.float32,))
-
-
-@requires_extension
 def test_forward_by_sample_convolutions_under_inference_mode(num_threads):
     # its convolutions run on worker threads, which must see the caller's inference mode (odconv.predict)
     num_threads(2)
@@ -398,8 +401,9 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
 
 @requires_extension
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS, ids=case_id)
-def test_backward_by_sample_convolutions_matches_reference(case, threads, num_threads):
+@pytest.mark.parametrize("case", SAMPLE_CONVOLUTIONS + SAMPLE_CONVOLUTION_BACKWARDS, ids=case_id)
+def test_sample_convolutions_match_reference(case, threads, num_threads):
+    # output and all six gradients; most cases run per-sample convolutions in both directions
     num_threads(threads)
     assert_case_matches_reference(case, (torch.float32,))
 
@@ -409,21 +413,7 @@ def test_backward_by_sample_convolutions_matches_reference(case, threads, num_th
 def test_backward_by_sample_convolutions_gradient_groups(case, monkeypatch):
     # float64 takes the path only when forced; grad_x alone and the parameter gradients alone give the same values
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "always")
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float64)]
-    conv = (list(stride), list(padding), list(dilation), groups)
-    out = torch.ops.odconv.odconv2d(*inputs, *conv)
-    grad_out = torch.randn_like(out)
-    both = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])
-    ref = [t.detach().requires_grad_() for t in inputs]
-    want = torch.autograd.grad(odconv2d_reference(*ref, *conv), ref, grad_out)
-    for name, got, expected in zip(NAMES, both, want):
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
-    x_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, False])
-    params_only = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [False, True])
-    torch.testing.assert_close(x_only[0], both[0], rtol=0, atol=0)
-    for name, alone, full in zip(NAMES[1:], params_only[1:], both[1:]):
-        torch.testing.assert_close(alone, full, rtol=0, atol=0, msg=lambda m: f"grad {name}: {m}")
+    assert_gradient_groups_agree(case, tol=0, check_reference=True)
 
 
 @requires_extension
