@@ -1267,7 +1267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
 // those would exceed a kSampleConvShareFraction-th of the batch's activations (x and out; deep layers:
 // 9 MiB per thread for 256->256 3x3), or the batch is smaller than the thread count, the backward runs
-// the chunks below instead. (2 cores, float32, ODCONV_CPU_CONV_PATH=never (GEMM path) against always,
+// the chunks below instead. (With every share allowed, B16 256->256 28x28 took 0.87x the chunks' time,
+// but its training step's peak memory rose from 0.93x to 1.15x the static convolution's, above the
+// 1.1x this project holds to; bench_op.py --modes mem.) (2 cores, float32, ODCONV_CPU_CONV_PATH=never (GEMM path) against always,
 // alternated in one process, fastest of 3 rounds, new/GEMM: B32 32->32 112x112 0.45 (the chunks
 // 0.50), B32 64->64 56x56 0.66 (0.75), B16 256->256 28x28 0.83 (0.97), B64 96->96 24x24 5x5 0.79
 // (0.93), B128 32->32 48x48 0.81-0.86, B128 64->64 24x24 0.85-0.90, B64 64->64 32x32 0.89-0.97,
