@@ -396,6 +396,7 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
     (4, 3, 16, 32, 3, 4, 1, 1, 1, 1),      # 3 input channels: one sample per call
     (5, 32, 16, 32, 3, 2, 1, 1, 1, 2),     # two groups
     (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # stride 2; 3 threads: one sample per run
+    (6, 16, 1, 20, 3, 3, 1, 1, 1, 1),      # one output channel, 20x20 map (400 pixels)
 ]
 
 
