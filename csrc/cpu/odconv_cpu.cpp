@@ -55,9 +55,9 @@
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
-// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, the float32 forward of layers whose
-// im2col matrix is large and the float32 backward of layers on maps of 256 pixels or more take the
-// convolution primitive instead (see "Convolution path" below). Inside the parallel region these run
+// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, and the float32 forward and
+// backward of most layers on maps of 256 pixels or more, take the convolution primitive instead (see
+// "Convolution path" below). Inside the parallel region these run
 // single-threaded, one thread per run of samples.
 #include "../odconv.h"
 
@@ -232,6 +232,20 @@ int64_t chunk_size(int64_t batch, int64_t bytes_per_sample, int64_t thread_bytes
   const int64_t n_chunks = std::max<int64_t>(1, (batch + per_thread * threads - 1) / (per_thread * threads));
   const int64_t per_chunk = (batch + n_chunks - 1) / n_chunks;
   return std::max<int64_t>(1, (per_chunk + threads - 1) / threads * threads);
+}
+
+// Threads taking one contiguous range of the batch each: at most one per sample.
+inline int64_t batch_ranges(int64_t batch) {
+  return std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), batch);
+}
+
+// body(r, b_begin, b_end) for each range r of batch_ranges(batch), in one parallel region.
+template <typename F>
+void for_each_batch_range(int64_t batch, const F& body) {
+  const int64_t runs = batch_ranges(batch);
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) body(r, batch * r / runs, batch * (r + 1) / runs);
+  });
 }
 
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
@@ -626,54 +640,50 @@ at::Tensor forward_kernel(
                            /*accumulate=*/t.j0 > 0, opts);
   };
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
-  const int64_t runs = std::min(threads, g.batch);
   const int64_t per_run = samples_per_run(reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
-  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
-      const int64_t step = even_step(b_end - b_begin, per_run);
-      at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
-      at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
-      at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
-      at::Tensor im2row_scratch, kern_rows, out_t;
-      if (transposed) {
-        if (!direct) im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
-        kern_rows = at::empty({max_tile}, opts);
-        out_t = at::empty({step * P * Cout}, opts);
-      }
-      acc_t* m = m_buf.data_ptr<acc_t>();
-      scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
-      scalar_t* ot = transposed ? out_t.data_ptr<scalar_t>() : nullptr;
-      for (int64_t s0 = b_begin; s0 < b_end; s0 += step) {
-        const int64_t n = std::min(step, b_end - s0);
-        // the cols matrix (transposed: the rows matrix) of sample s0 + i is at cols + i * cols_stride
-        const scalar_t* cols = reads_x ? x.const_data_ptr<scalar_t>() + s0 * x_stride : buf;
-        const int64_t cols_stride = reads_x ? x_stride : GJ * P;
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = s0 + i;
-          const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
-          if (transposed)
-            im2row(x_b, g, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P);
-          else if (!direct)
-            im2col(x_b, g, buf + i * GJ * P);
-          input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
-                      m + i * GJ);
-        }
-        for (const Tile& t : tiles) {
-          for (int64_t i = 0; i < n; ++i) {
-            if (transposed)
-              multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
-                                       kern_rows.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
-                                       ot + i * P * Cout);
-            else
-              multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
-                            scratch_buf.data_ptr<acc_t>());
-          }
-        }
-        // out_b = (out_b^T)^T
+  for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
+    const int64_t step = even_step(b_end - b_begin, per_run);
+    at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
+    at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
+    at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
+    at::Tensor im2row_scratch, kern_rows, out_t;
+    if (transposed) {
+      if (!direct) im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
+      kern_rows = at::empty({max_tile}, opts);
+      out_t = at::empty({step * P * Cout}, opts);
+    }
+    acc_t* m = m_buf.data_ptr<acc_t>();
+    scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
+    scalar_t* ot = transposed ? out_t.data_ptr<scalar_t>() : nullptr;
+    for (int64_t s0 = b_begin; s0 < b_end; s0 += step) {
+      const int64_t n = std::min(step, b_end - s0);
+      // the cols matrix (transposed: the rows matrix) of sample s0 + i is at cols + i * cols_stride
+      const scalar_t* cols = reads_x ? x.const_data_ptr<scalar_t>() + s0 * x_stride : buf;
+      const int64_t cols_stride = reads_x ? x_stride : GJ * P;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = s0 + i;
+        const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
         if (transposed)
-          for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
+          im2row(x_b, g, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P);
+        else if (!direct)
+          im2col(x_b, g, buf + i * GJ * P);
+        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
+                    m + i * GJ);
       }
+      for (const Tile& t : tiles) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (transposed)
+            multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
+                                     kern_rows.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
+                                     ot + i * P * Cout);
+          else
+            multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
+                          scratch_buf.data_ptr<acc_t>());
+        }
+      }
+      // out_b = (out_b^T)^T
+      if (transposed)
+        for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
     }
     if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
   });
@@ -1278,6 +1288,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 128->128 16x16 0.94-1.01, B64 64->128 32x32 stride 2 0.97-1.02; on smaller maps it was slower: 1.09
 // at 128->128 and 64->128 12x12 and 256->256 14x14, 1.32 at 6x6, 1.59 at 8x8; and at 1x1 on 32x32 1.47.)
 // Buffers of the chunks, per chunk:
+//   agg   (n, G, Cog, J)   A, the aggregated kernels
+//   m     (n, G, 1, J)     channel * spatial attention of each column
+//   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
+//   q     (n*Cout, Cin/G, kh, kw) gradient w.r.t. kern (convolution_backward), then reduced as in
+//                                 the header: grad_f, grad_m -> grad_ch / grad_s, G -> grad_a, grad_W.
+// Per thread, forward_by_sample_convolutions holds kern (c, Cout, J), m (c, G*J) and scratch (J) for
+// a call of c samples; backward_by_sample_convolutions lists its own.
+// ODCONV_CPU_CONV_PATH=auto (default) | always | never overrides the choice (tests use it to run
+// both paths on the same layers).
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
@@ -1347,13 +1366,47 @@ int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
 class OneThreadPrimitives {
  public:
 #ifdef _OPENMP
-  OneThreadPrimitives() : saved_((at::get_num_threads(), omp_get_max_threads())) { omp_set_num_threads(1); }
+  OneThreadPrimitives() {
+    at::get_num_threads();  // ATen's set-up of this thread, if it has not run yet
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+  }
   ~OneThreadPrimitives() { omp_set_num_threads(saved_); }
 
  private:
-  int saved_;
+  int saved_ = 1;
 #endif
 };
+
+// for_each_batch_range for workers that call ATen convolutions. Worker threads do not inherit the
+// caller's thread-local state: without it the convolutions would dispatch through autograd again
+// (recording a graph when x requires grad) and, under torch.inference_mode(), writing into the
+// outputs would be refused. They hold OneThreadPrimitives as well.
+template <typename F>
+void for_each_batch_range_calling_convolutions(int64_t batch, const F& body) {
+  const at::ThreadLocalState caller_state;
+  for_each_batch_range(batch, [&](int64_t r, int64_t b_begin, int64_t b_end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OneThreadPrimitives one_thread;
+    body(r, b_begin, b_end);
+  });
+}
+
+// Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J) -- the layout of a convolution weight of
+// n*G groups -- and their input scales into m (n, G*J); scratch holds J elements.
+template <typename scalar_t>
+void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scalar_t* f, const scalar_t* s,
+                          const scalar_t* a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m,
+                          scalar_t* scratch) {
+  const Tile whole{0, g.groups, 0, g.out_per_group, 0, g.cols_per_group()};
+  const int64_t GJ = g.groups * g.cols_per_group();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = b0 + i;
+    input_scale(ch + b * g.in_channels, s + b * g.taps(), g, m + i * GJ);
+    build_tile_kernel(weight, a + b * g.kernel_num, f + b * g.out_channels, m + i * GJ, g, whole,
+                      /*transposed=*/false, kern + i * g.kernel_numel(), static_cast<scalar_t*>(nullptr), scratch);
+  }
+}
 
 struct ChunkKernels {
   at::Tensor agg, m, kern;  // (n, G, Cog, J), (n, G, 1, J), (n*Cout, Cin/G, kh, kw)
@@ -1377,38 +1430,21 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
                                     const at::Tensor& f, const at::Tensor& s, const at::Tensor& a, const Geometry& g,
                                     at::Tensor& out) {
   static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
-  const int64_t Cout = g.out_channels, Cin = g.in_channels, J = g.cols_per_group(), K = g.kernel_num;
+  const int64_t Cout = g.out_channels, Cin = g.in_channels, N = g.kernel_numel(), GJ = g.groups * g.cols_per_group();
   const int64_t per_call = samples_per_call(g, g.groups == 1 ? kMaxSamplesPerThread : kSampleConvMaxGroupedCall);
-  const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), g.batch);
-  const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};  // Wb as (G, Cog, J): the conv weight's layout
-  // The ATen calls below run on worker threads, which do not inherit the caller's thread-local state:
-  // without it the convolution would dispatch through autograd again (recording a graph when x
-  // requires grad) and, under torch.inference_mode(), writing into `out` would be refused.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const OneThreadPrimitives one_thread;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b_begin = g.batch * r / runs, b_end = g.batch * (r + 1) / runs;
-      at::Tensor kern = at::empty({per_call * Cout * J}, x.options());
-      at::Tensor m = at::empty({g.groups * J}, x.options()), scratch = at::empty({J}, x.options());
-      for (int64_t b0 = b_begin; b0 < b_end; b0 += per_call) {
-        const int64_t n = std::min(per_call, b_end - b0);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = b0 + i;
-          input_scale(ch.const_data_ptr<scalar_t>() + b * Cin, s.const_data_ptr<scalar_t>() + b * g.taps(), g,
-                      m.data_ptr<scalar_t>());
-          build_tile_kernel(weight.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>() + b * K,
-                            f.const_data_ptr<scalar_t>() + b * Cout, m.const_data_ptr<scalar_t>(), g, whole,
-                            /*transposed=*/false, kern.data_ptr<scalar_t>() + i * Cout * J,
-                            static_cast<scalar_t*>(nullptr), scratch.data_ptr<scalar_t>());
-        }
-        const at::Tensor y = at::convolution(
-            x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}),
-            kern.narrow(0, 0, n * Cout * J).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
-            {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
-        out.narrow(0, b0, n).view({1, n * Cout, g.out_h, g.out_w}).copy_(y);
-      }
+  for_each_batch_range_calling_convolutions(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
+    at::Tensor kern = at::empty({per_call * N}, x.options()), m = at::empty({per_call * GJ}, x.options());
+    at::Tensor scratch = at::empty({g.cols_per_group()}, x.options());
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += per_call) {
+      const int64_t n = std::min(per_call, b_end - b0);
+      build_sample_kernels(weight.const_data_ptr<scalar_t>(), ch.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                           s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), g, b0, n,
+                           kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+      const at::Tensor y = at::convolution(
+          x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}),
+          kern.narrow(0, 0, n * N).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
+          {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
+      out.narrow(0, b0, n).view({1, n * Cout, g.out_h, g.out_w}).copy_(y);
     }
   });
 }
@@ -1432,75 +1468,63 @@ void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, 
   static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
   const int64_t Cout = g.out_channels, Cin = g.in_channels, J = g.cols_per_group(), K = g.kernel_num;
   const int64_t N = g.kernel_numel(), GJ = g.groups * J, taps = g.taps(), B = g.batch;
-  const int64_t runs = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), B);
   const int64_t per_product = samples_per_run(N * (int64_t)sizeof(scalar_t), kSampleConvGradBytes);
   const int64_t per_call = samples_per_call(g, per_product);
   const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};
   const auto opts = x.options();
   const at::Tensor a_t = want_params ? a.t().contiguous() : at::Tensor();  // (K x B)
-  std::vector<at::Tensor> shares(runs);                                    // of grad_W, (K, N)
+  std::vector<at::Tensor> shares(batch_ranges(B));                         // of grad_W, (K, N)
   const scalar_t *w_ptr = weight.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
   const scalar_t *f_ptr = f.const_data_ptr<scalar_t>(), *ch_ptr = ch.const_data_ptr<scalar_t>();
   const scalar_t* s_ptr = s.const_data_ptr<scalar_t>();
-  const at::ThreadLocalState caller_state;  // see forward_by_sample_convolutions
-  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
-    const OneThreadPrimitives one_thread;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b_begin = B * r / runs, b_end = B * (r + 1) / runs;
-      at::Tensor kern = at::empty({per_call * N}, opts), m = at::empty({per_call * GJ}, opts);
-      at::Tensor scratch = at::empty({J}, opts), gm, gbuf;
-      if (want_params) {
-        gm = at::empty({GJ}, opts);
-        gbuf = at::empty({per_product, N}, opts);
-        shares[r] = r == 0 ? grad_w : at::empty({K, N}, opts);
+  for_each_batch_range_calling_convolutions(B, [&](int64_t r, int64_t b_begin, int64_t b_end) {
+    at::Tensor kern = at::empty({per_call * N}, opts), m = at::empty({per_call * GJ}, opts);
+    at::Tensor scratch = at::empty({J}, opts), gm, gbuf;
+    if (want_params) {
+      gm = at::empty({GJ}, opts);
+      gbuf = at::empty({per_product, N}, opts);
+      shares[r] = r == 0 ? grad_w : at::empty({K, N}, opts);
+    }
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += per_product) {
+      const int64_t n = std::min(per_product, b_end - b0);
+      for (int64_t c0 = b0; c0 < b0 + n; c0 += per_call) {
+        const int64_t nc = std::min(per_call, b0 + n - c0);
+        build_sample_kernels(w_ptr, ch_ptr, f_ptr, s_ptr, a_ptr, g, c0, nc, kern.data_ptr<scalar_t>(),
+                             m.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+        auto [gx, q, unused] = at::convolution_backward(
+            gy.narrow(0, c0, nc).view({1, nc * Cout, g.out_h, g.out_w}),
+            x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}),
+            kern.narrow(0, 0, nc * N).view({nc * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
+            {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, nc * g.groups,
+            {want_x, want_params, false});
+        if (want_x) grad_x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}).copy_(gx);
+        if (!want_params) continue;
+        const at::Tensor q_c = q.contiguous();
+        for (int64_t i = 0; i < nc; ++i) {
+          const int64_t b = c0 + i;
+          scalar_t* gm_ptr = gm.data_ptr<scalar_t>();
+          std::fill(gm_ptr, gm_ptr + GJ, scalar_t(0));
+          reduce_tile_gradients(whole, g, q_c.const_data_ptr<scalar_t>() + i * N, a_ptr + b * K, w_ptr,
+                                m.const_data_ptr<scalar_t>() + i * GJ, f_ptr + b * Cout, scratch.data_ptr<scalar_t>(),
+                                gm_ptr, gbuf.data_ptr<scalar_t>() + (b - b0) * N, grad_f.data_ptr<scalar_t>() + b * Cout,
+                                grad_a.data_ptr<scalar_t>() + b * K);
+          reduce_scale_gradient(g, gm.const_data_ptr<scalar_t>(), ch_ptr + b * Cin, s_ptr + b * taps,
+                                grad_ch.data_ptr<scalar_t>() + b * Cin, grad_s.data_ptr<scalar_t>() + b * taps);
+        }
       }
-      for (int64_t b0 = b_begin; b0 < b_end; b0 += per_product) {
-        const int64_t n = std::min(per_product, b_end - b0);
-        for (int64_t c0 = b0; c0 < b0 + n; c0 += per_call) {
-          const int64_t nc = std::min(per_call, b0 + n - c0);
-          for (int64_t i = 0; i < nc; ++i) {
-            const int64_t b = c0 + i;
-            input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m.data_ptr<scalar_t>() + i * GJ);
-            build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m.const_data_ptr<scalar_t>() + i * GJ, g, whole,
-                              /*transposed=*/false, kern.data_ptr<scalar_t>() + i * N, static_cast<scalar_t*>(nullptr),
-                              scratch.data_ptr<scalar_t>());
-          }
-          auto [gx, q, unused] = at::convolution_backward(
-              gy.narrow(0, c0, nc).view({1, nc * Cout, g.out_h, g.out_w}),
-              x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}),
-              kern.narrow(0, 0, nc * N).view({nc * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
-              {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, nc * g.groups,
-              {want_x, want_params, false});
-          if (want_x) grad_x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}).copy_(gx);
-          if (!want_params) continue;
-          const at::Tensor q_c = q.contiguous();
-          for (int64_t i = 0; i < nc; ++i) {
-            const int64_t b = c0 + i;
-            scalar_t* gm_ptr = gm.data_ptr<scalar_t>();
-            std::fill(gm_ptr, gm_ptr + GJ, scalar_t(0));
-            reduce_tile_gradients(whole, g, q_c.const_data_ptr<scalar_t>() + i * N, a_ptr + b * K, w_ptr,
-                                  m.const_data_ptr<scalar_t>() + i * GJ, f_ptr + b * Cout, scratch.data_ptr<scalar_t>(),
-                                  gm_ptr, gbuf.data_ptr<scalar_t>() + (b - b0) * N, grad_f.data_ptr<scalar_t>() + b * Cout,
-                                  grad_a.data_ptr<scalar_t>() + b * K);
-            reduce_scale_gradient(g, gm.const_data_ptr<scalar_t>(), ch_ptr + b * Cin, s_ptr + b * taps,
-                                  grad_ch.data_ptr<scalar_t>() + b * Cin, grad_s.data_ptr<scalar_t>() + b * taps);
-          }
-        }
-        if (want_params) {
-          // share (+)= a[b0:b0+n]^T @ G    (K x n) @ (n x N)
-          const at::Tensor a_n = at::from_blob(const_cast<scalar_t*>(a_t.const_data_ptr<scalar_t>()) + b0, {K, n},
-                                               {B, 1}, opts);
-          if (b0 == b_begin)
-            at::mm_out(shares[r], a_n, gbuf.narrow(0, 0, n));
-          else
-            shares[r].addmm_(a_n, gbuf.narrow(0, 0, n));
-        }
+      if (want_params) {
+        // share (+)= a[b0:b0+n]^T @ G    (K x n) @ (n x N)
+        const at::Tensor a_n = at::from_blob(const_cast<scalar_t*>(a_t.const_data_ptr<scalar_t>()) + b0, {K, n},
+                                             {B, 1}, opts);
+        if (b0 == b_begin)
+          at::mm_out(shares[r], a_n, gbuf.narrow(0, 0, n));
+        else
+          shares[r].addmm_(a_n, gbuf.narrow(0, 0, n));
       }
     }
   });
   if (want_params)
-    for (int64_t r = 1; r < runs; ++r) grad_w.add_(shares[r]);
+    for (size_t r = 1; r < shares.size(); ++r) grad_w.add_(shares[r]);
 }
 
 at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
