@@ -461,6 +461,9 @@ def main(argv=None):
         print(f"best validation accuracy {100 * metrics['accuracy']:.3f} % at epoch {best['epoch']} "
               f"({metrics['n']} images); outputs in {args.out}")
     if world > 1:
+        # rank 0 ends alone (final evaluation, reports): the others wait for it, so that no rank tears its gloo
+        # connections down under a peer still using the group (a CI run saw rank 1 abort there)
+        dist.barrier()
         dist.destroy_process_group()
 
 
