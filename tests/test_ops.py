@@ -468,6 +468,28 @@ def test_transposed_forward_matches_reference(case):
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# ---- float32 rows of stride 2 in im2col (forward, im2row) and col2im (grad_x) move 16 outputs at a
+# time on AVX-512 with masked ends: output widths around that block, padding, dilation, stride 2 in
+# width only, on the GEMM path (the convolution path has no im2col), both backward splits. ---------
+STRIDE2_ROWS = [
+    (2, 3, 4, (5, 2), 3, 2, 2, 1, 1, 1),         # Wo = 1
+    (2, 3, 4, (5, 31), 3, 2, 2, 1, 1, 1),        # Wo = 16
+    (2, 3, 4, (5, 33), 3, 2, 2, 1, 1, 1),        # Wo = 17
+    (2, 3, 4, (4, 30), 3, 2, 2, 0, 1, 1),        # Wo = 14, no padding
+    (2, 3, 4, (6, 67), 3, 2, 2, 2, 2, 1),        # Wo = 34, dilation 2
+    (2, 3, 4, (5, 36), 5, 2, (1, 2), 2, 1, 1),   # Wo = 18, stride 2 in width only
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
+@pytest.mark.parametrize("case", STRIDE2_ROWS, ids=case_id)
+def test_stride2_rows_match_reference(case, split, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "never")
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
 # tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
 # default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192
