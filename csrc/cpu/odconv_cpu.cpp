@@ -901,11 +901,19 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   kern   (Jt, T)      Wb^T of a tile, one sample       q     (T, Jt)     Q of a tile, one sample
 //   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
-// n fits kColumnsThreadBytes per part (4 MB: 2 and 8 were slower on 4x4, 8x8 and 12x12 maps).
+// n fits a budget per part as large as the part's slice of the K kernels (K x Cout x its columns,
+// which every chunk streams once more), within [kColumnsMinThreadBytes, kColumnsThreadBytes]: deep
+// layers need large chunks (4 MB: 1 MB made B64 512->512 4x4 1.45x and B32 256->256 8x8 1.2x
+// slower, 2 and 8 MB were slower too), while the buffers of a small layer's large chunk made most
+// of its training step's memory: B16 48->96 20x20 stride 2 held 6.4 MB of them, its step's peak 2.2x
+// the static convolution's. (Against 4 MB for all, benchmarks/ab_builds.py, 7 rounds: backward 0.92
+// on that layer, 0.79 on B32 96->96 10x10, 0.99-1.01 on B64 64->64 and B128 64->128 and 128->128
+// 12x12 and B128 128->256 6x6.)
 // ODCONV_CPU_BACKWARD_SPLIT=auto (default) | samples | columns overrides the choice (tests run both
 // on the same layers; columns with fewer parts than threads); layers with groups always split samples.
 constexpr int64_t kMinColumnsPerPart = 64;
 constexpr int64_t kMaxColumnsChunk = 32;
+constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
@@ -967,7 +975,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t bytes_per_sample =
       (want_params ? widest * P * (int64_t)sizeof(scalar_t) + max_tile * (int64_t)sizeof(acc_t) : 0) +
       (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
-  int64_t chunk = std::clamp<int64_t>(kColumnsThreadBytes / std::max<int64_t>(1, bytes_per_sample), 1,
+  const int64_t part_budget = std::clamp<int64_t>(K * Cout * widest * (int64_t)sizeof(scalar_t),
+                                                  kColumnsMinThreadBytes, kColumnsThreadBytes);
+  int64_t chunk = std::clamp<int64_t>(part_budget / std::max<int64_t>(1, bytes_per_sample), 1,
                                       std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
   for (ColumnPart& pt : part) {
