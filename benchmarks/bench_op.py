@@ -62,7 +62,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # 
 import odconv  # noqa: E402  (loads the extension, which registers torch.ops.odconv)
 from odconv.reference import odconv2d_reference  # noqa: E402
 
-from common import (NAMES, MALLOC_ENV, LayerShape, machine_info, make_inputs, odconv2d_per_sample,  # noqa: E402
+from common import (NAMES, MALLOC_ENV, SUITES, LayerShape, machine_info, make_inputs, odconv2d_per_sample,  # noqa: E402
                     parse_shapes, peak_rss, relative_errors, release_free_heap, reset_peak_rss)
 
 # ---------------------------------------------------------------------------------------------- defaults
@@ -461,7 +461,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: the '{QUICK_SHAPES}' suite (unless --shapes), {QUICK_MIN_RUN_TIME}s timings")
     parser.add_argument("--shapes", default=None,
-                        help=f"suites (default, layer4, extra, quick) and/or 'B,Cin,Cout,H,k,K,stride,groups' "
+                        help=f"suites ({', '.join(SUITES)}) and/or 'B,Cin,Cout,H,k,K,stride,groups' "
                              f"shapes, separated by ';' (suites also by ','); default: {DEFAULT_SHAPES}")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the timed runs")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))

@@ -96,6 +96,25 @@ SUITES = {
         LayerShape(16, 64, 64, 56, 3, 4, 2, 1),       # large map, strided
         LayerShape(128, 32, 64, 32, 3, 2, 1, 2),      # K = 2, groups = 2
     ],
+    # Layers beyond the ones the speed issue lists, as a user would build them (the targets hold for
+    # "other reasonable shapes" too): ResNet stages and their downsampling, batch 1, K = 1 and 8,
+    # odd sizes, a small strided layer, groups of 24 channels, a 1x1 downsampling projection.
+    "other": [
+        LayerShape(32, 64, 64, 56, 3, 4, 1, 1),       # ResNet layer1
+        LayerShape(32, 128, 128, 28, 3, 4, 1, 1),     # ResNet layer2
+        LayerShape(32, 256, 256, 14, 3, 4, 1, 1),     # ResNet layer3
+        LayerShape(8, 64, 64, 56, 3, 4, 1, 1),        # small batch, large map
+        LayerShape(1, 64, 64, 32, 3, 4, 1, 1),        # batch 1
+        LayerShape(64, 32, 64, 24, 3, 8, 1, 1),       # K = 8
+        LayerShape(16, 48, 96, 20, 3, 4, 2, 1),       # small strided layer, 10x10 out
+        LayerShape(64, 16, 16, 64, 3, 4, 1, 1),       # few channels, large map
+        LayerShape(32, 256, 512, 14, 3, 4, 2, 1),     # ResNet layer4 downsampling, 7x7 out
+        LayerShape(32, 96, 96, 16, 3, 4, 1, 4),       # 4 groups of 24 channels
+        LayerShape(64, 64, 64, 32, 3, 1, 1, 1),       # K = 1
+        LayerShape(64, 63, 65, 31, 3, 4, 1, 1),       # odd channels and map
+        LayerShape(32, 128, 256, 28, 1, 4, 2, 1),     # 1x1 stride-2 projection
+        LayerShape(64, 128, 128, 12, 3, 4, 1, 1),     # 12x12 map
+    ],
 }
 
 

@@ -120,6 +120,7 @@ def test_parse_shapes():
     assert parse_shapes("layer4") == [LayerShape(32, 512, 512, 7, 3, 4, 1, 1), LayerShape(256, 512, 512, 7, 3, 4, 1, 1)]
     assert parse_shapes("layer4;2,8,16,10,3,4,2,4")[-1] == LayerShape(2, 8, 16, 10, 3, 4, 2, 4)
     assert len(parse_shapes("default,layer4,extra")) == 7 + 2 + 5
+    assert len(parse_shapes("other")) == 14 and len(set(parse_shapes("other"))) == 14
     for bad in ("nope", "1,2,3", "2,6,8,10,3,4,1,4"):
         with pytest.raises(ValueError):
             parse_shapes(bad)
