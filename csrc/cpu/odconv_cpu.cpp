@@ -1488,6 +1488,36 @@ void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scal
   }
 }
 
+// Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J), in one pass over each row of W
+// (aggregate_row), the rows split between threads: the forward of a chunk needs only these, where
+// chunk_kernels (the backward's) also keeps A and m. It was built by one thread through a matrix
+// product and two elementwise products, each a pass over the kernel into a new tensor, and the
+// convolution's output was then copied even when one chunk held the batch. (benchmarks/ab_builds.py,
+// 5 rounds, results/ab_chunk_kernels_cpu.json: forward 0.74 on B64 128 depthwise 16x16, 0.92-1.00
+// at batch 1 on 64->64 32x32, 32->32 48x48 and 64->64 24x24; against F.conv2d, alternated in fresh
+// processes, the batch-1 forward of these three layers went from 1.22-1.33x to 1.06-1.16x.)
+template <typename scalar_t>
+void build_chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
+                         const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern) {
+  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), GJ = G * J, K = g.kernel_num;
+  const int64_t Cout = g.out_channels;
+  std::vector<scalar_t> m(n * GJ);
+  for (int64_t i = 0; i < n; ++i)
+    input_scale(ch.const_data_ptr<scalar_t>() + (b0 + i) * g.in_channels, s.const_data_ptr<scalar_t>() + (b0 + i) * g.taps(),
+                g, m.data() + i * GJ);
+  const scalar_t *w = weight.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
+  const scalar_t* f_ptr = f.const_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, J));
+  at::parallel_for(0, n * Cout, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<scalar_t> scratch(J);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r / Cout, o = r % Cout, b = b0 + i;
+      aggregate_row_dispatch(w + o * J, g.kernel_numel(), a_ptr + b * K, K, J, f_ptr[b * Cout + o],
+                             m.data() + i * GJ + (o / Cog) * J, scratch.data(), kern + r * J);
+    }
+  });
+}
+
 struct ChunkKernels {
   at::Tensor agg, m, kern;  // (n, G, Cog, J), (n, G, 1, J), (n*Cout, Cin/G, kh, kw)
 };
@@ -1621,10 +1651,15 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   const int64_t chunk = conv_path_chunk(g, x);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    const ChunkKernels c = chunk_kernels(weight, ch, f, s, a, g, b0, n);
+    at::Tensor kern = at::empty({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_chunk_kernels", [&] {
+      build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>());
+    });
     const at::Tensor y = at::convolution(
-        x.narrow(0, b0, n).view({1, n * g.in_channels, g.height, g.width}), c.kern, std::nullopt,
+        x.narrow(0, b0, n).view({1, n * g.in_channels, g.height, g.width}), kern, std::nullopt,
         {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
+    // one chunk (a single image in the GUI): its convolution's output is the op's
+    if (n == g.batch && y.is_contiguous()) return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
     out.narrow(0, b0, n).view({1, n * g.out_channels, g.out_h, g.out_w}).copy_(y);
   }
   return out;
