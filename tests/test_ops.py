@@ -332,6 +332,8 @@ def assert_gradient_groups_agree(case, tol, check_reference=False):
 CONV_PATH_CASES = [case for case in GRID if unpack(case)[-1] > 1 and unpack(case)[0] > 0] + [
     (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise, K = 8
     (3, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense: the grouped-convolution path with groups = n
+    (1, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense, batch 1: one chunk, whose convolution output is the op's
+    (5, 64, 64, 64, 3, 2, 1, 1, 1, 64),    # depthwise on 64x64: chunks of 2 (float64) or 4 samples, the last short
     (0, 8, 8, 6, 3, 4, 1, 1, 1, 8),        # batch 0
 ]
 
