@@ -1368,11 +1368,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 128->128 16x16 0.94-1.01, B64 64->128 32x32 stride 2 0.97-1.02; on smaller maps it was slower: 1.09
 // at 128->128 and 64->128 12x12 and 256->256 14x14, 1.32 at 6x6, 1.59 at 8x8; and at 1x1 on 32x32 1.47.)
 // Buffers of the chunks, per chunk:
-//   agg   (n, G, Cog, J)   A, the aggregated kernels
-//   m     (n, G, 1, J)     channel * spatial attention of each column
-//   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels
+//   m     (n, G*J)         channel * spatial attention of each column
+//   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels (build_chunk_kernels)
 //   q     (n*Cout, Cin/G, kh, kw) gradient w.r.t. kern (convolution_backward), then reduced as in
-//                                 the header: grad_f, grad_m -> grad_ch / grad_s, G -> grad_a, grad_W.
+//                                 the header (reduce_chunk_gradients): grad_f, grad_m -> grad_ch /
+//                                 grad_s, G -> grad_a, and into gagg (n, N) -> grad_W.
 // Per thread, forward_by_sample_convolutions holds kern (c, Cout, J), m (c, G*J) and scratch (J) for
 // a call of c samples; backward_by_sample_convolutions lists its own.
 // ODCONV_CPU_CONV_PATH=auto (default) | always | never overrides the choice (tests use it to run
@@ -1489,8 +1489,8 @@ void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scal
 }
 
 // Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J), in one pass over each row of W
-// (aggregate_row), the rows split between threads: the forward of a chunk needs only these, where
-// chunk_kernels (the backward's) also keeps A and m. It was built by one thread through a matrix
+// (aggregate_row), the rows split between threads, and their input scales into m (n, G*J). They
+// were built by one thread through a matrix
 // product and two elementwise products, each a pass over the kernel into a new tensor, and the
 // convolution's output was then copied even when one chunk held the batch. (benchmarks/ab_builds.py,
 // 5 rounds, results/ab_chunk_kernels_cpu.json: forward 0.74 on B64 128 depthwise 16x16, 0.92-1.00
@@ -1498,13 +1498,12 @@ void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scal
 // processes, the batch-1 forward of these three layers went from 1.22-1.33x to 1.06-1.16x.)
 template <typename scalar_t>
 void build_chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
-                         const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern) {
+                         const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m) {
   const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), GJ = G * J, K = g.kernel_num;
   const int64_t Cout = g.out_channels;
-  std::vector<scalar_t> m(n * GJ);
   for (int64_t i = 0; i < n; ++i)
     input_scale(ch.const_data_ptr<scalar_t>() + (b0 + i) * g.in_channels, s.const_data_ptr<scalar_t>() + (b0 + i) * g.taps(),
-                g, m.data() + i * GJ);
+                g, m + i * GJ);
   const scalar_t *w = weight.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
   const scalar_t* f_ptr = f.const_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, J));
@@ -1513,25 +1512,40 @@ void build_chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const a
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / Cout, o = r % Cout, b = b0 + i;
       aggregate_row_dispatch(w + o * J, g.kernel_numel(), a_ptr + b * K, K, J, f_ptr[b * Cout + o],
-                             m.data() + i * GJ + (o / Cog) * J, scratch.data(), kern + r * J);
+                             m + i * GJ + (o / Cog) * J, scratch.data(), kern + r * J);
     }
   });
 }
 
-struct ChunkKernels {
-  at::Tensor agg, m, kern;  // (n, G, Cog, J), (n, G, 1, J), (n*Cout, Cin/G, kh, kw)
-};
-
-ChunkKernels chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f,
-                           const at::Tensor& s, const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n) {
-  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), K = g.kernel_num;
-  ChunkKernels c;
-  c.agg = at::mm(a.narrow(0, b0, n), weight.view({K, g.kernel_numel()})).view({n, G, Cog, J});
-  c.m = (ch.narrow(0, b0, n).view({n, g.in_channels, 1}) * s.narrow(0, b0, n).view({n, 1, g.taps()}))
-            .view({n, G, 1, J});
-  c.kern = (c.agg * c.m * f.narrow(0, b0, n).view({n, G, Cog, 1}))
-               .view({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w});
-  return c;
+// The parameter gradients of the samples [b0, b0 + n) of a chunk from q (n, G, Cog, J), their
+// gradients w.r.t. Wb: grad_f, grad_a, grad_ch and grad_s of each sample, and G into gagg (n, N),
+// one pass over each sample's q (reduce_tile_gradients), the samples split between threads. m holds
+// their input scales (n, G*J). This was a chain of ATen products and sums, eight passes and as
+// many chunk-sized temporaries (benchmarks/ab_builds.py, 5 rounds, results/ab_chunk_reductions_cpu.json:
+// backward 0.87 on B16 256->256 28x28, 0.88-0.93 at batch 1; peak memory of a training step, bench_op
+// --modes mem, 47.8 -> 41.0 MiB and 2.1 -> 1.7 MiB).
+template <typename scalar_t>
+void reduce_chunk_gradients(const at::Tensor& q, const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f,
+                            const at::Tensor& s, const at::Tensor& a, const at::Tensor& m, const Geometry& g,
+                            int64_t b0, int64_t n, scalar_t* gagg, at::Tensor& grad_ch, at::Tensor& grad_f,
+                            at::Tensor& grad_s, at::Tensor& grad_a) {
+  static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 and float64 only");
+  const int64_t J = g.cols_per_group(), GJ = g.groups * J, N = g.kernel_numel(), K = g.kernel_num;
+  const Tile whole{0, g.groups, 0, g.out_per_group, 0, J};
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<scalar_t> gm(GJ), scratch(J);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = b0 + i;
+      std::fill(gm.begin(), gm.end(), scalar_t(0));
+      reduce_tile_gradients(whole, g, q.const_data_ptr<scalar_t>() + i * N, a.const_data_ptr<scalar_t>() + b * K,
+                            weight.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>() + i * GJ,
+                            f.const_data_ptr<scalar_t>() + b * g.out_channels, scratch.data(), gm.data(), gagg + i * N,
+                            grad_f.data_ptr<scalar_t>() + b * g.out_channels, grad_a.data_ptr<scalar_t>() + b * K);
+      reduce_scale_gradient(g, gm.data(), ch.const_data_ptr<scalar_t>() + b * g.in_channels,
+                            s.const_data_ptr<scalar_t>() + b * g.taps(), grad_ch.data_ptr<scalar_t>() + b * g.in_channels,
+                            grad_s.data_ptr<scalar_t>() + b * g.taps());
+    }
+  });
 }
 
 // out[b] = conv(x[b], Wb) for every sample, each thread a run of samples, samples_per_call at a time.
@@ -1652,8 +1666,9 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     at::Tensor kern = at::empty({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w}, x.options());
+    at::Tensor m = at::empty({n, g.groups * g.cols_per_group()}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_chunk_kernels", [&] {
-      build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>());
+      build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
     });
     const at::Tensor y = at::convolution(
         x.narrow(0, b0, n).view({1, n * g.in_channels, g.height, g.width}), kern, std::nullopt,
@@ -1671,7 +1686,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool want_params) {
   const at::Tensor gy = grad_out_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
-  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), K = g.kernel_num;
+  const int64_t G = g.groups, J = g.cols_per_group(), K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), Cin = g.in_channels, Cout = g.out_channels;
   const bool by_sample = backward_by_samples(g, x.element_size());
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
@@ -1689,27 +1704,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return std::make_tuple(grad_x, grad_w.view(weight.sizes()), grad_ch, grad_f,
                            grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
   }
-  const at::Tensor w_mat = weight.view({K, N});
   const int64_t chunk = conv_path_chunk(g, x);
   for (int64_t b0 = 0; b0 < g.batch && (want_x || want_params); b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    const ChunkKernels c = chunk_kernels(weight, ch, f, s, a, g, b0, n);
+    at::Tensor kern = at::empty({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}, x.options());
+    at::Tensor m = at::empty({n, G * J}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_chunk_kernels", [&] {
+      build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
+    });
     auto [gx, q, unused] = at::convolution_backward(
         gy.narrow(0, b0, n).view({1, n * Cout, g.out_h, g.out_w}),
-        x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}), c.kern, std::nullopt,
+        x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}), kern, std::nullopt,
         {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * G,
         {want_x, want_params, false});
     if (want_x) grad_x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}).copy_(gx);
     if (!want_params) continue;
-    const at::Tensor q4 = q.view({n, G, Cog, J});
-    const at::Tensor f4 = f.narrow(0, b0, n).view({n, G, Cog, 1});
-    const at::Tensor qa = q4 * c.agg;
-    grad_f.narrow(0, b0, n).copy_((qa * c.m).sum(-1).view({n, Cout}));
-    const at::Tensor gm = (qa * f4).sum(2).view({n, Cin, taps});  // gradient w.r.t. m
-    grad_ch.narrow(0, b0, n).copy_((gm * s.narrow(0, b0, n).view({n, 1, taps})).sum(-1));
-    grad_s.narrow(0, b0, n).copy_((gm * ch.narrow(0, b0, n).view({n, Cin, 1})).sum(1));
-    const at::Tensor gagg = (q4 * f4 * c.m).view({n, N});       // gradient w.r.t. A
-    grad_a.narrow(0, b0, n).copy_(at::mm(gagg, w_mat.t()));
+    // per sample, one pass over Q (its gradient w.r.t. Wb) for grad_f, grad_a, grad_m and G, then
+    // grad_W += a^T @ G for the chunk
+    at::Tensor gagg = at::empty({n, N}, x.options());  // G, the gradient w.r.t. A
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_chunk_reductions", [&] {
+      reduce_chunk_gradients<scalar_t>(q.contiguous(), weight, ch, f, s, a, m, g, b0, n, gagg.data_ptr<scalar_t>(),
+                                       grad_ch, grad_f, grad_s, grad_a);
+    });
     grad_w.addmm_(a.narrow(0, b0, n).t(), gagg);
   }
   return std::make_tuple(grad_x, grad_w.view(weight.sizes()), grad_ch, grad_f,
