@@ -1472,48 +1472,52 @@ void for_each_batch_range_calling_convolutions(int64_t batch, const F& body) {
   });
 }
 
-// Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J) -- the layout of a convolution weight of
-// n*G groups -- and their input scales into m (n, G*J); scratch holds J elements.
+// Rows [r0, r1) of the n*Cout rows of the kernels Wb of the samples [b0, b0 + n), into kern (n, G, Cog,
+// J) -- the layout of a convolution weight of n*G groups -- in one pass over each row of W
+// (aggregate_row); m holds the samples' input scales (n, G*J).
 template <typename scalar_t>
-void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scalar_t* f, const scalar_t* s,
-                          const scalar_t* a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m,
-                          scalar_t* scratch) {
-  const Tile whole{0, g.groups, 0, g.out_per_group, 0, g.cols_per_group()};
-  const int64_t GJ = g.groups * g.cols_per_group();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t b = b0 + i;
-    input_scale(ch + b * g.in_channels, s + b * g.taps(), g, m + i * GJ);
-    build_tile_kernel(weight, a + b * g.kernel_num, f + b * g.out_channels, m + i * GJ, g, whole,
-                      /*transposed=*/false, kern + i * g.kernel_numel(), static_cast<scalar_t*>(nullptr), scratch);
+void build_kernel_rows(const scalar_t* weight, const scalar_t* f, const scalar_t* a, const scalar_t* m,
+                       const Geometry& g, int64_t b0, int64_t r0, int64_t r1, scalar_t* kern) {
+  const int64_t Cog = g.out_per_group, J = g.cols_per_group(), GJ = g.groups * J, K = g.kernel_num;
+  const int64_t Cout = g.out_channels;
+  std::vector<scalar_t> scratch(J);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r / Cout, o = r % Cout, b = b0 + i;
+    aggregate_row_dispatch(weight + o * J, g.kernel_numel(), a + b * K, K, J, f[b * Cout + o],
+                           m + i * GJ + (o / Cog) * J, scratch.data(), kern + r * J);
   }
 }
 
-// Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J), in one pass over each row of W
-// (aggregate_row), the rows split between threads, and their input scales into m (n, G*J). They
-// were built by one thread through a matrix
-// product and two elementwise products, each a pass over the kernel into a new tensor, and the
-// convolution's output was then copied even when one chunk held the batch. (benchmarks/ab_builds.py,
-// 5 rounds, results/ab_chunk_kernels_cpu.json: forward 0.74 on B64 128 depthwise 16x16, 0.92-1.00
-// at batch 1 on 64->64 32x32, 32->32 48x48 and 64->64 24x24; against F.conv2d, alternated in fresh
-// processes, the batch-1 forward of these three layers went from 1.22-1.33x to 1.06-1.16x.)
+// Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J) and their input scales into m (n, G*J), on
+// the calling thread: the per-sample paths' workers. (Splitting their rows with a nested
+// at::parallel_for gave a wrong grad_W at 3 threads, test_sample_convolutions_match_reference,
+// presumably by undoing OneThreadPrimitives.)
+template <typename scalar_t>
+void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scalar_t* f, const scalar_t* s,
+                          const scalar_t* a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m) {
+  const int64_t GJ = g.groups * g.cols_per_group();
+  for (int64_t i = 0; i < n; ++i) input_scale(ch + (b0 + i) * g.in_channels, s + (b0 + i) * g.taps(), g, m + i * GJ);
+  build_kernel_rows(weight, f, a, m, g, b0, 0, n * g.out_channels, kern);
+}
+
+// The same for a chunk, its rows split between threads. The chunks built their kernels on one
+// thread through a matrix product and two elementwise products, each a pass over the kernel into a
+// new tensor, and the convolution's output was then copied even when one chunk held the batch.
+// (benchmarks/ab_builds.py, 5 rounds, results/ab_chunk_kernels_cpu.json: forward 0.74 on B64 128
+// depthwise 16x16, 0.92-1.00 at batch 1 on 64->64 32x32, 32->32 48x48 and 64->64 24x24; against
+// F.conv2d, alternated in fresh processes, the batch-1 forward of these three layers went from
+// 1.22-1.33x to 1.06-1.16x.)
 template <typename scalar_t>
 void build_chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
                          const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m) {
-  const int64_t G = g.groups, Cog = g.out_per_group, J = g.cols_per_group(), GJ = G * J, K = g.kernel_num;
-  const int64_t Cout = g.out_channels;
+  const int64_t J = g.cols_per_group(), GJ = g.groups * J;
   for (int64_t i = 0; i < n; ++i)
-    input_scale(ch.const_data_ptr<scalar_t>() + (b0 + i) * g.in_channels, s.const_data_ptr<scalar_t>() + (b0 + i) * g.taps(),
-                g, m + i * GJ);
-  const scalar_t *w = weight.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
-  const scalar_t* f_ptr = f.const_data_ptr<scalar_t>();
+    input_scale(ch.const_data_ptr<scalar_t>() + (b0 + i) * g.in_channels,
+                s.const_data_ptr<scalar_t>() + (b0 + i) * g.taps(), g, m + i * GJ);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, J));
-  at::parallel_for(0, n * Cout, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<scalar_t> scratch(J);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r / Cout, o = r % Cout, b = b0 + i;
-      aggregate_row_dispatch(w + o * J, g.kernel_numel(), a_ptr + b * K, K, J, f_ptr[b * Cout + o],
-                             m + i * GJ + (o / Cog) * J, scratch.data(), kern + r * J);
-    }
+  at::parallel_for(0, n * g.out_channels, grain, [&](int64_t r0, int64_t r1) {
+    build_kernel_rows(weight.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), m,
+                      g, b0, r0, r1, kern);
   });
 }
 
@@ -1558,12 +1562,11 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
   const int64_t per_call = samples_per_call(g, g.groups == 1 ? kMaxSamplesPerThread : kSampleConvMaxGroupedCall);
   for_each_batch_range_calling_convolutions(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     at::Tensor kern = at::empty({per_call * N}, x.options()), m = at::empty({per_call * GJ}, x.options());
-    at::Tensor scratch = at::empty({g.cols_per_group()}, x.options());
     for (int64_t b0 = b_begin; b0 < b_end; b0 += per_call) {
       const int64_t n = std::min(per_call, b_end - b0);
       build_sample_kernels(weight.const_data_ptr<scalar_t>(), ch.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
                            s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), g, b0, n,
-                           kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+                           kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
       const at::Tensor y = at::convolution(
           x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}),
           kern.narrow(0, 0, n * N).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
@@ -1614,7 +1617,7 @@ void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, 
       for (int64_t c0 = b0; c0 < b0 + n; c0 += per_call) {
         const int64_t nc = std::min(per_call, b0 + n - c0);
         build_sample_kernels(w_ptr, ch_ptr, f_ptr, s_ptr, a_ptr, g, c0, nc, kern.data_ptr<scalar_t>(),
-                             m.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+                             m.data_ptr<scalar_t>());
         auto [gx, q, unused] = at::convolution_backward(
             gy.narrow(0, c0, nc).view({1, nc * Cout, g.out_h, g.out_w}),
             x.narrow(0, c0, nc).view({1, nc * Cin, g.height, g.width}),
