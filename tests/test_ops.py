@@ -526,6 +526,7 @@ SPLIT_CASES = [case for case in GRID if unpack(case)[-1] == 1 and unpack(case)[0
     case for case in BLOCKING if unpack(case)[-1] == 1] + [
     (4, 14, 33, 5, 3, 2, 1, 1, 1, 1),      # J = 126: one range of columns, row tiles of 17 + 16
     (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, J = 1170 in 3 ranges, fewer output channels than a tile
+    (40, 8, 5, 5, 3, 2, 1, 1, 1, 1),       # two chunks of 20 samples, the second accumulating into grad_W
 ]
 
 
