@@ -492,6 +492,26 @@ def test_stride2_rows_match_reference(case, split, monkeypatch):
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# ---- the backward by columns on maps of at most Cout/2 pixels multiplies gy^T @ Wb for grad_x (no
+# transpose of Wb), and with the parameter gradients builds Wb inside their reduction pass: K up to
+# 4 (registers) and above, stride 2, ragged row tiles; each gradient group alone and both. ---------
+TRANSPOSED_GRAD_X = [
+    (4, 64, 48, 4, 3, 4, 1, 1, 1, 1),      # P = 16, two row tiles of 24
+    (3, 70, 40, 4, 3, 6, 1, 1, 1, 1),      # K = 6: the any-K reduction
+    (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, P = 4
+    (2, 40, 70, 5, 3, 2, 1, 1, 2, 1),      # dilation 2, row tiles of 24 + 24 + 22
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", TRANSPOSED_GRAD_X, ids=case_id)
+def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(3)
+    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
 # ---- stride-1 layers whose output is as wide as the input copy (im2col, im2row) and add (col2im)
 # each tap's valid rows in one contiguous run, then fix the elements past the map's left and right
 # edges: dilation, padding of the rows other than "same" (Ho != H), taps whose rows or columns lie

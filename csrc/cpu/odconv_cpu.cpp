@@ -830,11 +830,12 @@ at::Tensor forward_kernel(
 //   gm[j]   += Q[j] A[j] f                     (grad_m)
 //   G[j]     = Q[j] f m[j]                     (gradient w.r.t. A)
 //   grad_a[k] += sum_j G[j] W_k[o,j]
+//   wb[j]     = A[j] f m[j]                    (Wb, when kWriteWb: the grad_x product's kernel)
 // K is fixed at compile time (up to 4) so that every sum is a register of the vectorised loop.
-template <int K, typename scalar_t, typename acc_t>
+template <int K, bool kWriteWb, typename scalar_t, typename acc_t>
 inline void reduce_row(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
                        const acc_t* a, const acc_t* __restrict__ m, acc_t f, int64_t J, acc_t* __restrict__ gm,
-                       acc_t* __restrict__ g_out, acc_t& gf, acc_t* grad_a) {
+                       acc_t* __restrict__ g_out, acc_t& gf, acc_t* grad_a, scalar_t* __restrict__ wb) {
   static_assert(K >= 1 && K <= 4, "reduce_row keeps one sum per kernel in a named register");
   const acc_t a0 = a[0], a1 = K > 1 ? a[1] : 0, a2 = K > 2 ? a[2] : 0, a3 = K > 3 ? a[3] : 0;
   acc_t sf = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
@@ -847,6 +848,7 @@ inline void reduce_row(const scalar_t* __restrict__ q, const acc_t* __restrict__
     if constexpr (K > 1) agg += a1 * w1;
     if constexpr (K > 2) agg += a2 * w2;
     if constexpr (K > 3) agg += a3 * w3;
+    if constexpr (kWriteWb) wb[j] = static_cast<scalar_t>(agg * f * m[j]);  // as aggregate_row
     const acc_t qv = static_cast<acc_t>(q[j]);
     const acc_t rv = qv * agg;
     sf += rv * m[j];
@@ -871,8 +873,11 @@ template <typename scalar_t, typename acc_t>
 inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
                              const acc_t* a, int64_t K, const acc_t* __restrict__ m, acc_t f, int64_t J,
                              acc_t* __restrict__ scratch, acc_t* __restrict__ gm, acc_t* __restrict__ g_out, acc_t& gf,
-                             acc_t* grad_a) {
+                             acc_t* grad_a, scalar_t* __restrict__ wb) {
   sum_kernel_rows(w, k_stride, a, K, J, scratch);
+  if (wb != nullptr)
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) wb[j] = static_cast<scalar_t>(scratch[j] * f * m[j]);
   acc_t sf = 0;
 #pragma omp simd reduction(+ : sf)
   for (int64_t j = 0; j < J; ++j) {
@@ -893,14 +898,14 @@ inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __rest
 }
 
 // One sample's gradients from Q on tile t (reduce_row for each of its rows): grad_f[o] += the
-// tile's share for its rows, gm[j] += its share of grad_m, G into gbuf, grad_a[k] += its share.
-// q and gbuf are (groups, rows, Jt) blocks of the tile; m and gm hold all G*J columns; f and
-// grad_f all Cout rows; a the sample's K kernel attentions; w_acc is W as (K, N) in acc_t;
-// scratch holds J elements.
+// tile's share for its rows, gm[j] += its share of grad_m, G into gbuf, grad_a[k] += its share, and
+// the tile's Wb into wb unless it is null. q, gbuf and wb are (groups, rows, Jt) blocks of the
+// tile; m and gm hold all G*J columns; f and grad_f all Cout rows; a the sample's K kernel
+// attentions; w_acc is W as (K, N) in acc_t; scratch holds J elements.
 template <typename scalar_t, typename acc_t>
 void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* a, const acc_t* w_acc,
                            const acc_t* m, const acc_t* f, acc_t* scratch, acc_t* gm, acc_t* gbuf, acc_t* grad_f,
-                           acc_t* grad_a) {
+                           acc_t* grad_a, scalar_t* wb = nullptr) {
   const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows(), Jt = t.cols(), K = g.kernel_num;
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
@@ -909,14 +914,20 @@ void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, 
       const acc_t* w = w_acc + o * J + t.j0;
       const acc_t* mg = m + gi * J + t.j0;
       acc_t* gmg = gm + gi * J + t.j0;
+      scalar_t* wb_row = wb == nullptr ? nullptr : wb + slot;
+#define ODCONV_REDUCE_ROW(KK)                                                                           \
+  (wb_row != nullptr                                                                                    \
+       ? reduce_row<KK, true>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a, wb_row) \
+       : reduce_row<KK, false>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a, wb_row))
       switch (K) {
-        case 1: reduce_row<1>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
-        case 2: reduce_row<2>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
-        case 3: reduce_row<3>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
-        case 4: reduce_row<4>(q + slot, w, N, a, mg, f[o], Jt, gmg, gbuf + slot, grad_f[o], grad_a); break;
+        case 1: ODCONV_REDUCE_ROW(1); break;
+        case 2: ODCONV_REDUCE_ROW(2); break;
+        case 3: ODCONV_REDUCE_ROW(3); break;
+        case 4: ODCONV_REDUCE_ROW(4); break;
         default:
-          reduce_row_any_k(q + slot, w, N, a, K, mg, f[o], Jt, scratch, gmg, gbuf + slot, grad_f[o], grad_a);
+          reduce_row_any_k(q + slot, w, N, a, K, mg, f[o], Jt, scratch, gmg, gbuf + slot, grad_f[o], grad_a, wb_row);
       }
+#undef ODCONV_REDUCE_ROW
     }
   }
 }
@@ -959,9 +970,18 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // (5 rounds), 0.70-1.02 on the other dense layers of bench_op's suite and of the GTSRB network.)
 // It needs as many parts as threads (at least kMinColumnsPerPart columns each); with fewer (many
 // cores, narrow layers) the samples split keeps every thread busy.
+// On maps of at most Cout/2 pixels the grad_x product runs transposed: gcols^T (P x Jt) (+)=
+// gy[tile rows]^T @ Wb[tile], (P x T) @ (T x Jt), so each sample's Wb is built as it is and only gy's
+// T x P rows are transposed per tile (and each sample's gcols^T, Jr x P, once), where the product
+// above needs Wb^T, a transpose of every element of every sample's kernel: Cout*J per sample against
+// P*(Cout*(tiles per row block) + Jr). (perf, B64 512->512 4x4: the transposes were 5.5 % of the
+// backward, the aggregation that feeds them, through a scratch, 14 %.)
 // Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
+//                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
+//                                                        one sample's, for col2im)
 //   kern   (Jt, T)      Wb^T of a tile, one sample       q     (T, Jt)     Q of a tile, one sample
+//                       (transposed: Wb (T, Jt))         gy_t  (P, T)      gy's tile rows, transposed
 //   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
 // n fits a budget per part as large as the part's slice of the K kernels (K x Cout x its columns,
@@ -1009,8 +1029,13 @@ std::vector<Tile> part_tiles(const Geometry& g, int64_t elem_size, int64_t j_beg
 struct ColumnPart {
   int64_t c0 = 0, c1 = 0;
   std::vector<Tile> tiles;
-  at::Tensor rows, im2row_scratch, gcols, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch;
+  at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch;
 };
+
+// Whether the backward by columns runs its grad_x product transposed (see above).
+inline bool grad_x_by_transposed_product(const Geometry& g) {
+  return !g.im2col_is_identity() && 2 * g.out_pixels() <= g.out_channels;
+}
 
 template <typename scalar_t>
 void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
@@ -1023,6 +1048,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps(), B = g.batch;
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
+  const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
@@ -1058,7 +1084,12 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     if (want_x) {
       if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
       pt.kern = at::empty({max_tile}, opts);
-      pt.kern_rows = at::empty({max_tile}, opts);
+      if (gx_transposed) {
+        pt.gcols_t = at::empty({Jr * P}, opts);
+        pt.gy_t = at::empty({P * std::min(kMinTileRows, Cout)}, opts);
+      } else {
+        pt.kern_rows = at::empty({max_tile}, opts);
+      }
     }
     pt.m = at::empty({chunk * J}, acc_opts);
     pt.scratch = at::empty({J}, acc_opts);
@@ -1105,21 +1136,32 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
             const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
-            if (want_x) {
+            if (want_params) {
+              // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
+              // transposed grad_x product, the same pass over W builds the tile's Wb for it)
+              scalar_t* q = pt.q.data_ptr<scalar_t>();
+              grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
+                                     /*accumulate=*/false, opts);
+              reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
+                                    gbuf + i * tile, gf + i * Cout, ga + i * K,
+                                    gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+            }
+            if (gx_transposed) {
+              // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
+              scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
+              if (!want_params)
+                build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false, kern,
+                                  static_cast<scalar_t*>(nullptr), scratch);
+              transpose_into(gy_rows, T, P, gy_t, T);
+              grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
+                                     /*accumulate=*/t.r0 > 0, opts);
+            } else if (want_x) {
               // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
               scalar_t* kern = pt.kern.data_ptr<scalar_t>();
               build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
                                 pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
               scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
               grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0, opts);
-            }
-            if (want_params) {
-              // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once
-              scalar_t* q = pt.q.data_ptr<scalar_t>();
-              grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
-                                     /*accumulate=*/false, opts);
-              reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
-                                    gbuf + i * tile, gf + i * Cout, ga + i * K);
             }
           }
           // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
@@ -1130,7 +1172,13 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = c0 + i;
-          if (want_x && !direct) col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
+          if (gx_transposed) {
+            scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
+            transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
+            col2im(gcols_t, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
+          } else if (want_x && !direct) {
+            col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
+          }
           if (want_params)
             reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
                                   pt.c0, pt.c1);
