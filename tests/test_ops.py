@@ -483,13 +483,30 @@ STRIDE2_ROWS = [
 ]
 
 
+# ---- stride-1 layers whose output is as wide as the input copy (im2col, im2row) and add (col2im)
+# each tap's valid rows in one contiguous run, then fix the elements past the map's left and right
+# edges: dilation, padding of the rows other than "same" (Ho != H), taps whose rows or columns lie
+# wholly in the padding, one-row maps, widths past a 16-lane vector; on the GEMM path (the
+# convolution path has no im2col), both backward splits. -------------------------------------------
+CONTIGUOUS_TAPS = [
+    (2, 3, 4, 12, 3, 2, 1, 1, 1, 1),               # 3x3 "same" on 12x12
+    (2, 3, 4, (5, 7), 5, 2, 1, 2, 1, 1),           # 5x5: two columns past each edge
+    (2, 3, 4, (6, 9), 3, 2, 1, 2, 2, 1),           # dilation 2
+    (2, 3, 4, (6, 9), 3, 2, 1, (0, 1), 1, 1),      # Ho = H - 2, Wo = W
+    (2, 3, 4, (3, 4), 5, 2, 1, (4, 2), 1, 1),      # rows padded by more than the kernel reaches
+    (2, 3, 4, (4, 2), 5, 2, 1, 2, 1, 1),           # W = 2 < pad: the outer taps read no column
+    (2, 3, 4, (1, 17), (1, 3), 2, 1, (0, 1), 1, 1),  # one-row map
+    (2, 4, 4, (3, 40), 3, 2, 1, 1, 1, 2),          # 40 wide, two groups
+]
+
+
 @requires_extension
 @pytest.mark.parametrize("split", ["samples", "columns"])
-@pytest.mark.parametrize("case", STRIDE2_ROWS, ids=case_id)
-def test_stride2_rows_match_reference(case, split, monkeypatch):
+@pytest.mark.parametrize("case", STRIDE2_ROWS + CONTIGUOUS_TAPS, ids=case_id)
+def test_im2col_rows_match_reference(case, split, monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "never")
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
-    assert_case_matches_reference(case, (torch.float32,))
+    assert_case_matches_reference(case)
 
 
 # ---- the backward by columns on maps of at most Cout/2 pixels multiplies gy^T @ Wb for grad_x (no
@@ -510,32 +527,6 @@ def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_thre
     num_threads(3)
     assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
     assert_case_matches_reference(case, (torch.float32,))
-
-
-# ---- stride-1 layers whose output is as wide as the input copy (im2col, im2row) and add (col2im)
-# each tap's valid rows in one contiguous run, then fix the elements past the map's left and right
-# edges: dilation, padding of the rows other than "same" (Ho != H), taps whose rows or columns lie
-# wholly in the padding, one-row maps, widths past a 16-lane vector; on the GEMM path (the
-# convolution path has no im2col), both backward splits. -------------------------------------------
-CONTIGUOUS_TAPS = [
-    (2, 3, 4, 12, 3, 2, 1, 1, 1, 1),               # 3x3 "same" on 12x12
-    (2, 3, 4, (5, 7), 5, 2, 1, 2, 1, 1),           # 5x5: two columns past each edge
-    (2, 3, 4, (6, 9), 3, 2, 1, 2, 2, 1),           # dilation 2
-    (2, 3, 4, (6, 9), 3, 2, 1, (0, 1), 1, 1),      # Ho = H - 2, Wo = W
-    (2, 3, 4, (3, 4), 5, 2, 1, (4, 2), 1, 1),      # rows padded by more than the kernel reaches
-    (2, 3, 4, (4, 2), 5, 2, 1, 2, 1, 1),           # W = 2 < pad: the outer taps read no column
-    (2, 3, 4, (1, 17), (1, 3), 2, 1, (0, 1), 1, 1),  # one-row map
-    (2, 4, 4, (3, 40), 3, 2, 1, 1, 1, 2),          # 40 wide, two groups
-]
-
-
-@requires_extension
-@pytest.mark.parametrize("split", ["samples", "columns"])
-@pytest.mark.parametrize("case", CONTIGUOUS_TAPS, ids=case_id)
-def test_contiguous_taps_match_reference(case, split, monkeypatch):
-    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "never")
-    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
-    assert_case_matches_reference(case)
 
 
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
