@@ -474,7 +474,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"interleaved timing rounds, merged (default {DEFAULT_ROUNDS}, quick {QUICK_ROUNDS})")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: torch's)")
-    parser.add_argument("--json", default=None, help="output path (default benchmarks/results/bench_op_<device>.json)")
+    parser.add_argument("--json", default=None,
+                        help="output path (default benchmarks/results/bench_op_<device>[_<suites>][_<dtype>].json, "
+                             "see default_json_path)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: CPU memory subprocess
     args = parser.parse_args(argv)
 
@@ -494,8 +496,24 @@ def parse_args(argv=None):
         if unknown:
             parser.error(f"unknown {what}(s) {sorted(unknown)}; choose from {','.join(known)}")
     if args.json is None:
-        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_op_{args.device}.json")
+        args.json = default_json_path(args.device, args.shapes, args.dtype)
     return args
+
+
+def default_json_path(device, shapes, dtype):
+    """benchmarks/results/bench_op_<device>.json for runs of the issue's suite ('default' among the
+    suites), bench_op_<device>_<suites>.json for other suites (gtsrb, layer4_other, ...) and
+    bench_op_<device>_custom.json for explicit shapes, with _<dtype> unless float32: a run of one
+    suite does not overwrite another's results."""
+    items = [item.strip() for part in shapes.split(";") for item in part.split(",") if item.strip()]
+    if not all(item in SUITES for item in items):
+        name = "_custom"
+    elif "default" in items:
+        name = ""
+    else:
+        name = "_" + "_".join(items)
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"bench_op_{device}{name}{suffix}.json")
 
 
 def benchmark_shape(entry, shape, backends, unavailable, args):

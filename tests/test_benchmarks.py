@@ -126,6 +126,16 @@ def test_parse_shapes():
             parse_shapes(bad)
 
 
+def test_default_json_path_keeps_suites_apart():
+    names = {shapes: os.path.basename(bench_op.default_json_path("cpu", shapes, "float32"))
+             for shapes in ("default", "default,extra", "gtsrb", "layer4;other", "32,256,256,8,3,4,1,1", "gtsrb;4,8,8,6,3,2,1,1")}
+    assert names == {"default": "bench_op_cpu.json", "default,extra": "bench_op_cpu.json",
+                     "gtsrb": "bench_op_cpu_gtsrb.json", "layer4;other": "bench_op_cpu_layer4_other.json",
+                     "32,256,256,8,3,4,1,1": "bench_op_cpu_custom.json", "gtsrb;4,8,8,6,3,2,1,1": "bench_op_cpu_custom.json"}
+    assert os.path.basename(bench_op.default_json_path("cuda", "default", "bfloat16")) == "bench_op_cuda_bfloat16.json"
+    assert bench_op.parse_args(["--device", "cpu", "--shapes", "other"]).json.endswith("results/bench_op_cpu_other.json")
+
+
 def test_gemm_bound_smoke_run(tmp_path, capsys):
     import bench_gemm_bound
     path = tmp_path / "bound.json"
