@@ -481,6 +481,16 @@ STRIDE2_ROWS = [
     (2, 3, 4, (6, 67), 3, 2, 2, 2, 2, 1),        # Wo = 34, dilation 2
     (2, 3, 4, (5, 36), 5, 2, (1, 2), 2, 1, 1),   # Wo = 18, stride 2 in width only
 ]
+# Stride 2 both ways with Wo = ceil(W/2) splits x into its four phases (even/odd rows and columns):
+# odd sizes, 1x1, 2x2 without padding, 7x7, rows padded otherwise than columns (Ho != ceil(H/2)).
+STRIDE2_PHASES = [
+    (2, 3, 4, (7, 9), 3, 2, 2, 1, 1, 1),         # odd H and W
+    (2, 3, 4, (7, 9), 1, 2, 2, 0, 1, 1),         # 1x1
+    (2, 3, 4, (6, 8), 2, 2, 2, 0, 1, 1),         # 2x2, no padding
+    (2, 3, 4, (9, 11), 7, 2, 2, 3, 1, 1),        # 7x7, taps wholly in the padding
+    (2, 3, 4, (7, 9), 3, 2, 2, (0, 1), 1, 1),    # Ho = 3 != ceil(H/2)
+    (2, 4, 4, (4, 33), 3, 2, 2, 1, 1, 2),        # Wo = 17, two groups
+]
 
 
 # ---- stride-1 layers whose output is as wide as the input copy (im2col, im2row) and add (col2im)
@@ -502,7 +512,7 @@ CONTIGUOUS_TAPS = [
 
 @requires_extension
 @pytest.mark.parametrize("split", ["samples", "columns"])
-@pytest.mark.parametrize("case", STRIDE2_ROWS + CONTIGUOUS_TAPS, ids=case_id)
+@pytest.mark.parametrize("case", STRIDE2_ROWS + STRIDE2_PHASES + CONTIGUOUS_TAPS, ids=case_id)
 def test_im2col_rows_match_reference(case, split, monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "never")
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)

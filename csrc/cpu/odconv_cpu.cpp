@@ -81,6 +81,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace odconv {
 namespace {
@@ -293,8 +294,9 @@ inline void valid_columns(int64_t w_off, const Geometry& g, int64_t& lo, int64_t
 }
 
 #if defined(__AVX512F__)
-// Stride-2 rows of im2col and col2im, 16 outputs at a time: the scalar loops move one element per
-// iteration, and on narrow maps (Wo = 10) that was a fifth of the time of a strided layer
+// Stride-2 rows of im2col and col2im (those not split into phases, see ContiguousTap: stride 2 in
+// one direction only, or padding other than "same"), 16 outputs at a time: the scalar loops move
+// one element per iteration, and on narrow maps (Wo = 10) that was a fifth of the time of a strided layer
 // (B16 48->96 20x20 stride 2: im2col 22 % of the forward, im2col + col2im 20 % of the backward).
 // Masked loads and stores touch in[0 .. 2n-2] (out[0 .. 2n-2]) only, never the element past the
 // last one used, which may lie past the end of the tensor. (benchmarks/ab_builds.py against the
@@ -369,25 +371,131 @@ inline bool vector_scatter_add_row(const scalar_t* in, int64_t stride, int64_t n
 // 5x5 kernels) are the only ones to fix. im2col copied, and col2im added, row by row: 12 calls of
 // 11-12 floats per tap on a 12x12 map, where im2col was a sixth of the forward (perf: im2col 11 %
 // plus 6 % in the memcpy it called, B64 128->128 12x12).
+// Stride 2 in both directions with Wo = ceil(W/2) ("same" padding) is brought to the same form: x
+// is split into its four phases x_pq[i][j] = x[2i + p][2j + q] (planes of Hp = ceil(H/2) rows by
+// Wp = ceil(W/2) = Wo columns, zero past the map), and output pixel (oh, ow) of tap (u, v) reads
+// phase (h_off & 1, w_off & 1) at (oh + floor(h_off/2), ow + floor(w_off/2)), h_off = u*dh - ph and
+// w_off = v*dw - pw: a constant offset within the phase's plane again. (Row by row, stride-2 im2col
+// was 20 % of the forward of B16 48->96 20x20 stride 2 and 10 % of B32 256->512 14x14 stride 2 in
+// perf, for rows of 10 and 7 outputs.)
 struct ContiguousTap {
   int64_t oh0, oh1;  // valid output rows (input row inside the map), oh0 <= oh1
   int64_t lo, hi;    // valid output columns
-  int64_t d;         // input index - output index
+  int64_t d;         // index in the source plane - output index
+  int64_t phase;     // the source plane: 0 (x itself) for stride 1, p*2 + q for stride 2
   bool empty() const { return oh0 >= oh1 || lo >= hi; }
 };
 
-inline bool contiguous_taps(const Geometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && g.out_w == g.width;
+enum class TapLayout { kRows, kContiguous, kPhases };
+
+inline TapLayout tap_layout(const Geometry& g) {
+  if (g.stride_h == 1 && g.stride_w == 1 && g.out_w == g.width) return TapLayout::kContiguous;
+  if (g.stride_h == 2 && g.stride_w == 2 && g.out_w == (g.width + 1) / 2) return TapLayout::kPhases;
+  return TapLayout::kRows;
 }
 
-inline ContiguousTap contiguous_tap(const Geometry& g, int64_t u, int64_t v) {
+inline ContiguousTap contiguous_tap(const Geometry& g, TapLayout layout, int64_t u, int64_t v) {
   ContiguousTap t;
   const int64_t h_off = u * g.dil_h - g.pad_h, w_off = v * g.dil_w - g.pad_w;
-  t.oh0 = std::clamp<int64_t>(-h_off, 0, g.out_h);
-  t.oh1 = std::clamp<int64_t>(g.height - h_off, t.oh0, g.out_h);
-  valid_columns(w_off, g, t.lo, t.hi);
-  t.d = h_off * g.width + w_off;
+  if (layout == TapLayout::kContiguous) {
+    t.oh0 = std::clamp<int64_t>(-h_off, 0, g.out_h);
+    t.oh1 = std::clamp<int64_t>(g.height - h_off, t.oh0, g.out_h);
+    valid_columns(w_off, g, t.lo, t.hi);
+    t.d = h_off * g.width + w_off;
+    t.phase = 0;
+    return t;
+  }
+  const int64_t p = h_off & 1, q = w_off & 1, hh = h_off >> 1, ww = w_off >> 1;  // >> 1: floor(/2)
+  const int64_t rows = (g.height - p + 1) / 2, cols = (g.width - q + 1) / 2;   // of phase (p, q) in the map
+  t.oh0 = std::clamp<int64_t>(-hh, 0, g.out_h);
+  t.oh1 = std::clamp<int64_t>(rows - hh, t.oh0, g.out_h);
+  t.lo = std::clamp<int64_t>(-ww, 0, g.out_w);
+  t.hi = std::clamp<int64_t>(cols - ww, t.lo, g.out_w);
+  t.d = hh * g.out_w + ww;
+  t.phase = p * 2 + q;
   return t;
+}
+
+// Elements of the source planes per channel: x's own plane, or the four phase planes.
+inline int64_t tap_plane_elems(const Geometry& g) { return ((g.height + 1) / 2) * ((g.width + 1) / 2); }
+
+// planes[(p*2 + q)*Hp*Wp + i*Wp + j] = xc[(2i + p)*W + 2j + q], 0 past the map.
+template <typename scalar_t>
+void split_phases(const scalar_t* xc, int64_t H, int64_t W, scalar_t* planes) {
+  const int64_t Hp = (H + 1) / 2, Wp = (W + 1) / 2;
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t i = 0; i < Hp; ++i) {
+      scalar_t* even = planes + ((p * 2) * Hp + i) * Wp;
+      scalar_t* odd = planes + ((p * 2 + 1) * Hp + i) * Wp;
+      const int64_t ih = 2 * i + p;
+      if (ih >= H) {
+        std::fill(even, even + Wp, scalar_t(0));
+        std::fill(odd, odd + Wp, scalar_t(0));
+        continue;
+      }
+      const scalar_t* in = xc + ih * W;
+      for (int64_t j = 0; j < W / 2; ++j) {
+        even[j] = in[2 * j];
+        odd[j] = in[2 * j + 1];
+      }
+      if (W % 2 == 1) {
+        even[Wp - 1] = in[W - 1];
+        odd[Wp - 1] = scalar_t(0);
+      }
+    }
+  }
+}
+
+// The adjoint: gxc[(2i + p)*W + 2j + q] = planes[(p*2 + q)*Hp*Wp + i*Wp + j] inside the map.
+template <typename scalar_t>
+void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
+  const int64_t Hp = (H + 1) / 2, Wp = (W + 1) / 2;
+  for (int64_t ih = 0; ih < H; ++ih) {
+    const int64_t p = ih % 2, i = ih / 2;
+    const scalar_t* even = planes + ((p * 2) * Hp + i) * Wp;
+    const scalar_t* odd = planes + ((p * 2 + 1) * Hp + i) * Wp;
+    scalar_t* out = gxc + ih * W;
+    for (int64_t j = 0; j < W / 2; ++j) {
+      out[2 * j] = even[j];
+      out[2 * j + 1] = odd[j];
+    }
+    if (W % 2 == 1) out[W - 1] = even[Wp - 1];
+  }
+}
+
+// row[k] = src[k + t.d] on the tap's valid pixels, 0 elsewhere (row: Ho x Wo).
+template <typename scalar_t>
+void copy_tap(const scalar_t* src, const ContiguousTap& t, int64_t Ho, int64_t Wo, scalar_t* row) {
+  const int64_t P = Ho * Wo;
+  if (t.empty()) {
+    std::fill(row, row + P, scalar_t(0));
+    return;
+  }
+  const int64_t begin = t.oh0 * Wo + t.lo, end = (t.oh1 - 1) * Wo + t.hi;
+  std::fill(row, row + begin, scalar_t(0));
+  std::memcpy(row + begin, src + begin + t.d, (end - begin) * sizeof(scalar_t));
+  std::fill(row + end, row + P, scalar_t(0));
+  for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {  // the copied elements past the map's edges
+    if (oh > t.oh0) std::fill(row + oh * Wo, row + oh * Wo + t.lo, scalar_t(0));
+    if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
+  }
+}
+
+// dst[k + t.d] += row[k] on the tap's valid pixels; row's other elements in the run are zeroed
+// first (they belong to no input pixel), so the run is added in one loop.
+template <typename scalar_t>
+void add_tap(scalar_t* row, const ContiguousTap& t, int64_t Wo, scalar_t* dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (t.empty()) return;
+  for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
+    if (oh > t.oh0) std::fill(row + oh * Wo, row + oh * Wo + t.lo, scalar_t(0));
+    if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
+  }
+  const int64_t begin = t.oh0 * Wo + t.lo, end = (t.oh1 - 1) * Wo + t.hi;
+  scalar_t* out = dst + t.d;
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k)
+    out[k] = static_cast<scalar_t>(static_cast<acc_t>(out[k]) + static_cast<acc_t>(row[k]));
 }
 
 // cols[(c*kh + u)*kw + v][oh*Wo + ow] = x[c][oh*sh - ph + u*dh][ow*sw - pw + v*dw] (0 outside),
@@ -396,26 +504,17 @@ template <typename scalar_t>
 void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
   if (c1 < 0) c1 = g.in_channels;
-  const bool contiguous = contiguous_taps(g);
+  const TapLayout layout = tap_layout(g);
+  std::vector<scalar_t> planes(layout == TapLayout::kPhases ? 4 * tap_plane_elems(g) : 0);
   for (int64_t c = c0; c < c1; ++c) {
     const scalar_t* xc = x + c * H * W;
+    if (layout == TapLayout::kPhases) split_phases(xc, H, W, planes.data());
     for (int64_t u = 0; u < g.kernel_h; ++u) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
         scalar_t* row = cols + (((c - c0) * g.kernel_h + u) * g.kernel_w + v) * P;
-        if (contiguous) {
-          const ContiguousTap t = contiguous_tap(g, u, v);
-          if (t.empty()) {
-            std::fill(row, row + P, scalar_t(0));
-            continue;
-          }
-          const int64_t begin = t.oh0 * W + t.lo, end = (t.oh1 - 1) * W + t.hi;
-          std::fill(row, row + begin, scalar_t(0));
-          std::memcpy(row + begin, xc + begin + t.d, (end - begin) * sizeof(scalar_t));
-          std::fill(row + end, row + P, scalar_t(0));
-          for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {  // the copied elements past the map's edges
-            if (oh > t.oh0) std::fill(row + oh * W, row + oh * W + t.lo, scalar_t(0));
-            if (oh + 1 < t.oh1) std::fill(row + oh * W + t.hi, row + (oh + 1) * W, scalar_t(0));
-          }
+        if (layout != TapLayout::kRows) {
+          const ContiguousTap t = contiguous_tap(g, layout, u, v);
+          copy_tap(layout == TapLayout::kPhases ? planes.data() + t.phase * tap_plane_elems(g) : xc, t, Ho, Wo, row);
           continue;
         }
         const int64_t w_off = v * g.dil_w - g.pad_w;
@@ -523,33 +622,27 @@ void im2row(const scalar_t* x, const Geometry& g, scalar_t* scratch, scalar_t* r
 
 // The adjoint of im2col: gx[c][ih][iw] = sum of the gcols entries that im2col read from it, for the
 // input channels [c_begin, c_end) (all by default; gcols rows numbered from c_begin). gx is the
-// whole sample; only those channels are written. With contiguous taps (stride 1, Wo == W) gcols is
-// scratch: its entries for pixels past the map's left and right edges are zeroed so that each
-// tap's valid rows are added in one run (those entries belong to no input pixel).
+// whole sample; only those channels are written. With contiguous taps (stride 1 or 2, see
+// ContiguousTap) gcols is scratch: its entries for pixels past the map's left and right edges are
+// zeroed so that each tap's valid rows are added in one run (add_tap); stride 2 adds into the four
+// phase planes, then interleaves them into gx.
 template <typename scalar_t>
 void col2im(scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 0, int64_t c_end = -1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
   if (c_end < 0) c_end = g.in_channels;
-  std::fill(gx + c_begin * H * W, gx + c_end * H * W, scalar_t(0));
-  const bool contiguous = contiguous_taps(g);
+  const TapLayout layout = tap_layout(g);
+  std::vector<scalar_t> planes(layout == TapLayout::kPhases ? 4 * tap_plane_elems(g) : 0);
+  if (layout != TapLayout::kPhases) std::fill(gx + c_begin * H * W, gx + c_end * H * W, scalar_t(0));
   for (int64_t c = c_begin; c < c_end; ++c) {
     scalar_t* gxc = gx + c * H * W;
+    if (layout == TapLayout::kPhases) std::fill(planes.begin(), planes.end(), scalar_t(0));
     for (int64_t u = 0; u < g.kernel_h; ++u) {
       for (int64_t v = 0; v < g.kernel_w; ++v) {
         scalar_t* row = gcols + (((c - c_begin) * g.kernel_h + u) * g.kernel_w + v) * P;
-        if (contiguous) {
-          const ContiguousTap t = contiguous_tap(g, u, v);
-          if (t.empty()) continue;
-          for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {  // the run's elements past the map's edges
-            if (oh > t.oh0) std::fill(row + oh * W, row + oh * W + t.lo, scalar_t(0));
-            if (oh + 1 < t.oh1) std::fill(row + oh * W + t.hi, row + (oh + 1) * W, scalar_t(0));
-          }
-          const int64_t begin = t.oh0 * W + t.lo, end = (t.oh1 - 1) * W + t.hi;
-          scalar_t* out = gxc + t.d;
-#pragma omp simd
-          for (int64_t k = begin; k < end; ++k)
-            out[k] = static_cast<scalar_t>(static_cast<acc_t>(out[k]) + static_cast<acc_t>(row[k]));
+        if (layout != TapLayout::kRows) {
+          const ContiguousTap t = contiguous_tap(g, layout, u, v);
+          add_tap(row, t, Wo, layout == TapLayout::kPhases ? planes.data() + t.phase * tap_plane_elems(g) : gxc);
           continue;
         }
         const int64_t w_off = v * g.dil_w - g.pad_w;
@@ -568,6 +661,7 @@ void col2im(scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 
         }
       }
     }
+    if (layout == TapLayout::kPhases) merge_phases(planes.data(), H, W, gxc);
   }
 }
 
