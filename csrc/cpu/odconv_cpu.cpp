@@ -492,10 +492,11 @@ void add_tap(scalar_t* row, const ContiguousTap& t, int64_t Wo, scalar_t* dst) {
     if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
   }
   const int64_t begin = t.oh0 * Wo + t.lo, end = (t.oh1 - 1) * Wo + t.hi;
-  scalar_t* out = dst + t.d;
+  scalar_t* out = dst + (begin + t.d);  // begin + t.d >= 0: the run's first pixel is inside the map
+  const scalar_t* in = row + begin;
 #pragma omp simd
-  for (int64_t k = begin; k < end; ++k)
-    out[k] = static_cast<scalar_t>(static_cast<acc_t>(out[k]) + static_cast<acc_t>(row[k]));
+  for (int64_t k = 0; k < end - begin; ++k)
+    out[k] = static_cast<scalar_t>(static_cast<acc_t>(out[k]) + static_cast<acc_t>(in[k]));
 }
 
 // cols[(c*kh + u)*kw + v][oh*Wo + ow] = x[c][oh*sh - ph + u*dh][ow*sw - pw + v*dw] (0 outside),
