@@ -463,6 +463,17 @@ void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
   }
 }
 
+// Zeroes the elements of a tap's run that lie past the map's left and right edges: columns [0, lo)
+// and [hi, Wo) of its rows after the first and before the last (the run starts at (oh0, lo) and
+// ends at (oh1 - 1, hi)).
+template <typename scalar_t>
+void zero_run_edges(const ContiguousTap& t, int64_t Wo, scalar_t* row) {
+  for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
+    if (oh > t.oh0) std::fill(row + oh * Wo, row + oh * Wo + t.lo, scalar_t(0));
+    if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
+  }
+}
+
 // row[k] = src[k + t.d] on the tap's valid pixels, 0 elsewhere (row: Ho x Wo).
 template <typename scalar_t>
 void copy_tap(const scalar_t* src, const ContiguousTap& t, int64_t Ho, int64_t Wo, scalar_t* row) {
@@ -475,10 +486,7 @@ void copy_tap(const scalar_t* src, const ContiguousTap& t, int64_t Ho, int64_t W
   std::fill(row, row + begin, scalar_t(0));
   std::memcpy(row + begin, src + begin + t.d, (end - begin) * sizeof(scalar_t));
   std::fill(row + end, row + P, scalar_t(0));
-  for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {  // the copied elements past the map's edges
-    if (oh > t.oh0) std::fill(row + oh * Wo, row + oh * Wo + t.lo, scalar_t(0));
-    if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
-  }
+  zero_run_edges(t, Wo, row);  // the copied elements past the map's edges
 }
 
 // dst[k + t.d] += row[k] on the tap's valid pixels; row's other elements in the run are zeroed
@@ -487,10 +495,7 @@ template <typename scalar_t>
 void add_tap(scalar_t* row, const ContiguousTap& t, int64_t Wo, scalar_t* dst) {
   using acc_t = at::opmath_type<scalar_t>;
   if (t.empty()) return;
-  for (int64_t oh = t.oh0; oh < t.oh1; ++oh) {
-    if (oh > t.oh0) std::fill(row + oh * Wo, row + oh * Wo + t.lo, scalar_t(0));
-    if (oh + 1 < t.oh1) std::fill(row + oh * Wo + t.hi, row + (oh + 1) * Wo, scalar_t(0));
-  }
+  zero_run_edges(t, Wo, row);
   const int64_t begin = t.oh0 * Wo + t.lo, end = (t.oh1 - 1) * Wo + t.hi;
   scalar_t* out = dst + (begin + t.d);  // begin + t.d >= 0: the run's first pixel is inside the map
   const scalar_t* in = row + begin;
@@ -1694,6 +1699,13 @@ void build_kernel_rows(const scalar_t* weight, const scalar_t* f, const scalar_t
   }
 }
 
+// The input scales of the samples [b0, b0 + n) into m (n, G*J) (input_scale of each).
+template <typename scalar_t>
+void input_scales(const scalar_t* ch, const scalar_t* s, const Geometry& g, int64_t b0, int64_t n, scalar_t* m) {
+  const int64_t GJ = g.groups * g.cols_per_group();
+  for (int64_t i = 0; i < n; ++i) input_scale(ch + (b0 + i) * g.in_channels, s + (b0 + i) * g.taps(), g, m + i * GJ);
+}
+
 // Wb of the samples [b0, b0 + n) into kern (n, G, Cog, J) and their input scales into m (n, G*J), on
 // the calling thread: the per-sample paths' workers. (Splitting their rows with a nested
 // at::parallel_for gave a wrong grad_W at 3 threads, test_sample_convolutions_match_reference,
@@ -1701,8 +1713,7 @@ void build_kernel_rows(const scalar_t* weight, const scalar_t* f, const scalar_t
 template <typename scalar_t>
 void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scalar_t* f, const scalar_t* s,
                           const scalar_t* a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m) {
-  const int64_t GJ = g.groups * g.cols_per_group();
-  for (int64_t i = 0; i < n; ++i) input_scale(ch + (b0 + i) * g.in_channels, s + (b0 + i) * g.taps(), g, m + i * GJ);
+  input_scales(ch, s, g, b0, n, m);
   build_kernel_rows(weight, f, a, m, g, b0, 0, n * g.out_channels, kern);
 }
 
@@ -1716,10 +1727,8 @@ void build_sample_kernels(const scalar_t* weight, const scalar_t* ch, const scal
 template <typename scalar_t>
 void build_chunk_kernels(const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
                          const at::Tensor& a, const Geometry& g, int64_t b0, int64_t n, scalar_t* kern, scalar_t* m) {
-  const int64_t J = g.cols_per_group(), GJ = g.groups * J;
-  for (int64_t i = 0; i < n; ++i)
-    input_scale(ch.const_data_ptr<scalar_t>() + (b0 + i) * g.in_channels,
-                s.const_data_ptr<scalar_t>() + (b0 + i) * g.taps(), g, m + i * GJ);
+  const int64_t J = g.cols_per_group();
+  input_scales(ch.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), g, b0, n, m);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, J));
   at::parallel_for(0, n * g.out_channels, grain, [&](int64_t r0, int64_t r1) {
     build_kernel_rows(weight.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), m,
