@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh                  # results in benchmarks/results/gpu_<date>/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh    # results in /some/dir
 #
-# Steps, in order. Each runs under `timeout` and all of them within GPU_CHECK_BUDGET_S (default 450 s);
+# Steps, in order. Each runs under `timeout` and all of them within GPU_CHECK_BUDGET_S (default 480 s);
 # a failing step does not stop the others. Exit status 0 only if every step passed (a step that is
 # cut by its timeout or by the budget counts as failed; a missing compute-sanitizer is reported, not
 # failed).
@@ -20,12 +20,18 @@
 #   memcheck   compute-sanitizer --tool memcheck   python benchmarks/cuda_memcheck_case.py
 #   racecheck  compute-sanitizer --tool racecheck  python benchmarks/cuda_memcheck_case.py --quick
 #   bench      python benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile
-#              --min-run-time 0.5 --json $OUT/bench_cuda.json   (layer4: ResNet-18 layer4, B = 32 and
-#              256, 512 -> 512, 7x7 maps, 3x3, K = 4; compiled_reference is skipped to fit the budget)
+#              --min-run-time 0.25 --rounds 2 --json $OUT/bench_cuda.json   (layer4: ResNet-18 layer4,
+#              B = 32 and 256, 512 -> 512, 7x7 maps, 3x3, K = 4; compiled_reference is skipped to fit
+#              the budget; GPU timings are steady, so shorter and fewer rounds than on the CPU)
+#   profile    python benchmarks/cuda_profile.py: the CUDA kernels of one forward + backward of three
+#              shapes, per backend (where the extension's time goes, and what cuDNN runs)
+#   train      python benchmarks/bench_train.py --device cuda --rounds 1: images/s of a GTSRB training
+#              step, extension vs reference vs static twin, float32 and bfloat16 autocast
+#   bench_bf16 bench_op.py --dtype bfloat16 on the default suite (fwd and fwdbwd, no memory)
 # Every step logs to $OUT/<step>.log; the summary table is printed last and kept in $OUT/summary.txt.
 #
 # Environment: PYTHON (default: .venv/bin/python if it has CUDA torch, else python3), CUDA_HOME (found
-# if unset), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), GPU_CHECK_BUDGET_S (450), GPU_CHECK_STEPS (the
+# if unset), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), GPU_CHECK_BUDGET_S (480), GPU_CHECK_STEPS (the
 # steps to run, default all: e.g. "info build memcheck" to rerun only those). If pytest is not
 # installed, a folder of pure-Python packages (pytest and its dependencies) at $GPU_CHECK_PYDEPS
 # (default .gpu_pydeps) is added to PYTHONPATH.
@@ -37,10 +43,10 @@ OUT="${OUT:-benchmarks/results/gpu_$(date +%F)}"
 mkdir -p "$OUT/.status" || exit 2
 OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/.status/*
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-STEPS=(info build probe test_cuda test_ops memcheck racecheck bench)
+STEPS=(info build probe test_cuda test_ops memcheck racecheck bench profile train bench_bf16)
 SELECTED=" ${GPU_CHECK_STEPS:-${STEPS[*]}} "
 
 # ---------------------------------------------------------------------------------------- environment
@@ -215,9 +221,13 @@ if [ $BUILD_OK -eq 0 ]; then
   wait "$TEST_OPS_PID"
   cat "$OUT/.test_ops.console"
   run_step bench 200 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile \
-    --min-run-time 0.5 --json "$OUT/bench_cuda.json"
+    --min-run-time 0.25 --rounds 2 --json "$OUT/bench_cuda.json"
+  run_step profile 90 "$PYTHON" benchmarks/cuda_profile.py --json "$OUT/profile_cuda.json"
+  run_step train 120 "$PYTHON" benchmarks/bench_train.py --device cuda --rounds 1 --json "$OUT/bench_train_cuda.json"
+  run_step bench_bf16 90 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default --dtype bfloat16 \
+    --no-compile --modes fwd,fwdbwd --min-run-time 0.2 --rounds 1 --json "$OUT/bench_cuda_bfloat16.json"
 else
-  for s in probe test_cuda test_ops memcheck racecheck bench; do
+  for s in probe test_cuda test_ops memcheck racecheck bench profile train bench_bf16; do
     echo "CUT 0 not run: the build failed" > "$OUT/.status/$s"
   done
 fi
@@ -231,7 +241,9 @@ note() {  # a one-line digest of a step's log
     probe) grep -E "^[0-9]\.|all steps passed|Fatal" "$log" | tail -n 1 ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases ok" "$log" | tr '\n' ' ' ;;
     build) grep -q "kernels registered" "$log" && echo "CPU, CUDA, AutocastCUDA kernels registered" ;;
-    bench) grep -iE "worst|target" "$log" | tail -n 2 | tr '\n' ' ' ;;
+    bench | bench_bf16) grep -iE "worst|target" "$log" | tail -n 2 | tr '\n' ' ' ;;
+    profile) grep -E "^[a-z]+: .* ms per step" "$log" | head -n 3 | tr '\n' ' ' ;;
+    train) grep -E "^\|" "$log" | tail -n 5 | tr '\n' ' ' ;;
     info) grep -E "^device 0" "$log" ;;
   esac
 }
