@@ -34,6 +34,8 @@ CONFIGS = [("odconv", "extension", "none"), ("odconv", "reference", "none"), ("s
 
 def worker(args):
     os.environ["ODCONV_BACKEND"] = args.backend
+    # odconv from this checkout when it is not installed (built in place, as benchmarks/gpu_check.sh does)
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
 
     import odconv

@@ -36,7 +36,15 @@ SHIM = r"""
 #include <memory>
 #include <vector>
 namespace emu {
-struct Dim3 { unsigned int x = 0, y = 0, z = 0; };
+struct Dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+  Dim3() = default;
+  Dim3(unsigned int x_, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+// thread i of a block (linear, x fastest, as CUDA numbers threads into warps)
+inline Dim3 thread_index(int i, const Dim3& block) {
+  return {static_cast<unsigned>(i) % block.x, static_cast<unsigned>(i) / block.x, 0};
+}
 inline Dim3 threadIdx_, blockIdx_, blockDim_, gridDim_;
 
 // One block's threads as cooperative contexts on this OS thread: a thread runs until it waits at a
@@ -65,7 +73,7 @@ inline void wait_at(int b) {
   }
   self.barrier = b;
   swapcontext(&self.ctx, &scheduler_ctx);
-  threadIdx_ = {(unsigned)current_, 0, 0};
+  threadIdx_ = thread_index(current_, blockDim_);
 }
 
 inline void trampoline() {
@@ -99,7 +107,7 @@ void run_block(int nthreads, F& f) {
       all_done = false;
       if (t.barrier >= 0) continue;
       current_ = i;
-      threadIdx_ = {(unsigned)i, 0, 0};
+      threadIdx_ = thread_index(i, blockDim_);
       swapcontext(&scheduler_ctx, &t.ctx);
       progressed = true;
     }
@@ -113,14 +121,16 @@ void run_block(int nthreads, F& f) {
 }
 
 template <typename... KArgs, typename... Args>
-void launch(bool cooperative, void (*kernel)(KArgs...), unsigned int grid, int threads, Args... args) {
-  gridDim_ = {grid, 1, 1};
-  blockDim_ = {(unsigned)threads, 1, 1};
-  for (unsigned int b = 0; b < grid; ++b) {
-    blockIdx_ = {b, 0, 0};
+void launch(bool cooperative, void (*kernel)(KArgs...), Dim3 grid, Dim3 block, Args... args) {
+  gridDim_ = grid;
+  blockDim_ = block;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  for (unsigned int by = 0; by < grid.y; ++by)
+  for (unsigned int bx = 0; bx < grid.x; ++bx) {
+    blockIdx_ = {bx, by, 0};
     if (!cooperative) {  // no barriers: the threads one after another
       for (int t = 0; t < threads; ++t) {
-        threadIdx_ = {(unsigned)t, 0, 0};
+        threadIdx_ = thread_index(t, block);
         kernel(args...);
       }
       continue;
@@ -146,6 +156,7 @@ T __shfl_down_sync(unsigned int, T v, int offset) {
   return r;
 }
 typedef int cudaStream_t;
+using dim3 = emu::Dim3;
 """
 
 SCHEMAS = r"""
@@ -197,7 +208,7 @@ def _rewrite_launches(src):
             else:
                 cur += ch
         parts.append(cur)
-        concurrent = "true" if any(k in callee for k in ("filter_grad_kernel", "spatial_grad_kernel")) else "false"
+        concurrent = "true" if any(k in callee for k in ("filter_grad_kernel", "spatial_grad_kernel", "scale_grad_kernel")) else "false"
         out.append(src[pos:i])
         out.append(f"emu::launch({concurrent}, {callee}, {parts[0].strip()}, {parts[1].strip()}, ")
         pos = end + 4
@@ -308,6 +319,10 @@ def main():
     check((9, 8, 8, 6, 3, 4, 1, 1, 1, 2), torch.float64, 10**4)
     for dtype in (torch.bfloat16, torch.float16):
         check((4, 8, 8, 6, 3, 4, 1, 1, 1, 1), dtype, None)
+    from test_cuda import WIDE_CASES  # wider than the thread blocks: every strided kernel loop repeats
+    for case in WIDE_CASES:
+        check(case, torch.float64, None)
+        check(case, torch.float64, 200000)
     print(f"{failures} failures")
     sys.exit(1 if failures else 0)
 

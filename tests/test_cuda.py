@@ -110,6 +110,26 @@ def test_many_groups_split_over_gemm_batches():
     assert_matches_reference(inputs, conv, torch.float32, reference_device="cuda")
 
 
+# Layers wider than the kernels' thread blocks: more output channels per group than scale_grad_kernel
+# has slices (8), more input columns than its lanes (32), and maps with more pixels than the im2col /
+# col2im blocks have threads (256), so every strided loop of those kernels runs several times.
+WIDE_CASES = [
+    (5, 40, 72, 18, 3, 4, 1, 1, 1, 1),
+    (3, 24, 48, 33, 3, 3, 2, 1, 1, 2),
+    (2, 16, 40, 20, 5, 2, 1, 2, 1, 4),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("chunk_bytes", [None, "200000"], ids=["one_chunk", "chunks_of_few_samples"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=case_id)
+def test_wide_layers_match_reference(case, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setenv(CHUNK_ENV, chunk_bytes)
+    inputs, conv = case_inputs(case, torch.float64)
+    assert_matches_reference(inputs, conv, torch.float64, reference_device="cuda")
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", STRIDED_LAYOUTS)

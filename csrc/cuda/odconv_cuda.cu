@@ -126,6 +126,11 @@ Shape make_shape(const Geometry& g) {
   s.dh = g.dil_h;
   s.dw = g.dil_w;
   s.K = g.kernel_num;
+  // The kernels index within one sample in 32 bits (see build_kernels_kernel).
+  constexpr int64_t kLimit = int64_t(1) << 30;
+  TORCH_CHECK(s.N < kLimit && s.L < kLimit && s.height * s.width < kLimit && s.taps * s.P < kLimit,
+              "odconv2d (CUDA): one sample's sizes must stay below 2^30 elements; got Cout*Cin/G*kh*kw = ",
+              s.N, ", Cin*kh*kw = ", s.L, ", H*W = ", s.height * s.width, ", kh*kw*Ho*Wo = ", s.taps * s.P);
   return s;
 }
 
@@ -190,18 +195,21 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* partial) {
 // within the chunk, nb the samples in the chunk. Attention tensors are contiguous, in acc_t.
 
 // kern[b, o, j] = Wb[o, j] = f[b,o] * ch[b,c] * s[b,t] * sum_k a[b,k] W_k[o,j]    kern: (nb, N)
-// One thread per (set of kSpt samples, n = o*J + j).
+// Grid: x strides over n = o*J + j, y is the set of kSpt samples. The per-element index math is in
+// 32 bits (N < 2^30, checked on the host): 64-bit divisions cost several times more on the GPU.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) build_kernels_kernel(
     const scalar_t* __restrict__ weight, const acc_t* __restrict__ a, const acc_t* __restrict__ f,
     const acc_t* __restrict__ ch, const acc_t* __restrict__ sp, scalar_t* __restrict__ kern,
     int64_t nb, Shape sh) {
-  const int64_t sets = sample_sets(nb);
-  ODCONV_GRID_STRIDE(item, sets * sh.N) {
-    const int64_t n = item % sh.N, b0 = (item / sh.N) * kSpt;
-    const int nbs = set_size(nb, b0);
-    const int64_t o = n / sh.J, j = n % sh.J;
-    const int64_t c = (o / sh.cout_g) * sh.cin_g + j / sh.taps, t = j % sh.taps;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kSpt;
+  const int nbs = set_size(nb, b0);
+  const int N = static_cast<int>(sh.N), J = static_cast<int>(sh.J), taps = static_cast<int>(sh.taps);
+  const int cout_g = static_cast<int>(sh.cout_g), cin_g = static_cast<int>(sh.cin_g);
+  for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+    const int o = n / J, j = n - o * J;
+    const int cj = j / taps;
+    const int c = (o / cout_g) * cin_g + cj, t = j - cj * taps;
     acc_t agg[kSpt];
     aggregate(weight + n, sh.N, a + b0 * sh.K, sh.K, nbs, agg);
 #pragma unroll
@@ -216,48 +224,66 @@ __global__ void __launch_bounds__(kThreads) build_kernels_kernel(
 }
 
 // cols[b, (c*kh + u)*kw + v, oh*wo + ow] = x[b, c, oh*sh - ph + u*dh, ow*sw - pw + v*dw] (0 outside).
-// cols: (nb, L, P). One thread per element of cols.
+// cols: (nb, L, P). One block per row r = (b*cin + c)*taps + t of cols (grid-stride over the rows),
+// its threads over the row's P pixels: the row's (b, c, u, v) is decoded once, each pixel costs one
+// 32-bit division.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) im2col_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ cols, int64_t nb, Shape sh) {
-  ODCONV_GRID_STRIDE(item, nb * sh.L * sh.P) {
-    const int64_t p = item % sh.P, r = item / sh.P;
-    const int64_t row = r % sh.L, b = r / sh.L;
-    const int64_t c = row / sh.taps, t = row % sh.taps;
-    const int64_t u = t / sh.kw, v = t % sh.kw;
-    const int64_t oh = p / sh.wo, ow = p % sh.wo;
-    const int64_t ih = oh * sh.sh - sh.ph + u * sh.dh;
-    const int64_t iw = ow * sh.sw - sh.pw + v * sh.dw;
-    scalar_t value = static_cast<scalar_t>(0);
-    if (ih >= 0 && ih < sh.height && iw >= 0 && iw < sh.width)
-      value = x[((b * sh.cin + c) * sh.height + ih) * sh.width + iw];
-    cols[item] = value;
+__global__ void im2col_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ cols, int64_t rows, Shape sh) {
+  const int P = static_cast<int>(sh.P), wo = static_cast<int>(sh.wo);
+  const int height = static_cast<int>(sh.height), width = static_cast<int>(sh.width);
+  const int stride_h = static_cast<int>(sh.sh), stride_w = static_cast<int>(sh.sw);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t plane = row / sh.taps;  // b*cin + c
+    const int t = static_cast<int>(row - plane * sh.taps);
+    const int u = t / static_cast<int>(sh.kw), v = t - u * static_cast<int>(sh.kw);
+    const int ih0 = u * static_cast<int>(sh.dh) - static_cast<int>(sh.ph);
+    const int iw0 = v * static_cast<int>(sh.dw) - static_cast<int>(sh.pw);
+    const scalar_t* __restrict__ src = x + plane * height * width;
+    scalar_t* __restrict__ dst = cols + row * P;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+      const int oh = p / wo, ow = p - oh * wo;
+      const int ih = oh * stride_h + ih0, iw = ow * stride_w + iw0;
+      dst[p] = (ih >= 0 && ih < height && iw >= 0 && iw < width) ? src[ih * width + iw]
+                                                                  : static_cast<scalar_t>(0);
+    }
   }
 }
 
 // The adjoint of im2col, as a gather: gx[b, c, ih, iw] = sum of the gcols entries that im2col read
-// from (ih, iw), in the fixed order (u, v). gx: (nb, cin, height, width). One thread per element.
+// from (ih, iw), in the fixed order (u, v). gx: (nb, cin, height, width). One block per plane (b, c)
+// (grid-stride over the planes), its threads over the plane's pixels; 32-bit index math.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) col2im_kernel(
-    const scalar_t* __restrict__ gcols, scalar_t* __restrict__ gx, int64_t nb, Shape sh) {
-  ODCONV_GRID_STRIDE(item, nb * sh.cin * sh.height * sh.width) {
-    const int64_t iw = item % sh.width, r = item / sh.width;
-    const int64_t ih = r % sh.height, bc = r / sh.height;  // bc = b*cin + c
-    acc_t sum = acc_t(0);
-    for (int64_t u = 0; u < sh.kh; ++u) {
-      const int64_t hn = ih + sh.ph - u * sh.dh;  // = oh * sh when (ih, u) is read by row oh
-      if (hn < 0 || hn % sh.sh != 0) continue;
-      const int64_t oh = hn / sh.sh;
-      if (oh >= sh.ho) continue;
-      for (int64_t v = 0; v < sh.kw; ++v) {
-        const int64_t wn = iw + sh.pw - v * sh.dw;
-        if (wn < 0 || wn % sh.sw != 0) continue;
-        const int64_t ow = wn / sh.sw;
-        if (ow >= sh.wo) continue;
-        sum += static_cast<acc_t>(gcols[(bc * sh.taps + u * sh.kw + v) * sh.P + oh * sh.wo + ow]);
+__global__ void col2im_kernel(
+    const scalar_t* __restrict__ gcols, scalar_t* __restrict__ gx, int64_t planes, Shape sh) {
+  const int P = static_cast<int>(sh.P), ho = static_cast<int>(sh.ho), wo = static_cast<int>(sh.wo);
+  const int height = static_cast<int>(sh.height), width = static_cast<int>(sh.width);
+  const int kh = static_cast<int>(sh.kh), kw = static_cast<int>(sh.kw);
+  const int stride_h = static_cast<int>(sh.sh), stride_w = static_cast<int>(sh.sw);
+  const int pad_h = static_cast<int>(sh.ph), pad_w = static_cast<int>(sh.pw);
+  const int dil_h = static_cast<int>(sh.dh), dil_w = static_cast<int>(sh.dw);
+  const int hw = height * width;
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const scalar_t* __restrict__ src = gcols + plane * sh.taps * P;  // the plane's taps rows
+    scalar_t* __restrict__ dst = gx + plane * hw;
+    for (int i = threadIdx.x; i < hw; i += blockDim.x) {
+      const int ih = i / width, iw = i - ih * width;
+      acc_t sum = acc_t(0);
+      for (int u = 0; u < kh; ++u) {
+        const int hn = ih + pad_h - u * dil_h;  // = oh * stride_h when (ih, u) is read by row oh
+        if (hn < 0 || hn % stride_h != 0) continue;
+        const int oh = hn / stride_h;
+        if (oh >= ho) continue;
+        for (int v = 0; v < kw; ++v) {
+          const int wn = iw + pad_w - v * dil_w;
+          if (wn < 0 || wn % stride_w != 0) continue;
+          const int ow = wn / stride_w;
+          if (ow >= wo) continue;
+          sum += static_cast<acc_t>(src[(u * kw + v) * P + oh * wo + ow]);
+        }
       }
+      dst[i] = static_cast<scalar_t>(sum);
     }
-    gx[item] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -279,9 +305,11 @@ __global__ void filter_grad_kernel(
     acc_t sums[kSpt];
 #pragma unroll
     for (int s = 0; s < kSpt; ++s) sums[s] = acc_t(0);
-    for (int64_t j = threadIdx.x; j < sh.J; j += blockDim.x) {
+    const int J = static_cast<int>(sh.J), taps = static_cast<int>(sh.taps);
+    for (int j = threadIdx.x; j < J; j += blockDim.x) {
       const int64_t n = o * sh.J + j;
-      const int64_t c = c0 + j / sh.taps, t = j % sh.taps;
+      const int cj = j / taps;
+      const int64_t c = c0 + cj, t = j - cj * taps;
       acc_t agg[kSpt];
       aggregate(weight + n, sh.N, a + b0 * sh.K, sh.K, nbs, agg);
 #pragma unroll
@@ -303,35 +331,58 @@ __global__ void filter_grad_kernel(
   }
 }
 
-// gm[b, g*J + j] = sum_{r < cout_g} Q[b,o,j] A_b[o,j] f[b,o] with o = g*cout_g + r.
-// One thread per (set of kSpt samples, g*J + j); adjacent threads read adjacent j. gm: (nb, L) acc.
+// gm[b, g*J + j] = sum_{r < cout_g} Q[b,o,j] A_b[o,j] f[b,o] with o = g*cout_g + r. gm: (nb, L) acc.
+// Block: kLanes x kSlices threads; grid: x strides over runs of kLanes consecutive idx = g*J + j
+// (adjacent lanes read adjacent j), y is the set of kSpt samples. Slice y sums r = y, y + kSlices, ...;
+// the kSlices partial sums are then added in slice order (fixed: deterministic). Splitting the sum
+// over r keeps the GPU busy when a chunk holds few samples (16 samples of 512 channels: 4 sets x 4608
+// idx, too few threads for a loop of 512 dependent steps each).
+constexpr int kLanes = 32, kSlices = 8;
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) scale_grad_kernel(
+__global__ void __launch_bounds__(kLanes * kSlices) scale_grad_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ weight, const acc_t* __restrict__ a,
     const acc_t* __restrict__ f, acc_t* __restrict__ gm, int64_t nb, Shape sh) {
-  const int64_t sets = sample_sets(nb);
-  ODCONV_GRID_STRIDE(item, sets * sh.L) {
-    const int64_t idx = item % sh.L, b0 = (item / sh.L) * kSpt;
-    const int nbs = set_size(nb, b0);
-    const int64_t g = idx / sh.J, j = idx % sh.J;
+  __shared__ acc_t partial[kSlices][kSpt][kLanes];
+  const int lane = threadIdx.x, slice = threadIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kSpt;
+  const int nbs = set_size(nb, b0);
+  const int L = static_cast<int>(sh.L), J = static_cast<int>(sh.J), cout_g = static_cast<int>(sh.cout_g);
+  // The loop bounds depend on blockIdx only: every thread of a block reaches each __syncthreads.
+  for (int base = blockIdx.x * kLanes; base < L; base += gridDim.x * kLanes) {
+    const int idx = base + lane;
     acc_t sums[kSpt];
 #pragma unroll
     for (int s = 0; s < kSpt; ++s) sums[s] = acc_t(0);
-    for (int64_t r = 0; r < sh.cout_g; ++r) {
-      const int64_t o = g * sh.cout_g + r, n = o * sh.J + j;
-      acc_t agg[kSpt];
-      aggregate(weight + n, sh.N, a + b0 * sh.K, sh.K, nbs, agg);
+    if (idx < L) {
+      const int g = idx / J, j = idx - g * J;
+      for (int r = slice; r < cout_g; r += kSlices) {
+        const int64_t o = static_cast<int64_t>(g) * cout_g + r, n = o * sh.J + j;
+        acc_t agg[kSpt];
+        aggregate(weight + n, sh.N, a + b0 * sh.K, sh.K, nbs, agg);
 #pragma unroll
-      for (int s = 0; s < kSpt; ++s) {
-        if (s < nbs) {
-          const int64_t b = b0 + s;
-          sums[s] += static_cast<acc_t>(q[b * sh.N + n]) * agg[s] * f[b * sh.cout + o];
+        for (int s = 0; s < kSpt; ++s) {
+          if (s < nbs) {
+            const int64_t b = b0 + s;
+            sums[s] += static_cast<acc_t>(q[b * sh.N + n]) * agg[s] * f[b * sh.cout + o];
+          }
         }
       }
     }
 #pragma unroll
-    for (int s = 0; s < kSpt; ++s)
-      if (s < nbs) gm[(b0 + s) * sh.L + idx] = sums[s];
+    for (int s = 0; s < kSpt; ++s) partial[slice][s][lane] = sums[s];
+    __syncthreads();
+    if (slice == 0 && idx < L) {
+#pragma unroll
+      for (int s = 0; s < kSpt; ++s) {
+        if (s < nbs) {
+          acc_t total = acc_t(0);
+#pragma unroll
+          for (int y = 0; y < kSlices; ++y) total += partial[y][s][lane];
+          gm[(b0 + s) * sh.L + idx] = total;
+        }
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -378,7 +429,7 @@ unsigned int blocks_for(int64_t items) {
   return static_cast<unsigned int>(std::min<int64_t>(items, kMaxBlocks));
 }
 
-// Threads for a block that reduces `len` values: a multiple of 32 in [32, kThreads].
+// Threads for a block that reduces or walks `len` values: a multiple of 32 in [32, kThreads].
 int reduce_threads(int64_t len) {
   const int64_t rounded = (len + 31) / 32 * 32;
   return static_cast<int>(std::max<int64_t>(32, std::min<int64_t>(kThreads, rounded)));
@@ -416,9 +467,9 @@ template <typename scalar_t, typename acc_t>
 void launch_build_kernels(
     const at::Tensor& weight, const Attentions& att, at::Tensor& kern_buf, int64_t b0, int64_t nb,
     const Shape& sh, cudaStream_t stream) {
-  const int64_t items = sample_sets(nb) * sh.N;
-  if (items == 0) return;
-  build_kernels_kernel<scalar_t, acc_t><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+  if (nb == 0 || sh.N == 0) return;
+  const dim3 grid(grid_for(sh.N, kThreads), static_cast<unsigned int>(sample_sets(nb)));
+  build_kernels_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
       weight.const_data_ptr<scalar_t>(), att.a.const_data_ptr<acc_t>() + b0 * sh.K,
       att.f.const_data_ptr<acc_t>() + b0 * sh.cout, att.ch.const_data_ptr<acc_t>() + b0 * sh.cin,
       att.s.const_data_ptr<acc_t>() + b0 * sh.taps, kern_buf.mutable_data_ptr<scalar_t>(), nb, sh);
@@ -429,11 +480,11 @@ template <typename scalar_t>
 void launch_im2col(
     const at::Tensor& x, at::Tensor& cols_buf, int64_t b0, int64_t nb, const Shape& sh,
     cudaStream_t stream) {
-  const int64_t items = nb * sh.L * sh.P;
-  if (items == 0) return;
-  im2col_kernel<scalar_t><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+  const int64_t rows = nb * sh.L;
+  if (rows == 0 || sh.P == 0) return;
+  im2col_kernel<scalar_t><<<blocks_for(rows), reduce_threads(sh.P), 0, stream>>>(
       x.const_data_ptr<scalar_t>() + b0 * sh.cin * sh.height * sh.width,
-      cols_buf.mutable_data_ptr<scalar_t>(), nb, sh);
+      cols_buf.mutable_data_ptr<scalar_t>(), rows, sh);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -531,11 +582,11 @@ Grads backward_impl(
                                 : cols_buf.narrow(0, 0, nb).view({nb * G, sh.J, sh.P});
       at::bmm_out(gcols, kq.transpose(1, 2), gy_view);
       if (!direct) {
-        const int64_t items = nb * sh.cin * sh.height * sh.width;
-        if (items > 0) {
-          col2im_kernel<scalar_t, acc_t><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
+        const int64_t planes = nb * sh.cin;
+        if (planes > 0 && sh.height * sh.width > 0) {
+          col2im_kernel<scalar_t, acc_t><<<blocks_for(planes), reduce_threads(sh.height * sh.width), 0, stream>>>(
               cols_buf.const_data_ptr<scalar_t>(),
-              grad_x.mutable_data_ptr<scalar_t>() + b0 * sh.cin * sh.height * sh.width, nb, sh);
+              grad_x.mutable_data_ptr<scalar_t>() + b0 * sh.cin * sh.height * sh.width, planes, sh);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
@@ -564,8 +615,9 @@ Grads backward_impl(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dL/dm, then grad_ch and grad_s from it.
     if (sh.L > 0) {
-      scale_grad_kernel<scalar_t, acc_t><<<grid_for(sets * sh.L, kThreads), kThreads, 0, stream>>>(
-          q, w, a, f, gm, nb, sh);
+      const dim3 grid(static_cast<unsigned int>(std::min<int64_t>((sh.L + kLanes - 1) / kLanes, kMaxBlocks)),
+                      static_cast<unsigned int>(sets));
+      scale_grad_kernel<scalar_t, acc_t><<<grid, dim3(kLanes, kSlices), 0, stream>>>(q, w, a, f, gm, nb, sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       channel_grad_kernel<acc_t><<<grid_for(nb * sh.cin, kThreads), kThreads, 0, stream>>>(
           gm, sp, grad_ch.mutable_data_ptr<acc_t>() + b0 * sh.cin, nb, sh);
