@@ -151,8 +151,30 @@ def main():
     class Build(BuildExtension):
         """Builds _C; if it fails, retries without CUDA, then (unless required) installs without it."""
 
+        @staticmethod
+        def compiler_in_use():
+            """The C++ compiler torch's ninja build runs (CXX, else c++), its version, and CC (nvcc's host
+            compiler when set).
+
+            Recorded because it matters: on the H200 image the environment names a GCC in /opt/gcc, and
+            an extension it builds crashes the process at the first C++ exception of the CPU kernel
+            (benchmarks/results/gpu_2026-11-30_b/probe_flags.log); the system g++ works."""
+            import shutil
+            import subprocess
+
+            from torch.utils.cpp_extension import get_cxx_compiler
+
+            path = shutil.which(get_cxx_compiler()) or get_cxx_compiler()
+            try:
+                version = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                         timeout=60).stdout.splitlines()[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                version = None
+            return {"path": os.path.realpath(path), "version": version, "CC": os.environ.get("CC")}
+
         def build_extension(self, extension):
-            status = dict(config, built=True, error=None)
+            status = dict(config, built=True, error=None, cxx=self.compiler_in_use())
+            print(f"odconv: C++ compiler {status['cxx']}", flush=True)
             try:
                 super().build_extension(extension)
             except Exception as error:  # compiler missing, compile error, link error

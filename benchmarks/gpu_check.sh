@@ -13,7 +13,8 @@
 #   build      the extension in place, CUDA required: python setup.py build_ext --inplace (sm_90)
 #   probe      python benchmarks/cpu_error_probe.py: does a C++ argument error of the CPU kernel reach
 #              Python (before and after torch.compile)? Names the step if it crashes (the 2026-11-29
-#              run segfaulted in test_ops at the first such error)
+#              and 2026-11-30 runs segfaulted there: the extension was built by the /opt/gcc compiler
+#              that the image's CC/CXX name; this script now builds with /usr/bin/g++, see below)
 #   test_cuda  pytest tests/test_cuda.py (CUBLAS_WORKSPACE_CONFIG set for the determinism test)
 #   test_ops   pytest -v tests/test_ops.py (the CPU op tests), in the background during the GPU steps;
 #              -v so that a crash (the 2026-11-29 run segfaulted) names the test in test_ops.log
@@ -32,7 +33,8 @@
 # Every step logs to $OUT/<step>.log; the summary table is printed last and kept in $OUT/summary.txt.
 #
 # Environment: PYTHON (default: .venv/bin/python if it has CUDA torch, else python3), CUDA_HOME (found
-# if unset), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), GPU_CHECK_BUDGET_S (480), GPU_CHECK_STEPS (the
+# if unset), CXX / CC (set to /usr/bin/g++ / gcc unless GPU_CHECK_KEEP_CXX=1), MAX_JOBS (16),
+# TORCH_CUDA_ARCH_LIST (9.0), GPU_CHECK_BUDGET_S (480), GPU_CHECK_STEPS (the
 # steps to run, default all: e.g. "info build memcheck" to rerun only those). If pytest is not
 # installed, a folder of pure-Python packages (pytest and its dependencies) at $GPU_CHECK_PYDEPS
 # (default .gpu_pydeps) is added to PYTHONPATH.
@@ -47,7 +49,7 @@ rm -f "$OUT"/.status/*
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
-STEPS=(info build probe probe_flags test_cuda test_ops memcheck racecheck bench profile train bench_bf16)
+STEPS=(info build probe test_cuda test_ops memcheck racecheck bench profile train bench_bf16)
 SELECTED=" ${GPU_CHECK_STEPS:-${STEPS[*]}} "
 
 # ---------------------------------------------------------------------------------------- environment
@@ -82,10 +84,18 @@ for c in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" "${CUDA_HOME:-/nonex
          "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-1*/bin/compute-sanitizer; do
   if [ -n "$c" ] && [ -x "$c" ]; then SANITIZER=$c; break; fi
 done
+# The C++ compiler: the system's g++, not the one the environment names. On the H200 image CC and CXX
+# point at a GCC in /opt/gcc, and the extension it builds crashes the process at the first C++
+# exception of the CPU kernel (an argument error); built with /usr/bin/g++ the error reaches Python
+# (results/gpu_2026-11-30_b/probe_flags.log). GPU_CHECK_KEEP_CXX=1 keeps CC and CXX as they are.
+ENV_COMPILERS="CXX=${CXX:-<unset>} CC=${CC:-<unset>}"
+if [ "${GPU_CHECK_KEEP_CXX:-0}" != 1 ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
 export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
-export PYTHON SANITIZER OUT
+export PYTHON SANITIZER OUT ENV_COMPILERS
 
 # ---------------------------------------------------------------------------------------- step runner
 skip_step() {  # NAME REASON: reported, not failed
@@ -129,6 +139,8 @@ run_step() {
 step_info() {
   echo "date: $(date -Is)   host: $(hostname)   out: $OUT"
   echo "python: $PYTHON   CUDA_HOME: ${CUDA_HOME:-<none>}   sanitizer: ${SANITIZER:-<none>}"
+  echo "compilers: CXX=${CXX:-<unset>} CC=${CC:-<unset>} (the environment had $ENV_COMPILERS)"
+  "${CXX:-c++}" --version | head -n 1
   nvidia-smi || true
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
   "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version || true
@@ -182,48 +194,6 @@ step_sanitize() {  # TOOL ARGS...: the case script under compute-sanitizer, our 
     "$PYTHON" benchmarks/cuda_memcheck_case.py "$@"
 }
 
-# Which build of the CPU kernels lets a C++ argument error reach Python? On the H200 machine (2026-11-29
-# and -30) the default build (g++ from /opt/gcc, -O3 -march=native -fopenmp) segfaults at the first
-# such error of the CPU kernel, while the same error raised through the CUDA kernel (host code built
-# by nvcc, without -march) arrives. Builds CPU-only copies with other compilers / flags in parallel
-# and runs step 1 of cpu_error_probe.py in each: the first variant that passes names the cause.
-step_probe_flags() {
-  local root=$ROOT variants=(
-    "default|"
-    "no_march|ODCONV_CPU_ARCH="
-    "x86_64_v3|ODCONV_CPU_ARCH=-march=x86-64-v3"
-    "native_no_avx512|ODCONV_CPU_ARCH=-march=native -mno-avx512f"
-    "system_gxx|CXX=/usr/bin/g++ CC=/usr/bin/gcc"
-  )
-  echo "c++ on PATH: $(command -v c++) -> $(c++ --version | head -n 1)"
-  [ -x /usr/bin/g++ ] && echo "/usr/bin/g++: $(/usr/bin/g++ --version | head -n 1)"
-  for entry in "${variants[@]}"; do
-    local name=${entry%%|*}
-    local setting=${entry#*|}
-    local dir=/tmp/probe_$name
-    rm -rf "$dir" && mkdir -p "$dir"
-    (cd "$root" && git ls-files -z | xargs -0 cp --parents -t "$dir" 2>/dev/null || cp -r "$root"/. "$dir")
-    (
-      cd "$dir" || exit 1
-      [ -n "$setting" ] && export "${setting%% CC=*}"
-      [[ $setting == *" CC="* ]] && export "CC=${setting##* CC=}"
-      env ODCONV_NO_CUDA=1 ODCONV_REQUIRE_EXTENSION=1 MAX_JOBS=3 "$PYTHON" setup.py build_ext --inplace \
-        > build.log 2>&1 || { echo "$name: BUILD FAILED"; tail -n 5 build.log; exit 0; }
-      timeout 60 "$PYTHON" -X faulthandler -c "
-import sys; sys.path.insert(0, '$dir'); sys.path.insert(0, '$dir/benchmarks')
-import odconv, cpu_error_probe
-print(odconv.backend_info()['build'].get('cpu_arch_flags'), flush=True)
-libs = sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('libstdc', 'libgcc_s', 'gomp'))})
-print('loaded:', ' '.join(libs), flush=True)
-print('ok:', cpu_error_probe.too_small_input('cpu'))" > probe.log 2>&1
-      echo "$name ($setting): exit $? :: $(grep -E '^ok:|Fatal|Error' probe.log | head -n 1)"
-      [ "$name" = default ] && grep -E "^loaded:" probe.log
-    ) &
-  done
-  wait
-  ldd "$root"/odconv/_C*.so | grep -E "stdc|gcc_s|gomp" || true
-}
-
 step_profile() {  # the kernels of three shapes; then layer4 B256 with 1 GiB chunks instead of 256 MiB
   "$PYTHON" benchmarks/cuda_profile.py --json "$OUT/profile_cuda.json" || return 1
   echo; echo "### ODCONV_CUDA_CHUNK_BYTES=1073741824"
@@ -231,7 +201,7 @@ step_profile() {  # the kernels of three shapes; then layer4 B256 with 1 GiB chu
     --backends extension --top 8
 }
 
-export -f step_info step_build step_sanitize step_probe_flags step_profile
+export -f step_info step_build step_sanitize step_profile
 
 bench_summary() {
   "$PYTHON" - "$OUT/bench_cuda.json" <<'EOF' 2>/dev/null || true
@@ -259,8 +229,6 @@ if [ $BUILD_OK -eq 0 ]; then
   ( run_step test_ops 240 env OMP_NUM_THREADS=6 "$PYTHON" -m pytest -v -p no:cacheprovider tests/test_ops.py \
       > "$OUT/.test_ops.console" 2>&1 ) &
   TEST_OPS_PID=$!
-  ( run_step probe_flags 200 step_probe_flags > "$OUT/.probe_flags.console" 2>&1 ) &
-  PROBE_FLAGS_PID=$!
   run_step test_cuda 240 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PYTHON" -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py
   if [ -n "$SANITIZER" ]; then
@@ -270,8 +238,8 @@ if [ $BUILD_OK -eq 0 ]; then
     skip_step memcheck "compute-sanitizer not found"
     skip_step racecheck "compute-sanitizer not found"
   fi
-  wait "$TEST_OPS_PID" "$PROBE_FLAGS_PID"
-  cat "$OUT/.test_ops.console" "$OUT/.probe_flags.console"
+  wait "$TEST_OPS_PID"
+  cat "$OUT/.test_ops.console"
   run_step bench 200 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile \
     --min-run-time 0.25 --rounds 2 --json "$OUT/bench_cuda.json"
   run_step profile 90 step_profile
@@ -279,7 +247,7 @@ if [ $BUILD_OK -eq 0 ]; then
   run_step bench_bf16 90 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default --dtype bfloat16 \
     --no-compile --modes fwd,fwdbwd --min-run-time 0.2 --rounds 1 --json "$OUT/bench_cuda_bfloat16.json"
 else
-  for s in probe probe_flags test_cuda test_ops memcheck racecheck bench profile train bench_bf16; do
+  for s in probe test_cuda test_ops memcheck racecheck bench profile train bench_bf16; do
     echo "CUT 0 not run: the build failed" > "$OUT/.status/$s"
   done
 fi
@@ -291,7 +259,6 @@ note() {  # a one-line digest of a step's log
   case $1 in
     test_*) grep -E "[0-9]+ (passed|failed)|error" "$log" | tail -n 1 ;;
     probe) grep -E "^[0-9]\.|all steps passed|Fatal" "$log" | tail -n 1 ;;
-    probe_flags) grep -E ": exit [0-9]+ ::|BUILD FAILED" "$log" | tr '\n' ' ' ;;
     memcheck | racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases ok" "$log" | tr '\n' ' ' ;;
     build) grep -q "kernels registered" "$log" && echo "CPU, CUDA, AutocastCUDA kernels registered" ;;
     bench | bench_bf16) grep -iE "worst|target" "$log" | tail -n 2 | tr '\n' ' ' ;;
