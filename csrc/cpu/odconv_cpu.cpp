@@ -40,8 +40,10 @@
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   kern   (T, Jt)        Wb of the tile for one sample (forward), and (n, Jt, T) its transpose
-//                         (backward, built through a (T, Jt) scratch and a blocked transpose)
+//   kern   (T, Jt)        Wb of the tile for one sample (forward), or its transpose (Jt, T) (the
+//                         float32 forward on maps like 6x6; backward: (n, Jt, T)), float rows built
+//                         8 at a time and stored transposed from registers, others through a
+//                         (T, Jt) scratch and a blocked transpose
 //   q      (n, T, Jt)     Q of the tile (backward)
 //   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward)
 //   gW     (K, T*Jt)      the run's share of grad_W for the tile (backward; not for the first run)
