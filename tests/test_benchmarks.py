@@ -2,9 +2,11 @@
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
 (benchmarks/bench_gemm_bound.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B
 script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
-(benchmarks/cpu_error_probe.py) passes."""
+(benchmarks/cpu_error_probe.py) passes and the GPU check script (benchmarks/gpu_check.sh) runs its
+plumbing without a GPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,3 +203,20 @@ def test_cpu_error_probe_passes():
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "must be at least as large as the dilated kernel" in proc.stdout
     assert proc.stdout.rstrip().endswith("all steps passed")
+
+
+def test_gpu_check_plumbing_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh with only its info step: the script parses, skips what is not selected,
+    and writes a summary naming every step; the steps themselves need a GPU machine."""
+    script = os.path.join(BENCHMARKS, "gpu_check.sh")
+    steps = re.search(r"^STEPS=\(([^)]*)\)", open(script).read(), re.M).group(1).split()
+    assert {"build", "test_cuda", "test_ops", "bench"} <= set(steps), steps
+    env = dict(os.environ, GPU_CHECK_STEPS="info", OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    summary = (tmp_path / "summary.txt").read_text()
+    assert re.search(r"^info\s+PASS", summary, re.M), summary
+    for step in steps[1:]:
+        assert re.search(rf"^{step}\s+SKIP", summary, re.M), (step, summary)
+    assert summary.rstrip().endswith("RESULT: PASS"), summary
+    assert "python" in (tmp_path / "info.log").read_text()
