@@ -26,7 +26,8 @@
 #              the budget; GPU timings are steady, so shorter and fewer rounds than on the CPU)
 #   profile    python benchmarks/cuda_profile.py: the CUDA kernels of one forward + backward of three
 #              shapes, per backend (where the extension's time goes, and what cuDNN runs); then the
-#              extension on layer4 B256 with 1 GiB batch chunks instead of 256 MiB
+#              extension on layer4 B256 with 1 GiB batch chunks instead of 256 MiB, and the GTSRB
+#              network's layers in float32 and bfloat16
 #   train      python benchmarks/bench_train.py --device cuda --rounds 1: images/s of a GTSRB training
 #              step, extension vs reference vs static twin, float32 and bfloat16 autocast
 #   bench_bf16 bench_op.py --dtype bfloat16 on the default suite (fwd and fwdbwd, no memory)
@@ -197,11 +198,17 @@ step_sanitize() {  # TOOL ARGS...: the case script under compute-sanitizer, our 
     "$PYTHON" benchmarks/cuda_memcheck_case.py "$@"
 }
 
-step_profile() {  # the kernels of three shapes; then layer4 B256 with 1 GiB chunks instead of 256 MiB
+step_profile() {  # the kernels of three shapes; layer4 B256 with 1 GiB chunks; the GTSRB layers in
+  # float32 and bfloat16 (the network's training step was slower under bf16 autocast in run b)
   "$PYTHON" benchmarks/cuda_profile.py --json "$OUT/profile_cuda.json" || return 1
   echo; echo "### ODCONV_CUDA_CHUNK_BYTES=1073741824"
   ODCONV_CUDA_CHUNK_BYTES=1073741824 "$PYTHON" benchmarks/cuda_profile.py --shapes 256,512,512,7,3,4,1,1 \
-    --backends extension --top 8
+    --backends extension --top 8 || return 1
+  for dtype in float32 bfloat16; do
+    echo; echo "### GTSRB layers, $dtype"
+    "$PYTHON" benchmarks/cuda_profile.py --shapes gtsrb --dtype "$dtype" --backends extension,static --top 6 \
+      || return 1
+  done
 }
 
 export -f step_info step_build step_sanitize step_profile
@@ -245,7 +252,7 @@ if [ $BUILD_OK -eq 0 ]; then
   cat "$OUT/.test_ops.console"
   run_step bench 200 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default,layer4 --no-compile \
     --min-run-time 0.25 --rounds 2 --json "$OUT/bench_cuda.json"
-  run_step profile 90 step_profile
+  run_step profile 120 step_profile
   run_step train 120 "$PYTHON" benchmarks/bench_train.py --device cuda --rounds 1 --json "$OUT/bench_train_cuda.json"
   run_step bench_bf16 90 "$PYTHON" benchmarks/bench_op.py --device cuda --shapes default --dtype bfloat16 \
     --no-compile --modes fwd,fwdbwd --min-run-time 0.2 --rounds 1 --json "$OUT/bench_cuda_bfloat16.json"
