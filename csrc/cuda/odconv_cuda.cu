@@ -30,6 +30,11 @@
 // reaches cuBLAS/tensor-core GEMM speed for the big products, and its memory is bounded by a
 // constant. The aggregation kernels read W_k once per set of kSpt samples (kSpt accumulators per
 // thread), so W_k is streamed Bc/kSpt times per chunk instead of Bc times.
+// Measured on an H200 (benchmarks/RESULTS.md, "CUDA on an H200"): correct everywhere, but forward +
+// backward takes 1.7-2.6x cuDNN's static conv on 16x16-48x48 maps and 5-9x on 7x7/8x8 maps, where
+// the per-sample GEMMs have 49-64 columns and writing Wb (then reading it back) costs as much as
+// the products. The next step is the implicit GEMM this design put off: aggregate W's tiles into
+// shared memory as the GEMM loads them, and gather im2col there too.
 //
 // BUFFERS of one chunk (T_ = the input dtype, acc = float for half/bfloat16/float, double for double):
 //   kq     (Bc, Cout, J)     T_    forward: Wb. backward: Wb (for grad_x), then reused for Q
