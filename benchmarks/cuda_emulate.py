@@ -14,7 +14,9 @@ the GEMM views and the reductions of the CUDA code path, not CUDA itself. How:
 * the host code is unchanged: at::bmm_out / at::mm_out / addmm_ run on CPU tensors;
 * the kernels are registered as ``torch.ops.odconv_emu.odconv2d`` / ``odconv2d_backward`` on CPU.
 
-    python benchmarks/cuda_emulate.py            # builds (about a minute), then checks a grid of cases
+    python benchmarks/cuda_emulate.py            # builds (15-60 s), then checks a grid of cases
+
+tests/test_cuda.py runs it on machines without a GPU (CI).
 
 Checks output and the six gradients against odconv.reference in float64 (and float32/bfloat16/
 float16 at their precision), with many batch chunks (ODCONV_CUDA_CHUNK_BYTES) and with one.

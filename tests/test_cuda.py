@@ -1,11 +1,14 @@
 """The CUDA kernels of odconv2d (csrc/cuda/) against the reference, the CPU kernels and themselves.
 
-Everything but test_cuda_build_registers_cuda_kernels needs a GPU and is skipped without one. On a
-GPU machine a missing CUDA kernel fails the tests (it is not skipped). Tolerances are those of
-conftest.tolerances for the dtype, the absolute one scaled by the magnitude of the expected value
-for gradients (which are sums over the batch and the pixels), as in test_ops.py.
+Everything but test_cuda_build_registers_cuda_kernels and test_cuda_source_emulated_on_cpu needs a GPU
+and is skipped without one. On a GPU machine a missing CUDA kernel fails the tests (it is not
+skipped). Tolerances are those of conftest.tolerances for the dtype, the absolute one scaled by the
+magnitude of the expected value for gradients (which are sums over the batch and the pixels), as in
+test_ops.py.
 """
 import os
+import subprocess
+import sys
 
 # cuBLAS is bitwise reproducible with a fixed workspace configuration; older torch versions insist
 # on it under torch.use_deterministic_algorithms(True). Must be set before cuBLAS starts.
@@ -81,6 +84,25 @@ def test_cuda_build_registers_cuda_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("odconv::odconv2d", "AutocastCUDA")
     if odconv.backend_info()["requested"] == "auto":
         assert odconv.backend_info()["cuda"]["backend"] == "extension", odconv.backend_info()
+
+
+def test_cuda_source_emulated_on_cpu():
+    """Runs everywhere: benchmarks/cuda_emulate.py compiles csrc/cuda/odconv_cuda.cu as C++ (kernels run
+    block by block, threads as cooperative contexts) and checks its output and six gradients against the
+    reference on the conftest grid, in many batch chunks and in one, and on layers wider than the thread
+    blocks. It catches index, chunking and reduction bugs of the CUDA source on machines without a GPU
+    (CI), where the GPU tests below are skipped."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the CUDA tests below run the kernels themselves")
+    build = odconv.backend_info()["build"]
+    if not build.get("built"):
+        pytest.skip(f"no C++ toolchain built the extension: {build.get('error')}")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "cuda_emulate.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.rstrip().endswith("0 failures"), proc.stdout[-4000:]
+    assert proc.stdout.count("\nok ") >= 60, proc.stdout[-4000:]
 
 
 # ---- values and gradients ---------------------------------------------------------------------
