@@ -164,7 +164,8 @@ def main():
 
             from torch.utils.cpp_extension import get_cxx_compiler
 
-            path = shutil.which(get_cxx_compiler()) or get_cxx_compiler()
+            compiler = get_cxx_compiler()
+            path = shutil.which(compiler) or compiler
             try:
                 version = subprocess.run([path, "--version"], capture_output=True, text=True,
                                          timeout=60).stdout.splitlines()[0]

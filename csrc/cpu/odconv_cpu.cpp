@@ -801,10 +801,12 @@ void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, c
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     const int64_t o0 = gi * g.out_per_group;
+    const auto build_row = [&](int64_t r, scalar_t* out) {  // Wb[o0 + r, tile columns] into out
+      aggregate_row_dispatch(weight + (o0 + r) * J + t.j0, k_stride, a, K, Jt, f[o0 + r], m + gi * J + t.j0,
+                             scratch, out);
+    };
     if (!transposed) {
-      for (int64_t r = t.r0; r < t.r1; ++r)
-        aggregate_row_dispatch(weight + (o0 + r) * J + t.j0, k_stride, a, K, Jt, f[o0 + r], m + gi * J + t.j0,
-                               scratch, kern + ((gi - t.g0) * T + (r - t.r0)) * Jt);
+      for (int64_t r = t.r0; r < t.r1; ++r) build_row(r, kern + ((gi - t.g0) * T + (r - t.r0)) * Jt);
       continue;
     }
     scalar_t* kern_t = kern + (gi - t.g0) * Jt * ld + col0;  // column r - t.r0 holds row r
@@ -819,9 +821,7 @@ void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, c
     }
 #endif
     if (r == t.r1) continue;
-    for (int64_t q = r; q < t.r1; ++q)
-      aggregate_row_dispatch(weight + (o0 + q) * J + t.j0, k_stride, a, K, Jt, f[o0 + q], m + gi * J + t.j0,
-                             scratch, rows_scratch + (q - r) * Jt);
+    for (int64_t q = r; q < t.r1; ++q) build_row(q, rows_scratch + (q - r) * Jt);
     transpose_into(rows_scratch, t.r1 - r, Jt, kern_t + (r - t.r0), ld);
   }
 }

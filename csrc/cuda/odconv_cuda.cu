@@ -620,8 +620,7 @@ Grads backward_impl(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // dL/dm, then grad_ch and grad_s from it.
     if (sh.L > 0) {
-      const dim3 grid(static_cast<unsigned int>(std::min<int64_t>((sh.L + kLanes - 1) / kLanes, kMaxBlocks)),
-                      static_cast<unsigned int>(sets));
+      const dim3 grid(grid_for(sh.L, kLanes), static_cast<unsigned int>(sets));
       scale_grad_kernel<scalar_t, acc_t><<<grid, dim3(kLanes, kSlices), 0, stream>>>(q, w, a, f, gm, nb, sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       channel_grad_kernel<acc_t><<<grid_for(nb * sh.cin, kThreads), kThreads, 0, stream>>>(
