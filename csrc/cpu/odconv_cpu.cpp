@@ -29,12 +29,14 @@
 // kTileBytes, for deep layers with small maps a range of rows and a range of J (make_tiles). A
 // thread handles a tile for all of its samples before the next tile, so a tile of W_k is read from
 // memory once per thread and run and then served from cache; the aggregated rows are consumed by
-// the GEMMs while still in cache. A forward with fewer samples than threads (one image in the GUI)
-// splits each sample's output rows between threads instead: im2col by input channels, then the
-// (sample, row range) pairs in parallel. The backward of layers without groups gives each thread a
-// range of input channels for every sample instead of a run of samples ("The backward by
-// columns" below); the buffers and the grad_W reduction described next are those of the split by
-// samples.
+// the GEMMs while still in cache. (The float32 forward on maps like 6x6, which needs Wb^T, first
+// transposes the tile's K slices of W once per run of at least kMinSamplesPerWeightTranspose
+// samples, and its runs are sized by kTransposedForwardThreadBytes.) A forward with fewer samples
+// than threads (one image in the GUI) splits each sample's output rows between threads instead:
+// im2col by input channels, then the (sample, row range) pairs in parallel. The backward of layers
+// without groups gives each thread a range of input channels for every sample instead of a run of
+// samples ("The backward by columns" below); the buffers and the grad_W reduction described next
+// are those of the split by samples.
 // Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
@@ -44,6 +46,7 @@
 //                         float32 forward on maps like 6x6; backward: (n, Jt, T)), float rows built
 //                         8 at a time and stored transposed from registers, others through a
 //                         (T, Jt) scratch and a blocked transpose
+//   wt     (K, Jt, T)     W_k of the tile transposed, per group (float32 forward on maps like 6x6)
 //   q      (n, T, Jt)     Q of the tile (backward)
 //   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward)
 //   gW     (K, T*Jt)      the run's share of grad_W for the tile (backward; not for the first run)
@@ -101,6 +104,17 @@ constexpr int64_t kSmallIm2colBytes = 1024 * 1024;
 // benchmarks/results/ab_forward_budget_cpu.json). The backward keeps 8 MB: with 2 MB, 512->512 4x4 took 1.26x as long (more chunks,
 // each re-reading the K kernels), and the mid-size maps did not change beyond noise.
 constexpr int64_t kForwardThreadBytes = 2 * 1024 * 1024;
+// The transposed float32 forward (maps like 6x6 and 7x7) takes more samples per run: each run
+// streams the K kernels once per tile, and transposes its tiles' slices of W once
+// (transpose_weight_tile) when it has at least kMinSamplesPerWeightTranspose samples. Below that
+// the transposes of the K slices cost more than those of the built Wb^T they replace (K per element
+// of the tile against one per sample). With 16 MB and 5 instead of 2 MB and none: forward 0.86-0.92
+// of its time on B128 128->256 6x6, B32 512->512 7x7, B64 256->256 5x5 and a 7x7 layer with groups
+// (benchmarks/ab_builds.py, 5 rounds of 15 calls; results/ab_weight_transposed_forward_cpu.json).
+// The whole of W transposed once per call was slower on B32 512->512 7x7 (1.16): 38 MB of fresh
+// pages per call.
+constexpr int64_t kTransposedForwardThreadBytes = 16 * 1024 * 1024;
+constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kMaxSamplesPerThread = 16;
 constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile per thread, at least
@@ -580,8 +594,9 @@ inline void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd
 // dst[p * ld + j] = src[j * P + p] for j < n: a transpose in cache-sized blocks. For float with AVX,
 // 8 x 8 blocks go through registers: 5-6x faster than element by element here, and im2row (the
 // transpose of every sample's im2col matrix) was a third of the backward on 24x24 maps.
+// (The same with rows of src lds apart: dst[p * ld + j] = src[j * lds + p].)
 template <typename scalar_t>
-void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, int64_t ld) {
+void transpose_strided(const scalar_t* src, int64_t n, int64_t P, int64_t lds, scalar_t* dst, int64_t ld) {
   constexpr int64_t kBlock = 32;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t j1 = std::min(n, j0 + kBlock);
@@ -592,16 +607,21 @@ void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, in
       if constexpr (std::is_same_v<scalar_t, float>) {
         for (; j + 8 <= j1; j += 8) {
           int64_t p = p0;
-          for (; p + 8 <= p1; p += 8) transpose_8x8(src + j * P + p, P, dst + p * ld + j, ld);
+          for (; p + 8 <= p1; p += 8) transpose_8x8(src + j * lds + p, lds, dst + p * ld + j, ld);
           for (int64_t jj = j; jj < j + 8; ++jj)
-            for (int64_t pp = p; pp < p1; ++pp) dst[pp * ld + jj] = src[jj * P + pp];
+            for (int64_t pp = p; pp < p1; ++pp) dst[pp * ld + jj] = src[jj * lds + pp];
         }
       }
 #endif
       for (; j < j1; ++j)
-        for (int64_t p = p0; p < p1; ++p) dst[p * ld + j] = src[j * P + p];
+        for (int64_t p = p0; p < p1; ++p) dst[p * ld + j] = src[j * lds + p];
     }
   }
+}
+
+template <typename scalar_t>
+void transpose_into(const scalar_t* src, int64_t n, int64_t P, scalar_t* dst, int64_t ld) {
+  transpose_strided(src, n, P, P, dst, ld);
 }
 
 // im2row goes through im2col a few input channels (about 32 cols rows) at a time, so its scratch
@@ -789,6 +809,69 @@ inline bool aggregate_8_rows_transposed_dispatch(const float* w, int64_t J, int6
 }
 #endif
 
+// The K slices of W on one tile, transposed: wt[((gi - t.g0) * K + k) * Jt * T + jj * T + r] =
+// W_k[gi * Cout/G + t.r0 + r, t.j0 + jj]. The transposed float32 forward builds every sample's Wb^T of
+// the tile from these rows (build_tile_kernel_from_transposed), which need no transposes of their own.
+template <typename scalar_t>
+void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile& t, scalar_t* wt) {
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
+  for (int64_t gi = t.g0; gi < t.g1; ++gi)
+    for (int64_t k = 0; k < K; ++k)
+      transpose_strided(weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0, T, Jt, J,
+                        wt + ((gi - t.g0) * K + k) * Jt * T, T);
+}
+
+// One row jj of Wb^T on a tile from the transposed slices: out[r] = f[r] * sum_k (a[k] m) wt_k[r], r < T
+// (K fixed at compile time so the k loop unrolls and the r loop vectorises).
+template <int K>
+inline void aggregate_transposed_row(const float* __restrict__ wt, int64_t k_stride, const float* a, float m,
+                                     int64_t T, const float* __restrict__ f, float* __restrict__ out) {
+  float ak[K];
+  for (int k = 0; k < K; ++k) ak[k] = a[k] * m;
+#pragma omp simd
+  for (int64_t r = 0; r < T; ++r) {
+    float sum = ak[0] * wt[r];
+    for (int k = 1; k < K; ++k) sum += ak[k] * wt[k * k_stride + r];
+    out[r] = sum * f[r];
+  }
+}
+
+// Wb^T of one sample on a tile, (groups, Jt, T) in kern, from transpose_weight_tile's wt: what
+// build_tile_kernel(..., transposed = true, ..., ld = T, col0 = 0) writes, without its transposes.
+inline void build_tile_kernel_from_transposed(const float* wt, const float* a, const float* f, const float* m,
+                                              const Geometry& g, const Tile& t, float* kern) {
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, T = t.rows(), Jt = t.cols(), ks = Jt * T;
+  for (int64_t gi = t.g0; gi < t.g1; ++gi) {
+    const float* wg = wt + (gi - t.g0) * K * ks;
+    const float* fg = f + gi * g.out_per_group + t.r0;
+    const float* mg = m + gi * J + t.j0;
+    float* out = kern + (gi - t.g0) * ks;
+    for (int64_t jj = 0; jj < Jt; ++jj) {
+      const float* w = wg + jj * T;
+      float* o = out + jj * T;
+      switch (K) {
+        case 1: aggregate_transposed_row<1>(w, ks, a, mg[jj], T, fg, o); break;
+        case 2: aggregate_transposed_row<2>(w, ks, a, mg[jj], T, fg, o); break;
+        case 3: aggregate_transposed_row<3>(w, ks, a, mg[jj], T, fg, o); break;
+        case 4: aggregate_transposed_row<4>(w, ks, a, mg[jj], T, fg, o); break;
+        case 8: aggregate_transposed_row<8>(w, ks, a, mg[jj], T, fg, o); break;
+        default: {
+#pragma omp simd
+          for (int64_t r = 0; r < T; ++r) o[r] = 0.f;
+          for (int64_t k = 0; k < K; ++k) {
+            const float ak = a[k] * mg[jj];
+            const float* wk = w + k * ks;
+#pragma omp simd
+            for (int64_t r = 0; r < T; ++r) o[r] += ak * wk[r];
+          }
+#pragma omp simd
+          for (int64_t r = 0; r < T; ++r) o[r] *= fg[r];
+        }
+      }
+    }
+  }
+}
+
 // Wb on one tile of one sample (Jt = t.cols()). Wb goes to kern as (groups, rows, Jt), or
 // transposed (the backward's grad_x product needs Wb^T row-major) into columns [col0, col0 + rows)
 // of a (groups, Jt, ld) matrix when `transposed`: then float rows are built 8 at a time in registers
@@ -936,26 +1019,39 @@ at::Tensor forward_kernel(
   const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
   // out_b^T[:, rows of t] (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, with Wb^T of the tile built
   // into kern (through kern_rows); out_t_b is the sample's (P x Cout) transposed output.
+  // wt: the tile's K slices of W transposed (transpose_weight_tile), or null: then Wb^T is built from W.
   const auto multiply_tile_transposed = [&](const Tile& t, int64_t b, const scalar_t* rows_b, const acc_t* m_b,
-                                            scalar_t* kern, scalar_t* kern_rows, acc_t* scratch, scalar_t* out_t_b) {
+                                            scalar_t* kern, scalar_t* kern_rows, acc_t* scratch, scalar_t* out_t_b,
+                                            const scalar_t* wt) {
     const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
-    build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
-                      /*transposed=*/true, kern, kern_rows, scratch, /*ld=*/T, /*col0=*/0);
+    bool built = false;
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (wt != nullptr) {
+        build_tile_kernel_from_transposed(wt, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout,
+                                          m_b, g, t, kern);
+        built = true;
+      }
+    }
+    if (!built)
+      build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
+                        /*transposed=*/true, kern, kern_rows, scratch, /*ld=*/T, /*col0=*/0);
     grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
                            /*accumulate=*/t.j0 > 0, opts);
   };
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
-  const int64_t per_run = samples_per_run(reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)), kForwardThreadBytes);
+  const int64_t per_run = samples_per_run(reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)),
+                                          transposed ? kTransposedForwardThreadBytes : kForwardThreadBytes);
   for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     const int64_t step = even_step(b_end - b_begin, per_run);
     at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
     at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
     at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
-    at::Tensor im2row_scratch, kern_rows, out_t;
+    at::Tensor im2row_scratch, kern_rows, out_t, wt_buf;
     if (transposed) {
       if (!direct) im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
+      if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
     }
     acc_t* m = m_buf.data_ptr<acc_t>();
     scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
@@ -976,11 +1072,13 @@ at::Tensor forward_kernel(
                     m + i * GJ);
       }
       for (const Tile& t : tiles) {
+        scalar_t* wt = transposed && n >= kMinSamplesPerWeightTranspose ? wt_buf.data_ptr<scalar_t>() : nullptr;
+        if (wt != nullptr) transpose_weight_tile(w_ptr, g, t, wt);
         for (int64_t i = 0; i < n; ++i) {
           if (transposed)
             multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
                                      kern_rows.data_ptr<scalar_t>(), scratch_buf.data_ptr<acc_t>(),
-                                     ot + i * P * Cout);
+                                     ot + i * P * Cout, wt);
           else
             multiply_tile(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
                           scratch_buf.data_ptr<acc_t>());
