@@ -43,7 +43,8 @@
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
 //   kern   (T, Jt)        Wb of the tile for one sample (forward), or its transpose (Jt, T) (the
-//                         float32 forward on maps like 6x6; backward: (n, Jt, T)), float rows built
+//                         float32 forward on maps like 6x6; backward: (n, Jt, T)): in the forward's
+//                         runs of 5+ samples built row by row from wt, otherwise float rows built
 //                         8 at a time and stored transposed from registers, others through a
 //                         (T, Jt) scratch and a blocked transpose
 //   wt     (K, Jt, T)     W_k of the tile transposed, per group (float32 forward on maps like 6x6)
