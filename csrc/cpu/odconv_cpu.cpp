@@ -857,16 +857,10 @@ inline void build_tile_kernel_from_transposed(const float* wt, const float* a, c
         case 4: aggregate_transposed_row<4>(w, ks, a, mg[jj], T, fg, o); break;
         case 8: aggregate_transposed_row<8>(w, ks, a, mg[jj], T, fg, o); break;
         default: {
+          sum_kernel_rows(w, ks, a, K, T, o);
+          const float mj = mg[jj];
 #pragma omp simd
-          for (int64_t r = 0; r < T; ++r) o[r] = 0.f;
-          for (int64_t k = 0; k < K; ++k) {
-            const float ak = a[k] * mg[jj];
-            const float* wk = w + k * ks;
-#pragma omp simd
-            for (int64_t r = 0; r < T; ++r) o[r] += ak * wk[r];
-          }
-#pragma omp simd
-          for (int64_t r = 0; r < T; ++r) o[r] *= fg[r];
+          for (int64_t r = 0; r < T; ++r) o[r] *= mj * fg[r];
         }
       }
     }
