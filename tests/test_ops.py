@@ -715,3 +715,60 @@ def test_package_works_without_the_extension():
         "sys.meta_path.insert(0, Block())\n")
     assert info["cpu"]["backend"] == "reference"
     assert "extension not built" in info["cpu"]["reason"] and "simulated" in info["cpu"]["reason"]
+
+
+# ---- outputs of 32 MiB and more (fresh pages from the system on every call) are advised onto
+# transparent huge pages: the output and grad_x of a large map, and grad_W of 512->512 3x3 with
+# K = 4 (36 MiB). ---------------------------------------------------------------------------------
+HUGE_OUTPUTS = [
+    (2, 8, 8, 725, 3, 2, 1, 1, 1, 1),      # out and grad_x: 2 x 8 x 725 x 725 float32, just over 32 MiB
+    (1, 512, 512, 2, 3, 4, 1, 1, 1, 1),    # grad_W: 4 x 512 x 512 x 9 float32
+]
+
+
+def _transparent_huge_pages_advisable():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def _advised_huge(tensor):
+    """Whether the mapping that holds the middle of tensor's storage carries MADV_HUGEPAGE ("hg")."""
+    address = tensor.data_ptr() + tensor.nbytes // 2
+    flags, inside = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                flags = line.split()[1:]
+    return flags is not None and "hg" in flags
+
+
+@requires_extension
+@pytest.mark.parametrize("case", HUGE_OUTPUTS, ids=case_id)
+def test_huge_outputs_match_reference(case):
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+@pytest.mark.skipif(not _transparent_huge_pages_advisable(), reason="no transparent huge pages on this system")
+def test_huge_outputs_are_advised_onto_huge_pages():
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(HUGE_OUTPUTS[0])
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32, requires_grad=False)
+    out = ext(inputs, stride, padding, dilation, groups)
+    grads = torch.ops.odconv.odconv2d_backward(out, *inputs, list(stride), list(padding), list(dilation), groups,
+                                               [True, True])
+    assert _advised_huge(out) and _advised_huge(grads[0])
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(HUGE_OUTPUTS[1])
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32, requires_grad=False)
+    out = ext(inputs, stride, padding, dilation, groups)
+    grads = torch.ops.odconv.odconv2d_backward(out, *inputs, list(stride), list(padding), list(dilation), groups,
+                                               [True, True])
+    assert grads[1].nbytes >= 32 << 20 and _advised_huge(grads[1])
+    small = ext(make_inputs(2, 4, 4, 8, 3, 2, 1, dtype=torch.float32, requires_grad=False), (1, 1), (1, 1), (1, 1), 1)
+    assert not _advised_huge(small)
