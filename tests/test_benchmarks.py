@@ -150,14 +150,54 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
     table = capsys.readouterr().out
     report = json.loads(path.read_text())
     assert report["threads"] == 1 and report["machine"]["cpu_model"]
+    # where the extension builds, so does the brgemm timing helper (the same compiler and headers)
+    assert report["primitives"] == (["bmm", "brgemm"] if HAS_CPU_EXTENSION else report["primitives"])
+    assert "bmm" in report["primitives"]
     assert [r["name"] for r in report["results"]] == ["B2 8->12 6x6 k3 K4 s1 g1", "B2 8->8 5x5 k3 K2 s2 g4"]
     for row in report["results"]:
         assert row["name"] in table
-        assert set(row["gemm_s"]) == {"fwd", "gx", "q"} and all(t > 0 for t in row["gemm_s"].values())
+        assert set(row["gemm_s"]) == set(report["primitives"])
+        for times in row["gemm_s"].values():
+            assert set(times) == {"fwd", "gx", "q"} and all(t > 0 for t in times.values())
+        fastest = row["fastest_gemm_s"]
+        assert fastest == {p: min(times[p] for times in row["gemm_s"].values()) for p in ("fwd", "gx", "q")}
         floor = row["shape"]["floor"]
-        assert row["bound_fwd"] == pytest.approx(row["gemm_s"]["fwd"] / (row["static_fwd_s"] * floor))
-        gemms = sum(row["gemm_s"].values())
-        assert row["bound_fwdbwd"] == pytest.approx(gemms / (row["static_fwdbwd_s"] * floor))
+        assert row["bound_fwd"] == pytest.approx(fastest["fwd"] / (row["static_fwd_s"] * floor))
+        assert row["bound_fwdbwd"] == pytest.approx(sum(fastest.values()) / (row["static_fwdbwd_s"] * floor))
+
+
+@pytest.mark.parametrize("shared", ["a", "b", "neither"])
+def test_gemm_bound_cache_blocks(shared):
+    """Blocks of the shared operand fit the budget; without one, blocks of the output do."""
+    import bench_gemm_bound
+    M, N, K = 512, 16, 4608
+    mb, nb, kb = bench_gemm_bound.cache_blocks(M, N, K, shared == "a", shared == "b", elems=65536)
+    assert 1 <= mb <= M and 1 <= nb <= N and 1 <= kb <= K
+    if shared == "a":
+        assert nb == N and mb * kb <= 65536 and mb % 16 == 0
+    elif shared == "b":
+        assert mb == M and nb == N  # N = 16 columns fit whole
+    else:
+        assert kb == K and mb * nb <= 65536
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="needs the compiler the extension was built with")
+def test_gemm_bound_brgemm_products_are_the_products():
+    """The compiled helper's blocked products equal torch.matmul's, for a shared and a per-sample operand."""
+    import bench_gemm_bound
+    products = bench_gemm_bound.load_brgemm()
+    assert products is not None
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 40, 70, generator=gen)          # (G, M, K), shared by the samples
+    cols = torch.randn(3, 2, 70, 20, generator=gen)    # (batch, G, K, N)
+    for blocks in [(40, 20, 70), (16, 16, 32), (7, 5, 9)]:
+        out = torch.empty(2, 40, 20)
+        products(w, cols[2:].contiguous(), out, 1, *blocks)  # one sample: out holds its product
+        torch.testing.assert_close(out, torch.matmul(w, cols[2]), rtol=1e-5, atol=1e-4)
+        out_t = torch.empty(2, 20, 40)
+        products(cols[2:].transpose(2, 3).contiguous(), w.transpose(1, 2).contiguous(), out_t, 1, *blocks[::-1])
+        torch.testing.assert_close(out_t, torch.matmul(cols[2].transpose(1, 2), w.transpose(1, 2)), rtol=1e-5,
+                                   atol=1e-4)
 
 
 def test_train_benchmark_smoke_run(tmp_path):
