@@ -717,6 +717,39 @@ def test_package_works_without_the_extension():
     assert "extension not built" in info["cpu"]["reason"] and "simulated" in info["cpu"]["reason"]
 
 
+# ---- the float32 forward on 4x4 maps (13-16 output pixels; smaller maps multiply the transpose)
+# builds the kernels with the scales folded out (m on the im2col matrix, f on the output),
+# kFoldedSamples = 4 samples per pass over a tile, tiles cut in J copied contiguous in runs of 2+
+# samples: K with and without an unrolled loop, passes of 4 and fewer samples, groups (whole groups,
+# contiguous in W), stride 2 onto 4x4, and on one thread single samples (tiles cut in J read row by
+# row) and runs of 3. -------------------------------------------------------------------------------
+FOLDED_FORWARD = [
+    (11, 128, 40, 4, 3, 4, 1, 1, 1, 1),   # J = 1152: tiles cut in J, packed; runs of 6 and 5
+    (9, 128, 40, 4, 3, 5, 1, 1, 1, 1),    # K = 5: one sample per pass
+    (6, 64, 24, 4, 3, 8, 1, 1, 1, 1),     # K = 8
+    (8, 16, 24, 4, 3, 3, 1, 1, 1, 2),     # two groups
+    (5, 32, 16, 8, 3, 2, 2, 1, 1, 1),     # stride 2 onto a 4x4 output
+    (7, 20, 9, 4, 3, 1, 1, 1, 1, 1),      # K = 1, 9 rows
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", FOLDED_FORWARD, ids=case_id)
+def test_folded_forward_matches_reference(case, threads, num_threads):
+    num_threads(threads)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+@pytest.mark.parametrize("batch", [1, 3])
+def test_folded_forward_single_samples_and_short_runs(batch, num_threads):
+    # one thread: batch 1 builds from W row by row (no copy of a tile for one sample), batch 3 packs
+    # and builds three samples in one pass of single-sample sums
+    num_threads(1)
+    assert_case_matches_reference((batch, 128, 40, 4, 3, 4, 1, 1, 1, 1), (torch.float32,))
+
+
 # ---- outputs of 32 MiB and more (fresh pages from the system on every call) are advised onto
 # transparent huge pages: the output and grad_x of a large map, and grad_W of 512->512 3x3 with
 # K = 4 (36 MiB). ---------------------------------------------------------------------------------
