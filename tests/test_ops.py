@@ -719,12 +719,11 @@ def test_package_works_without_the_extension():
 
 # ---- the float32 forward on 4x4 maps (13-16 output pixels; smaller maps multiply the transpose)
 # builds the kernels with the scales folded out (m on the im2col matrix, f on the output),
-# kFoldedSamples = 4 samples per pass over a tile, tiles cut in J copied contiguous in runs of 2+
-# samples: K with and without an unrolled loop, passes of 4 and fewer samples, groups (whole groups,
-# contiguous in W), stride 2 onto 4x4, and on one thread single samples (tiles cut in J read row by
-# row) and runs of 3. -------------------------------------------------------------------------------
+# kFoldedSamples = 4 samples per pass over a tile: K with and without an unrolled loop, passes of 4
+# and fewer samples, tiles cut in J (built row by row) and whole groups (one block of W), stride 2
+# onto 4x4, and on one thread single samples and runs of 3. ---------------------------------------
 FOLDED_FORWARD = [
-    (11, 128, 40, 4, 3, 4, 1, 1, 1, 1),   # J = 1152: tiles cut in J, packed; runs of 6 and 5
+    (11, 128, 40, 4, 3, 4, 1, 1, 1, 1),   # J = 1152: tiles cut in J; runs of 6 and 5
     (9, 128, 40, 4, 3, 5, 1, 1, 1, 1),    # K = 5: one sample per pass
     (6, 64, 24, 4, 3, 8, 1, 1, 1, 1),     # K = 8
     (8, 16, 24, 4, 3, 3, 1, 1, 1, 2),     # two groups
@@ -744,8 +743,7 @@ def test_folded_forward_matches_reference(case, threads, num_threads):
 @requires_extension
 @pytest.mark.parametrize("batch", [1, 3])
 def test_folded_forward_single_samples_and_short_runs(batch, num_threads):
-    # one thread: batch 1 builds from W row by row (no copy of a tile for one sample), batch 3 packs
-    # and builds three samples in one pass of single-sample sums
+    # one thread: one run of one sample, or of three (a pass of fewer than kFoldedSamples samples)
     num_threads(1)
     assert_case_matches_reference((batch, 128, 40, 4, 3, 4, 1, 1, 1, 1), (torch.float32,))
 

@@ -121,10 +121,10 @@ constexpr int64_t kTransposedForwardThreadBytes = 16 * 1024 * 1024;
 constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // The forward on maps of at most kMaxFoldedPixels pixels that multiply Wb @ cols (4x4: smaller maps
 // take the transposed product) builds the kernels with the scales folded out, kFoldedSamples samples
-// per pass over a tile (build_folded_tile), in runs sized by kFoldedThreadBytes. On B64 512->512 4x4 (forward 28.3 ms, the static convolution 9.5): 25 ms with
-// the folded build and 8 MB runs, 22 ms with four samples per pass (in-process timings, 2 cores).
-// With runs of 2 MB the copies of the tiles cost more than they save (31.7 ms); on 8x8 and 12x12
-// maps, where the products outweigh the build, the same path was no faster or 5 % slower.
+// per pass over a tile (build_folded_tile), in runs sized by kFoldedThreadBytes: on B64 512->512 4x4
+// (forward 28.3 ms, the static convolution 9.5) 22 ms (in-process timings, 2 cores; HISTORY.md in
+// benchmarks/); on 8x8 and 12x12 maps, where the products outweigh the build, the same path was no
+// faster or 5 % slower.
 constexpr int64_t kMaxFoldedPixels = 16;
 constexpr int64_t kFoldedSamples = 4;
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
@@ -904,13 +904,13 @@ inline void build_tile_kernel_from_transposed(const float* wt, const float* a, c
 
 // ---- The folded build (the float32 forward on 4x4 maps, see kMaxFoldedPixels). There
 // building the kernels, not the products, is most of the forward (perf, B64 512->512 4x4: 47 % of
-// the cycles building, 32 % in the products), so it is cheapened three ways:
+// the cycles building, 32 % in the products), so it is cheapened two ways:
 //   - the scales are folded out: Wb @ cols_b = f * (A @ (m * cols_b)), so m goes onto the sample's
 //     im2col matrix and f onto its output (J*P + Cout*P multiplies per sample), and building a tile
 //     is a plain sum of K blocks of W, A = sum_k a[k] W_k;
-//   - a tile cut in J is copied contiguous once per run (pack_weight_tile): its rows lie J apart in
-//     W, and every pass over them streams K*T short rows at the same addresses modulo 4 KiB;
 //   - kFoldedSamples samples are built in one pass over a tile, each value of W loaded once for all.
+// (Copying each tile cut in J contiguous once per run, so that a pass streams K blocks rather than
+// K*T rows J apart, helped with one sample per pass but was 1-4 % slower with four.)
 
 // out[q * out_stride + e] = sum_k a[q * K + k] * w[k * k_stride + e] for e < n and samples q < S.
 template <int K, int S>
@@ -952,26 +952,16 @@ inline void sum_kernels_for_samples_dispatch(const float* w, int64_t k_stride, c
   }
 }
 
-// The K slices of W on a tile cut in J (G == 1), copied contiguous: wp[(k * T + r) * Jt + jj] =
-// W_k[t.r0 + r, t.j0 + jj].
-inline void pack_weight_tile(const float* weight, const Geometry& g, const Tile& t, float* wp) {
-  const int64_t J = g.cols_per_group(), T = t.rows(), Jt = t.cols();
-  for (int64_t k = 0; k < g.kernel_num; ++k)
-    for (int64_t r = 0; r < T; ++r)
-      std::memcpy(wp + (k * T + r) * Jt, weight + k * g.kernel_numel() + (t.r0 + r) * J + t.j0, Jt * sizeof(float));
-}
-
 // A = sum_k a[k] W_k on one tile for S samples (a: S x K), sample q's (groups, rows, Jt) block at
-// kern + q * (tile elements): from the packed tile wp, from W itself where the tile's block is
-// contiguous there (whole rows of J: the tile's groups or rows follow each other), or else row by row.
-inline void build_folded_tile(const float* weight, const float* wp, const float* a, int64_t S, const Geometry& g,
-                              const Tile& t, float* kern) {
+// kern + q * (tile elements): in one pass where the tile's block is contiguous in W (whole rows of
+// J: the tile's groups or rows follow each other), else row by row (a tile cut in J).
+inline void build_folded_tile(const float* weight, const float* a, int64_t S, const Geometry& g, const Tile& t,
+                              float* kern) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, Jt = t.cols();
   const int64_t elems = t.groups() * t.rows() * Jt;
-  if (wp != nullptr) return sum_kernels_for_samples_dispatch(wp, t.rows() * Jt, a, K, S, elems, kern, elems);
   const float* w = weight + (t.g0 * g.out_per_group + t.r0) * J + t.j0;
   if (Jt == J) return sum_kernels_for_samples_dispatch(w, g.kernel_numel(), a, K, S, elems, kern, elems);
-  for (int64_t r = 0; r < t.rows(); ++r)  // cut in J (G == 1) and not packed: rows J apart
+  for (int64_t r = 0; r < t.rows(); ++r)  // cut in J (G == 1): rows J apart
     sum_kernels_for_samples_dispatch(w + r * J, g.kernel_numel(), a, K, S, Jt, kern + r * Jt, elems);
 }
 
@@ -1172,11 +1162,8 @@ at::Tensor forward_kernel(
       out_t = at::empty({step * P * Cout}, opts);
       if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
     }
-    at::Tensor folded_kern, wp_buf;  // kFoldedSamples samples' A of a tile; the packed tile
-    if (folded) {
-      folded_kern = at::empty({kFoldedSamples * max_tile}, opts);
-      if (step >= 2) wp_buf = at::empty({K * max_tile}, opts);
-    }
+    // kFoldedSamples samples' A of a tile
+    at::Tensor folded_kern = folded ? at::empty({kFoldedSamples * max_tile}, opts) : at::Tensor();
     acc_t* m = m_buf.data_ptr<acc_t>();
     scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
     scalar_t* ot = transposed ? out_t.data_ptr<scalar_t>() : nullptr;
@@ -1202,13 +1189,11 @@ at::Tensor forward_kernel(
         if constexpr (is_float) {
           if (folded) {
             // A of the tile for up to kFoldedSamples samples per pass, then their products
-            float* wp = wp_buf.defined() && n >= 2 && t.cols() < J ? wp_buf.data_ptr<float>() : nullptr;
-            if (wp != nullptr) pack_weight_tile(w_ptr, g, t, wp);
             const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt;
             float* kern = folded_kern.data_ptr<float>();
             for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
               const int64_t S = std::min(kFoldedSamples, n - i0);
-              build_folded_tile(w_ptr, wp, a.const_data_ptr<float>() + (s0 + i0) * K, S, g, t, kern);
+              build_folded_tile(w_ptr, a.const_data_ptr<float>() + (s0 + i0) * K, S, g, t, kern);
               for (int64_t q = 0; q < S; ++q)
                 grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt,
                                     cols + (i0 + q) * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
