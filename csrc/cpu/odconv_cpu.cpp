@@ -31,7 +31,9 @@
 // memory once per thread and run and then served from cache; the aggregated rows are consumed by
 // the GEMMs while still in cache. (The float32 forward on maps like 6x6, which needs Wb^T, first
 // transposes the tile's K slices of W once per run of at least kMinSamplesPerWeightTranspose
-// samples, and its runs are sized by kTransposedForwardThreadBytes.) A forward with fewer samples
+// samples, and its runs are sized by kTransposedForwardThreadBytes. The float32 forward on 4x4 maps
+// builds A instead of Wb, the scales m and f applied to cols_b and out_b, for four samples per pass
+// over a tile: build_folded_tile.) A forward with fewer samples
 // than threads (one image in the GUI) splits each sample's output rows between threads instead:
 // im2col by input channels, then the (sample, row range) pairs in parallel. The backward of layers
 // without groups gives each thread a range of input channels for every sample instead of a run of
@@ -42,6 +44,7 @@
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
+//   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 maps)
 //   kern   (T, Jt)        Wb of the tile for one sample (forward), or its transpose (Jt, T) (the
 //                         float32 forward on maps like 6x6; backward: (n, Jt, T)): in the forward's
 //                         runs of 5+ samples built row by row from wt, otherwise float rows built
