@@ -787,17 +787,26 @@ inline void aggregate_row_any_k(const scalar_t* __restrict__ w, int64_t k_stride
   for (int64_t j = 0; j < J; ++j) out[j] = static_cast<scalar_t>(sum[j] * f * m[j]);
 }
 
+// Runs body(std::integral_constant<int, K>{}) for the K whose loops are unrolled at compile time
+// (1, 2, 3, 4 and 8: the K of the paper and its ablations) and returns true; false for the others,
+// which take a loop over K.
+template <typename Body>
+inline bool with_unrolled_k(int64_t K, Body&& body) {
+  switch (K) {
+    case 1: body(std::integral_constant<int, 1>{}); return true;
+    case 2: body(std::integral_constant<int, 2>{}); return true;
+    case 3: body(std::integral_constant<int, 3>{}); return true;
+    case 4: body(std::integral_constant<int, 4>{}); return true;
+    case 8: body(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void aggregate_row_dispatch(const scalar_t* w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J, acc_t f,
                             const acc_t* m, acc_t* scratch, scalar_t* out) {
-  switch (K) {
-    case 1: return aggregate_row<1>(w, k_stride, a, J, f, m, out);
-    case 2: return aggregate_row<2>(w, k_stride, a, J, f, m, out);
-    case 3: return aggregate_row<3>(w, k_stride, a, J, f, m, out);
-    case 4: return aggregate_row<4>(w, k_stride, a, J, f, m, out);
-    case 8: return aggregate_row<8>(w, k_stride, a, J, f, m, out);
-    default: return aggregate_row_any_k(w, k_stride, a, K, J, f, m, scratch, out);
-  }
+  if (!with_unrolled_k(K, [&](auto k) { aggregate_row<decltype(k)::value>(w, k_stride, a, J, f, m, out); }))
+    aggregate_row_any_k(w, k_stride, a, K, J, f, m, scratch, out);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -837,14 +846,9 @@ void aggregate_8_rows_transposed(const float* __restrict__ w, int64_t J, int64_t
 inline bool aggregate_8_rows_transposed_dispatch(const float* w, int64_t J, int64_t k_stride, const float* a,
                                                  int64_t K, int64_t Jt, const float* f, const float* m, float* out,
                                                  int64_t ld) {
-  switch (K) {
-    case 1: aggregate_8_rows_transposed<1>(w, J, k_stride, a, Jt, f, m, out, ld); return true;
-    case 2: aggregate_8_rows_transposed<2>(w, J, k_stride, a, Jt, f, m, out, ld); return true;
-    case 3: aggregate_8_rows_transposed<3>(w, J, k_stride, a, Jt, f, m, out, ld); return true;
-    case 4: aggregate_8_rows_transposed<4>(w, J, k_stride, a, Jt, f, m, out, ld); return true;
-    case 8: aggregate_8_rows_transposed<8>(w, J, k_stride, a, Jt, f, m, out, ld); return true;
-    default: return false;
-  }
+  return with_unrolled_k(K, [&](auto k) {
+    aggregate_8_rows_transposed<decltype(k)::value>(w, J, k_stride, a, Jt, f, m, out, ld);
+  });
 }
 #endif
 
@@ -885,22 +889,17 @@ inline void build_tile_kernel_from_transposed(const float* wt, const float* a, c
     const float* fg = f + gi * g.out_per_group + t.r0;
     const float* mg = m + gi * J + t.j0;
     float* out = kern + (gi - t.g0) * ks;
+    const bool unrolled = with_unrolled_k(K, [&](auto k) {  // K chosen once per group, not per row
+      for (int64_t jj = 0; jj < Jt; ++jj)
+        aggregate_transposed_row<decltype(k)::value>(wg + jj * T, ks, a, mg[jj], T, fg, out + jj * T);
+    });
+    if (unrolled) continue;
     for (int64_t jj = 0; jj < Jt; ++jj) {
-      const float* w = wg + jj * T;
       float* o = out + jj * T;
-      switch (K) {
-        case 1: aggregate_transposed_row<1>(w, ks, a, mg[jj], T, fg, o); break;
-        case 2: aggregate_transposed_row<2>(w, ks, a, mg[jj], T, fg, o); break;
-        case 3: aggregate_transposed_row<3>(w, ks, a, mg[jj], T, fg, o); break;
-        case 4: aggregate_transposed_row<4>(w, ks, a, mg[jj], T, fg, o); break;
-        case 8: aggregate_transposed_row<8>(w, ks, a, mg[jj], T, fg, o); break;
-        default: {
-          sum_kernel_rows(w, ks, a, K, T, o);
-          const float mj = mg[jj];
+      sum_kernel_rows(wg + jj * T, ks, a, K, T, o);
+      const float mj = mg[jj];
 #pragma omp simd
-          for (int64_t r = 0; r < T; ++r) o[r] *= mj * fg[r];
-        }
-      }
+      for (int64_t r = 0; r < T; ++r) o[r] *= mj * fg[r];
     }
   }
 }
@@ -934,25 +933,17 @@ void sum_kernels_for_samples(const float* __restrict__ w, int64_t k_stride, cons
   }
 }
 
-template <int K>
-void sum_kernels_for_samples_k(const float* w, int64_t k_stride, const float* a, int64_t S, int64_t n, float* out,
-                               int64_t out_stride) {
-  if (S == kFoldedSamples) return sum_kernels_for_samples<K, kFoldedSamples>(w, k_stride, a, n, out, out_stride);
-  for (int64_t q = 0; q < S; ++q) sum_kernels_for_samples<K, 1>(w, k_stride, a + q * K, n, out + q * out_stride, 0);
-}
-
-// The same for any K and S <= kFoldedSamples (the K without an unrolled loop: one sample at a time).
+// The same for any K and S <= kFoldedSamples: kFoldedSamples at once, fewer one at a time (and one
+// at a time for the K without an unrolled loop).
 inline void sum_kernels_for_samples_dispatch(const float* w, int64_t k_stride, const float* a, int64_t K, int64_t S,
                                              int64_t n, float* out, int64_t out_stride) {
-  switch (K) {
-    case 1: return sum_kernels_for_samples_k<1>(w, k_stride, a, S, n, out, out_stride);
-    case 2: return sum_kernels_for_samples_k<2>(w, k_stride, a, S, n, out, out_stride);
-    case 3: return sum_kernels_for_samples_k<3>(w, k_stride, a, S, n, out, out_stride);
-    case 4: return sum_kernels_for_samples_k<4>(w, k_stride, a, S, n, out, out_stride);
-    case 8: return sum_kernels_for_samples_k<8>(w, k_stride, a, S, n, out, out_stride);
-    default:
-      for (int64_t q = 0; q < S; ++q) sum_kernel_rows(w, k_stride, a + q * K, K, n, out + q * out_stride);
-  }
+  const bool unrolled = with_unrolled_k(K, [&](auto k) {
+    constexpr int KK = decltype(k)::value;
+    if (S == kFoldedSamples) return sum_kernels_for_samples<KK, kFoldedSamples>(w, k_stride, a, n, out, out_stride);
+    for (int64_t q = 0; q < S; ++q) sum_kernels_for_samples<KK, 1>(w, k_stride, a + q * KK, n, out + q * out_stride, 0);
+  });
+  if (!unrolled)
+    for (int64_t q = 0; q < S; ++q) sum_kernel_rows(w, k_stride, a + q * K, K, n, out + q * out_stride);
 }
 
 // A = sum_k a[k] W_k on one tile for S samples (a: S x K), sample q's (groups, rows, Jt) block at
