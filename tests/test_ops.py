@@ -547,6 +547,54 @@ def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_thre
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# ---- the folded backward: both gradient groups on maps of at most 36 pixels that take the transposed grad_x
+# product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
+# W_k, grad_W comes from Q' and grad_m from the grad_x product. Batches that leave 1-3 samples for the last
+# pass, K from 1 to 8, two chunks, stride 2; and input scales too small to divide by. ---------------------
+FOLDED_BACKWARD = [
+    (5, 40, 32, 4, 3, 4, 1, 1, 1, 1),      # P = 16: a pass of 4 samples, then 1
+    (6, 24, 72, 6, 3, 3, 1, 1, 1, 1),      # P = 36, the largest folded map; passes of 4 + 2
+    (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: the reduction for any K; passes of 4 + 3
+    (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20: the second adds into grad_W
+    (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", FOLDED_BACKWARD, ids=case_id)
+def test_folded_backward_matches_reference(case, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(3)
+    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+def test_folded_backward_gradcheck(monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(2)
+    inputs = make_inputs(5, 8, 8, 2, 3, 3, 1)  # P = 4, Cout = 8: folded; passes of 4 + 1 samples
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_folded_backward_with_vanishing_input_scale(dtype, monkeypatch, num_threads):
+    # grad_m is sum_p rows' * Y / m: where m = channel * spatial is below the square root of the smallest normal
+    # number (an attention of exactly 0, or 1e-25 in float32 and 1e-160 in float64) it comes from x instead
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(2)
+    inputs = [t.detach() for t in make_inputs(5, 40, 32, 4, 3, 4, 1, dtype=dtype)]
+    inputs[2][:, 0] = 0
+    inputs[2][:, 1] = 1e-25 if dtype == torch.float32 else 1e-160
+    inputs = [t.requires_grad_() for t in inputs]
+    assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 1, dtype)
+    # those channels' attention gradients are not zero: the divisions would have given inf or nan there
+    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    grad_channel = torch.autograd.grad(out, inputs[2], torch.ones_like(out))[0]
+    assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
+
+
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
 # tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
 # default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192

@@ -91,6 +91,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <cmath>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -960,10 +962,11 @@ inline void build_folded_tile(const float* weight, const float* a, int64_t S, co
 }
 
 // mat[r, c] *= s[r] on a rows x cols row-major matrix.
-inline void scale_rows(float* mat, int64_t rows, int64_t cols, const float* s) {
+template <typename T>
+inline void scale_rows(T* mat, int64_t rows, int64_t cols, const T* s) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float sr = s[r];
-    float* __restrict__ row = mat + r * cols;
+    const T sr = s[r];
+    T* __restrict__ row = mat + r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) row[c] *= sr;
   }
@@ -1332,6 +1335,163 @@ void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, 
   }
 }
 
+// One row o of one sample for the folded backward (see "The backward by columns"), from Q'[j] =
+// Q[o,j] m[j], the row of the gradient w.r.t. Wb with the input scale folded in:
+//   A[j]       = sum_k a[k] W_k[o,j]           into wb: the grad_x product's kernel, f and m folded out
+//   gf        += sum_j Q'[j] A[j]              (grad_f[o])
+//   d[k]      += sum_j Q'[j] W_k[o,j]          (grad_a[k] += f[o] d[k], by the caller)
+// One store per element where reduce_row has three (Wb, G and grad_m).
+template <int K, typename T>
+inline void reduce_row_folded(const T* __restrict__ q, const T* __restrict__ w, int64_t k_stride, const T* a,
+                              int64_t J, T* __restrict__ wb, T& gf, T* d) {
+  static_assert(K >= 1 && K <= 4, "one sum per kernel in a named register");
+  const T a0 = a[0], a1 = K > 1 ? a[1] : 0, a2 = K > 2 ? a[2] : 0, a3 = K > 3 ? a[3] : 0;
+  T sf = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : sf, d0, d1, d2, d3)
+  for (int64_t j = 0; j < J; ++j) {
+    const T w0 = w[j];
+    const T w1 = K > 1 ? w[k_stride + j] : 0, w2 = K > 2 ? w[2 * k_stride + j] : 0;
+    const T w3 = K > 3 ? w[3 * k_stride + j] : 0;
+    T agg = a0 * w0;
+    if constexpr (K > 1) agg += a1 * w1;
+    if constexpr (K > 2) agg += a2 * w2;
+    if constexpr (K > 3) agg += a3 * w3;
+    wb[j] = agg;
+    const T qv = q[j];
+    sf += qv * agg;
+    d0 += qv * w0;
+    if constexpr (K > 1) d1 += qv * w1;
+    if constexpr (K > 2) d2 += qv * w2;
+    if constexpr (K > 3) d3 += qv * w3;
+  }
+  gf += sf;
+  d[0] += d0;
+  if constexpr (K > 1) d[1] += d1;
+  if constexpr (K > 2) d[2] += d2;
+  if constexpr (K > 3) d[3] += d3;
+}
+
+// The same for any K: A into wb first, then one dot product with Q' for it and for each kernel.
+template <typename T>
+inline void reduce_row_folded_any_k(const T* __restrict__ q, const T* __restrict__ w, int64_t k_stride, const T* a,
+                                    int64_t K, int64_t J, T* __restrict__ wb, T& gf, T* d) {
+  sum_kernel_rows(w, k_stride, a, K, J, wb);
+  T sf = 0;
+#pragma omp simd reduction(+ : sf)
+  for (int64_t j = 0; j < J; ++j) sf += q[j] * wb[j];
+  gf += sf;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict__ wk = w + k * k_stride;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < J; ++j) dot += q[j] * wk[j];
+    d[k] += dot;
+  }
+}
+
+template <typename T>
+inline void reduce_row_folded_dispatch(const T* q, const T* w, int64_t k_stride, const T* a, int64_t K, int64_t J,
+                                       T* wb, T& gf, T* d) {
+  switch (K) {
+    case 1: reduce_row_folded<1>(q, w, k_stride, a, J, wb, gf, d); break;
+    case 2: reduce_row_folded<2>(q, w, k_stride, a, J, wb, gf, d); break;
+    case 3: reduce_row_folded<3>(q, w, k_stride, a, J, wb, gf, d); break;
+    case 4: reduce_row_folded<4>(q, w, k_stride, a, J, wb, gf, d); break;
+    default: reduce_row_folded_any_k(q, w, k_stride, a, K, J, wb, gf, d);
+  }
+}
+
+#if defined(__AVX512F__)
+// (not _mm512_reduce_add_ps: gcc 12 warns about the undefined vector inside it)
+inline float horizontal_sum(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float sum = 0;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum;
+}
+#endif
+
+// reduce_row_folded for S samples at once on the same row o, so that the K rows of W are read once
+// for the S samples: q[s], wb[s] are sample s's rows, a[s] its K attentions; gf[s] and d[s][k]
+// accumulate as in reduce_row_folded.
+constexpr int kFoldedRowSamples = 4;
+
+template <int K, int S, typename T>
+inline void reduce_rows_folded_portable(const T* const* q, const T* __restrict__ w, int64_t k_stride,
+                                        const T (*a)[4], int64_t J, T* const* wb, T* gf, T (*d)[4]) {
+  for (int s = 0; s < S; ++s) reduce_row_folded<K>(q[s], w, k_stride, a[s], J, wb[s], gf[s], d[s]);
+}
+
+#if defined(__AVX512F__)
+template <int K, int S>
+void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict__ w, int64_t k_stride,
+                               const float (*a)[4], int64_t J, float* const* wb_in, float* gf, float (*d)[4]) {
+  const float* q[S];
+  float* wb[S];
+  __m512 sf[S], dv[S][K];
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    q[s] = q_in[s], wb[s] = wb_in[s], sf[s] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) dv[s][k] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < J; j += 16) {
+    const __mmask16 lanes = first_lanes(J - j);
+    __m512 wv[K];
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) wv[k] = _mm512_maskz_loadu_ps(lanes, w + k * k_stride + j);
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m512 agg = _mm512_mul_ps(_mm512_set1_ps(a[s][0]), wv[0]);
+#pragma GCC unroll 4
+      for (int k = 1; k < K; ++k) agg = _mm512_fmadd_ps(_mm512_set1_ps(a[s][k]), wv[k], agg);
+      _mm512_mask_storeu_ps(wb[s] + j, lanes, agg);
+      const __m512 qv = _mm512_maskz_loadu_ps(lanes, q[s] + j);
+      sf[s] = _mm512_fmadd_ps(qv, agg, sf[s]);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) dv[s][k] = _mm512_fmadd_ps(qv, wv[k], dv[s][k]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    gf[s] += horizontal_sum(sf[s]);
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) d[s][k] += horizontal_sum(dv[s][k]);
+  }
+}
+#endif
+
+// S (1..kFoldedRowSamples) samples of one row for K <= 4; false for other K.
+template <typename T>
+bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride, const T (*a)[4], int64_t K, int S,
+                                 int64_t J, T* const* wb, T* gf, T (*d)[4]) {
+  if (K < 1 || K > 4) return false;
+  const auto with_k = [&](auto kc) {
+    constexpr int KK = decltype(kc)::value;
+    const auto run = [&](auto sc) {
+      constexpr int SS = decltype(sc)::value;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) return reduce_rows_folded_avx512<KK, SS>(q, w, k_stride, a, J, wb, gf, d);
+#endif
+      reduce_rows_folded_portable<KK, SS>(q, w, k_stride, a, J, wb, gf, d);
+    };
+    switch (S) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      default: run(std::integral_constant<int, 4>{}); break;
+    }
+  };
+  switch (K) {
+    case 1: with_k(std::integral_constant<int, 1>{}); break;
+    case 2: with_k(std::integral_constant<int, 2>{}); break;
+    case 3: with_k(std::integral_constant<int, 3>{}); break;
+    default: with_k(std::integral_constant<int, 4>{}); break;
+  }
+  return true;
+}
+
 // One sample's grad_ch[c] = sum_t gm[c*taps + t] s[t] and grad_s[t] += sum_c gm[c*taps + t] ch[c], for
 // the input channels [c_begin, c_end) (all by default).
 template <typename acc_t>
@@ -1376,6 +1536,25 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // above needs Wb^T, a transpose of every element of every sample's kernel: Cout*J per sample against
 // P*(Cout*(tiles per row block) + Jr). (perf, B64 512->512 4x4: the transposes were 5.5 % of the
 // backward, the aggregation that feeds them, through a scratch, 14 %.)
+// The folded backward. When both gradient groups are wanted on such maps of at most kFoldedMaxPixels
+// pixels, the scales come out of the reduction pass (backward_folded_chunk). With rows' = rows m
+// (each sample's im2row scaled by its input scale once per chunk) the products give Q' = gy @ rows'
+// = Q m, and
+//   A        = sum_k a[k] W_k              the grad_x product's kernel: Y^T (+)= (f gy)^T @ A
+//   grad_f[o] = sum_j Q'[o,j] A[o,j]        grad_a[k] = sum_o f[o] sum_j Q'[o,j] W_k[o,j]
+//   grad_W_k[o, :] (+)= sum_i a_i[k] f_i[o] Q'_i[o, :]     a (K x n) @ (n x Jt) product per row,
+//                                                           straight from the chunk's Q'
+//   gcols = Y m,  grad_m[j] = sum_p rows[p,j] Y^T[p,j] = (sum_p rows'[p,j] Y^T[p,j]) / m[j]
+// (grad_m from x itself for the columns whose m is too small to divide by: below the square root of
+// the smallest normal number). The reduction then stores one element (A) where reduce_row stores
+// three (Wb, G and grad_m), and it runs row by row over the chunk's samples, kFoldedRowSamples at a
+// time, so a row of W_k is read once per chunk from L1: per pass over the tile for a few samples the
+// tile did not stay in L2 next to their Q' and A, and streamed from L3 (12 of the 21 ms of the
+// reduction per thread on B64 512->512 4x4, rdtsc around each step). (benchmarks/ab_builds.py against
+// the reduction of reduce_row, 5 rounds, results/ab_folded_backward_cpu.json: backward 0.91-0.93 on
+// three 4x4 layers, K = 4 and 8, and 0.91-0.92 on two 6x6 layers; on 8x8 maps 0.93-0.99 and on
+// 512->512 7x7 1.03-1.07 in other runs, within the noise: hence kFoldedMaxPixels. A chunk holds Q' and
+// A of each sample, so fewer samples fit the same budget: peak memory does not change.)
 // Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
 //                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
@@ -1383,6 +1562,8 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   kern   (Jt, T)      Wb^T of a tile, one sample       q     (T, Jt)     Q of a tile, one sample
 //                       (transposed: Wb (T, Jt))         gy_t  (P, T)      gy's tile rows, transposed
 //   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
+//                       (folded: Q' of every sample, in slots of a tile + kColumnsSlotPad)
+//   kern (folded)       A of every sample, as gbuf       coef  (K, n)      a_i[k] f_i[o] of a row (folded)
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
 // n fits a budget per part as large as the part's slice of the K kernels (K x Cout x its columns,
 // which every chunk streams once more), within [kColumnsMinThreadBytes, kColumnsThreadBytes]: deep
@@ -1398,6 +1579,8 @@ constexpr int64_t kMinColumnsPerPart = 64;
 constexpr int64_t kMaxColumnsChunk = 32;
 constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
+constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
+constexpr int64_t kFoldedMaxPixels = 36;
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -1429,12 +1612,130 @@ std::vector<Tile> part_tiles(const Geometry& g, int64_t elem_size, int64_t j_beg
 struct ColumnPart {
   int64_t c0 = 0, c1 = 0;
   std::vector<Tile> tiles;
-  at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch;
+  at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch, coef;
 };
 
 // Whether the backward by columns runs its grad_x product transposed (see above).
 inline bool grad_x_by_transposed_product(const Geometry& g) {
   return !g.im2col_is_identity() && 2 * g.out_pixels() <= g.out_channels;
+}
+
+// The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
+// holds rows' = rows m of each sample, m and gm (zeroed) the samples' input scales and grad_m, gf
+// and ga their shares of grad_f and grad_a; q_slot is the stride of the samples' Q' in gbuf;
+// x_chunk and gx_chunk point at the chunk's first sample.
+template <typename T>
+void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_t n, int64_t Jr, int64_t j_begin,
+                           int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
+                           const T* f_ptr, const T* rows, const T* m, T* gbuf, T* gcols, T* gm, T* gf, T* ga,
+                           T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
+  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
+  const int64_t N = g.kernel_numel(), taps = g.taps(), x_stride = g.in_channels * g.height * g.width;
+  T* kern = pt.kern.data_ptr<T>();  // A of every sample, q_slot apart
+  T* gy_t = pt.gy_t.data_ptr<T>();
+  T* coef = pt.coef.data_ptr<T>();
+  T* dk = pt.scratch.data_ptr<T>();
+  for (const Tile& t : pt.tiles) {
+    const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_begin;
+    // Q'_i = gy_i[tile rows] @ rows'_i[:, tile cols]: (T x P) @ (P x Jt), every sample's, kept for grad_W below
+    for (int64_t i = 0; i < n; ++i)
+      grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + t.r0 * P, P, 0, rows + i * P * Jr + jo, Jr, 0,
+                      gbuf + i * q_slot, Jt, 0, /*accumulate=*/false, opts);
+    // Row by row, every sample's A, grad_f and grad_a, kFoldedRowSamples samples per pass over the row
+    // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
+    // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
+    // thread on B64 512->512 4x4)
+    for (int64_t r = 0; r < rows_t; ++r) {
+      const int64_t o = t.r0 + r;
+      for (int64_t i0 = 0; i0 < n; i0 += kFoldedRowSamples) {
+        const int S = static_cast<int>(std::min<int64_t>(kFoldedRowSamples, n - i0));
+        const T* qs[kFoldedRowSamples] = {};
+        T* wbs[kFoldedRowSamples] = {};
+        T as[kFoldedRowSamples][4] = {}, gfs[kFoldedRowSamples] = {}, ds[kFoldedRowSamples][4] = {};
+        for (int s = 0; s < S; ++s) {
+          qs[s] = gbuf + (i0 + s) * q_slot + r * Jt;
+          wbs[s] = kern + (i0 + s) * q_slot + r * Jt;
+          for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
+        }
+        if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds)) {
+          for (int s = 0; s < S; ++s) {
+            const int64_t i = i0 + s;
+            gf[i * Cout + o] += gfs[s];
+            const T fo = f_ptr[(c0 + i) * Cout + o];
+            for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * ds[s][k];
+          }
+          continue;
+        }
+        for (int s = 0; s < S; ++s) {  // K > 4
+          const int64_t i = i0 + s, b = c0 + i;
+          std::fill_n(dk, K, T(0));
+          reduce_row_folded_dispatch(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o], dk);
+          const T fo = f_ptr[b * Cout + o];
+          for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
+        }
+      }
+    }
+    // Y_i^T[:, tile cols] (+)= (f_i gy_i[tile rows])^T @ A_i: (P x T) @ (T x Jt); row blocks accumulate
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = c0 + i;
+      const T* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+      transpose_into(gy_rows, rows_t, P, gy_t, rows_t);
+      const T* __restrict__ fr = f_ptr + b * Cout + t.r0;
+      for (int64_t p = 0; p < P; ++p) {
+        T* __restrict__ row = gy_t + p * rows_t;
+#pragma omp simd
+        for (int64_t r = 0; r < rows_t; ++r) row[r] *= fr[r];
+      }
+      grouped_gemm<T>(1, P, Jt, rows_t, gy_t, rows_t, 0, kern + i * q_slot, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
+                      /*accumulate=*/t.r0 > 0, opts);
+    }
+    // grad_W[:, o, tile cols] (+)= C_o @ Q'[:, o], C_o[k, i] = a_i[k] f_i[o]: (K x n) @ (n x Jt), row by row
+    for (int64_t r = 0; r < rows_t; ++r) {
+      const int64_t o = t.r0 + r;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < n; ++i) coef[k * n + i] = a_ptr[(c0 + i) * K + k] * f_ptr[(c0 + i) * Cout + o];
+      grouped_gemm<T>(1, K, Jt, n, coef, n, 0, gbuf + r * Jt, q_slot, 0, grad_w_ptr + o * J + t.j0, N, 0,
+                      /*accumulate=*/c0 > 0, opts);
+    }
+  }
+  // Per sample: grad_m[j] = sum_p rows[p, j] Y^T[p, j], from rows' as (sum_p rows'[p, j] Y^T[p, j]) / m[j]
+  // where m[j] is at least the square root of the smallest normal number (rows' m loses nothing to
+  // underflow there), otherwise from x itself; then gcols = (Y^T)^T m into grad_x.
+  T* gcols_t = pt.gcols_t.data_ptr<T>();
+  const T smallest = std::sqrt(std::numeric_limits<T>::min());
+  for (int64_t i = 0; i < n; ++i) {
+    const T* yt = gcols + i * Jr * P;
+    const T* rw = rows + i * P * Jr;
+    const T* mi = m + i * J + j_begin;
+    T* __restrict__ gmi = gm + i * J + j_begin;
+    for (int64_t p = 0; p < P; ++p) {
+      const T* __restrict__ rp = rw + p * Jr;
+      const T* __restrict__ yp = yt + p * Jr;
+#pragma omp simd
+      for (int64_t jj = 0; jj < Jr; ++jj) gmi[jj] += rp[jj] * yp[jj];
+    }
+    for (int64_t jj = 0; jj < Jr; ++jj) {
+      if (mi[jj] >= smallest) {
+        gmi[jj] /= mi[jj];
+        continue;
+      }
+      const int64_t j = j_begin + jj, c = j / taps, u = (j % taps) / g.kernel_w, v = (j % taps) % g.kernel_w;
+      const T* xc = x_chunk + i * x_stride + c * g.height * g.width;
+      T sum = 0;
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        const int64_t iy = oy * g.stride_h - g.pad_h + u * g.dil_h;
+        if (iy < 0 || iy >= g.height) continue;
+        for (int64_t ox = 0; ox < g.out_w; ++ox) {
+          const int64_t ix = ox * g.stride_w - g.pad_w + v * g.dil_w;
+          if (ix >= 0 && ix < g.width) sum += xc[iy * g.width + ix] * yt[(oy * g.out_w + ox) * Jr + jj];
+        }
+      }
+      gmi[jj] = sum;
+    }
+    transpose_into(yt, P, Jr, gcols_t, P);
+    scale_rows(gcols_t, Jr, P, mi);
+    col2im(gcols_t, g, gx_chunk + i * x_stride, pt.c0, pt.c1);
+  }
 }
 
 template <typename scalar_t>
@@ -1449,6 +1750,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
+  const bool folded = want_params && gx_transposed && P <= kFoldedMaxPixels && std::is_same_v<scalar_t, acc_t>;
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
@@ -1461,8 +1763,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     widest = std::max(widest, (part[p].c1 - part[p].c0) * taps);
     max_tile = std::max(max_tile, max_tile_elems(part[p].tiles));
   }
+  // the folded backward keeps every sample's Q' on a tile, in slots a little longer than a tile so
+  // that the samples' rows do not all fall in the same cache sets
+  const int64_t q_slot = folded ? max_tile + kColumnsSlotPad : max_tile;
   const int64_t bytes_per_sample =
-      (want_params ? widest * P * (int64_t)sizeof(scalar_t) + max_tile * (int64_t)sizeof(acc_t) : 0) +
+      (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
       (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
   const int64_t part_budget = std::clamp<int64_t>(K * Cout * widest * (int64_t)sizeof(scalar_t),
                                                   kColumnsMinThreadBytes, kColumnsThreadBytes);
@@ -1474,8 +1779,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     if (want_params) {
       pt.rows = at::empty({chunk * P * Jr}, opts);
       if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
-      pt.q = at::empty({max_tile}, opts);
-      pt.gbuf = at::empty({chunk * max_tile}, acc_opts);
+      if (!folded) pt.q = at::empty({max_tile}, opts);
+      pt.gbuf = at::empty({chunk * q_slot}, acc_opts);
+      if (folded) pt.coef = at::empty({K * chunk}, acc_opts);
       pt.gm = at::empty({chunk * J}, acc_opts);
       pt.gf = at::zeros({B * Cout}, acc_opts);
       pt.ga = at::zeros({B * K}, acc_opts);
@@ -1483,7 +1789,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     }
     if (want_x) {
       if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
-      pt.kern = at::empty({max_tile}, opts);
+      pt.kern = at::empty({folded ? chunk * q_slot : max_tile}, opts);
       if (gx_transposed) {
         pt.gcols_t = at::empty({Jr * P}, opts);
         pt.gy_t = at::empty({P * std::min(kMinTileRows, Cout)}, opts);
@@ -1492,7 +1798,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       }
     }
     pt.m = at::empty({chunk * J}, acc_opts);
-    pt.scratch = at::empty({J}, acc_opts);
+    pt.scratch = at::empty({std::max(J, K)}, acc_opts);
   }
 
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
@@ -1530,6 +1836,26 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
             im2row(x_ptr + b * x_stride, g, direct ? nullptr : pt.im2row_scratch.data_ptr<scalar_t>(), rows + i * P * Jr,
                    pt.c0, pt.c1, Jr);
           input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J);
+          if (folded) {  // rows' = rows * m: the products below give Q' = Q m
+            const acc_t* __restrict__ mi = m + i * J + j_begin;
+            for (int64_t p = 0; p < P; ++p) {
+              scalar_t* __restrict__ row = rows + i * P * Jr + p * Jr;
+#pragma omp simd
+              for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
+            }
+          }
+        }
+        if (folded) {
+          if constexpr (std::is_same_v<scalar_t, acc_t>)
+            backward_folded_chunk<scalar_t>(pt, g, c0, n, Jr, j_begin, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc,
+                                            a_ptr, f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
+                                            gx_ptr + c0 * x_stride, opts);
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = c0 + i;
+            reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
+                                  pt.c0, pt.c1);
+          }
+          continue;
         }
         for (const Tile& t : pt.tiles) {
           const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
