@@ -1415,7 +1415,7 @@ inline float horizontal_sum(__m512 v) {
 // reduce_row_folded for S samples at once on the same row o, so that the K rows of W are read once
 // for the S samples: q[s], wb[s] are sample s's rows, a[s] its K attentions; gf[s] and d[s][k]
 // accumulate as in reduce_row_folded.
-constexpr int kFoldedRowSamples = 4;
+constexpr int kFoldedBackwardSamples = 4;
 
 template <int K, int S, typename T>
 inline void reduce_rows_folded_portable(const T* const* q, const T* __restrict__ w, int64_t k_stride,
@@ -1462,7 +1462,7 @@ void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict
 }
 #endif
 
-// S (1..kFoldedRowSamples) samples of one row for K <= 4; false for other K.
+// S (1..kFoldedBackwardSamples) samples of one row for K <= 4; false for other K.
 template <typename T>
 bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride, const T (*a)[4], int64_t K, int S,
                                  int64_t J, T* const* wb, T* gf, T (*d)[4]) {
@@ -1536,10 +1536,10 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // above needs Wb^T, a transpose of every element of every sample's kernel: Cout*J per sample against
 // P*(Cout*(tiles per row block) + Jr). (perf, B64 512->512 4x4: the transposes were 5.5 % of the
 // backward, the aggregation that feeds them, through a scratch, 14 %.)
-// The folded backward. When both gradient groups are wanted on such maps of at most kFoldedMaxPixels
-// pixels, the scales come out of the reduction pass (backward_folded_chunk). With rows' = rows m
-// (each sample's im2row scaled by its input scale once per chunk) the products give Q' = gy @ rows'
-// = Q m, and
+// The folded backward. When both gradient groups are wanted on such maps of at most
+// kFoldedBackwardMaxPixels pixels, the scales come out of the reduction pass (backward_folded_chunk).
+// With rows' = rows m (each sample's im2row scaled by its input scale once per chunk) the products
+// give Q' = gy @ rows' = Q m, and
 //   A        = sum_k a[k] W_k              the grad_x product's kernel: Y^T (+)= (f gy)^T @ A
 //   grad_f[o] = sum_j Q'[o,j] A[o,j]        grad_a[k] = sum_o f[o] sum_j Q'[o,j] W_k[o,j]
 //   grad_W_k[o, :] (+)= sum_i a_i[k] f_i[o] Q'_i[o, :]     a (K x n) @ (n x Jt) product per row,
@@ -1547,14 +1547,15 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   gcols = Y m,  grad_m[j] = sum_p rows[p,j] Y^T[p,j] = (sum_p rows'[p,j] Y^T[p,j]) / m[j]
 // (grad_m from x itself for the columns whose m is too small to divide by: below the square root of
 // the smallest normal number). The reduction then stores one element (A) where reduce_row stores
-// three (Wb, G and grad_m), and it runs row by row over the chunk's samples, kFoldedRowSamples at a
-// time, so a row of W_k is read once per chunk from L1: per pass over the tile for a few samples the
-// tile did not stay in L2 next to their Q' and A, and streamed from L3 (12 of the 21 ms of the
-// reduction per thread on B64 512->512 4x4, rdtsc around each step). (benchmarks/ab_builds.py against
-// the reduction of reduce_row, 5 rounds, results/ab_folded_backward_cpu.json: backward 0.91-0.93 on
-// three 4x4 layers, K = 4 and 8, and 0.91-0.92 on two 6x6 layers; on 8x8 maps 0.93-0.99 and on
-// 512->512 7x7 1.03-1.07 in other runs, within the noise: hence kFoldedMaxPixels. A chunk holds Q' and
-// A of each sample, so fewer samples fit the same budget: peak memory does not change.)
+// three (Wb, G and grad_m), and it runs row by row over the chunk's samples,
+// kFoldedBackwardSamples at a time, so a row of W_k is read once per chunk from L1: per pass over
+// the tile for a few samples the tile did not stay in L2 next to their Q' and A, and streamed from
+// L3 (12 of the 21 ms of the reduction per thread on B64 512->512 4x4, rdtsc around each step).
+// (benchmarks/ab_builds.py against the reduction of reduce_row, 5 rounds,
+// results/ab_folded_backward_cpu.json: backward 0.91-0.93 on three 4x4 layers, K = 4 and 8, and
+// 0.91-0.92 on two 6x6 layers; on 8x8 maps 0.93-0.99 and on 512->512 7x7 1.03-1.07 in other runs,
+// within the noise: hence kFoldedBackwardMaxPixels. A chunk holds Q' and A of each sample, so fewer
+// samples fit the same budget: peak memory does not change.)
 // Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
 //                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
@@ -1580,7 +1581,7 @@ constexpr int64_t kMaxColumnsChunk = 32;
 constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
-constexpr int64_t kFoldedMaxPixels = 36;
+constexpr int64_t kFoldedBackwardMaxPixels = 36;
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -1641,17 +1642,17 @@ void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_
     for (int64_t i = 0; i < n; ++i)
       grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + t.r0 * P, P, 0, rows + i * P * Jr + jo, Jr, 0,
                       gbuf + i * q_slot, Jt, 0, /*accumulate=*/false, opts);
-    // Row by row, every sample's A, grad_f and grad_a, kFoldedRowSamples samples per pass over the row
+    // Row by row, every sample's A, grad_f and grad_a, kFoldedBackwardSamples samples per pass over the row
     // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
     // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
     // thread on B64 512->512 4x4)
     for (int64_t r = 0; r < rows_t; ++r) {
       const int64_t o = t.r0 + r;
-      for (int64_t i0 = 0; i0 < n; i0 += kFoldedRowSamples) {
-        const int S = static_cast<int>(std::min<int64_t>(kFoldedRowSamples, n - i0));
-        const T* qs[kFoldedRowSamples] = {};
-        T* wbs[kFoldedRowSamples] = {};
-        T as[kFoldedRowSamples][4] = {}, gfs[kFoldedRowSamples] = {}, ds[kFoldedRowSamples][4] = {};
+      for (int64_t i0 = 0; i0 < n; i0 += kFoldedBackwardSamples) {
+        const int S = static_cast<int>(std::min<int64_t>(kFoldedBackwardSamples, n - i0));
+        const T* qs[kFoldedBackwardSamples] = {};
+        T* wbs[kFoldedBackwardSamples] = {};
+        T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
         for (int s = 0; s < S; ++s) {
           qs[s] = gbuf + (i0 + s) * q_slot + r * Jt;
           wbs[s] = kern + (i0 + s) * q_slot + r * Jt;
@@ -1669,7 +1670,8 @@ void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_
         for (int s = 0; s < S; ++s) {  // K > 4
           const int64_t i = i0 + s, b = c0 + i;
           std::fill_n(dk, K, T(0));
-          reduce_row_folded_dispatch(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o], dk);
+          reduce_row_folded_dispatch(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o],
+                                     dk);
           const T fo = f_ptr[b * Cout + o];
           for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
         }
@@ -1750,7 +1752,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
-  const bool folded = want_params && gx_transposed && P <= kFoldedMaxPixels && std::is_same_v<scalar_t, acc_t>;
+  const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
