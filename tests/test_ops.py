@@ -777,6 +777,7 @@ FOLDED_FORWARD = [
     (8, 16, 24, 4, 3, 3, 1, 1, 1, 2),     # two groups
     (5, 32, 16, 8, 3, 2, 2, 1, 1, 1),     # stride 2 onto a 4x4 output
     (7, 20, 9, 4, 3, 1, 1, 1, 1, 1),      # K = 1, 9 rows
+    (3, 300, 40, 4, 3, 4, 1, 1, 1, 1),    # J = 2700 in pieces of 912, 912 and 876: rounded up to 16 columns
 ]
 
 

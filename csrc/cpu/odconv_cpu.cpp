@@ -188,6 +188,20 @@ inline int64_t even_step(int64_t n, int64_t most) {
   return std::max<int64_t>(1, (n + pieces - 1) / std::max<int64_t>(1, pieces));
 }
 
+// even_step(n, most), rounded up to a multiple of 16 (a vector of floats, a block of brgemm) where it
+// is at least kMinVectorStep, so that every piece but the last has no ragged block: cutting the
+// J = 4608 columns of a 512-channel 3x3 layer into pieces of 922 made the float32 forward on 4x4
+// maps 1.11-1.15x as slow as pieces of 928 (benchmarks/ab_builds.py, 5 rounds,
+// results/ab_vector_step_cpu.json: forward 0.87-0.90 on B64 and B128 512->512 and B64 512->256 4x4
+// with the rounding, 1.01 on 256->256 4x4, whose pieces were multiples of 16 already; 1.03-1.07 in
+// two runs on the 512->512 7x7 forward, whose alternated timings were 33.3-34.9 ms either way). The
+// last piece loses at most 15 columns per piece before it.
+constexpr int64_t kMinVectorStep = 128;
+inline int64_t vector_step(int64_t n, int64_t most) {
+  const int64_t step = even_step(n, most);
+  return step >= kMinVectorStep ? std::min(n, (step + 15) / 16 * 16) : step;
+}
+
 // Tiles. With G > 1 a tile is whole groups. With G == 1 it is a range of output channels over all
 // of J when at least kMinTileRows rows fit in kTileBytes, or when one sample's im2col matrix is
 // large (see the grad_x panels below). Otherwise (deep layers with small maps: 7 rows of
@@ -222,7 +236,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
             ? std::min(rows_wanted, std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks))
             : rows_wanted;
     const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
-    const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(J, cols);
+    const int64_t row_step = even_step(g.out_channels, rows), col_step = vector_step(J, cols);
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
         tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
