@@ -538,15 +538,6 @@ TRANSPOSED_GRAD_X = [
 ]
 
 
-@requires_extension
-@pytest.mark.parametrize("case", TRANSPOSED_GRAD_X, ids=case_id)
-def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_threads):
-    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
-    num_threads(3)
-    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
-    assert_case_matches_reference(case, (torch.float32,))
-
-
 # ---- the folded backward: both gradient groups on maps of at most 36 pixels that take the transposed grad_x
 # product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
 # W_k, grad_W comes from Q' and grad_m from the grad_x product. Batches that leave 1-3 samples for the last
@@ -561,8 +552,8 @@ FOLDED_BACKWARD = [
 
 
 @requires_extension
-@pytest.mark.parametrize("case", FOLDED_BACKWARD, ids=case_id)
-def test_folded_backward_matches_reference(case, monkeypatch, num_threads):
+@pytest.mark.parametrize("case", TRANSPOSED_GRAD_X + FOLDED_BACKWARD, ids=case_id)
+def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
     num_threads(3)
     assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)

@@ -1403,18 +1403,6 @@ inline void reduce_row_folded_any_k(const T* __restrict__ q, const T* __restrict
   }
 }
 
-template <typename T>
-inline void reduce_row_folded_dispatch(const T* q, const T* w, int64_t k_stride, const T* a, int64_t K, int64_t J,
-                                       T* wb, T& gf, T* d) {
-  switch (K) {
-    case 1: reduce_row_folded<1>(q, w, k_stride, a, J, wb, gf, d); break;
-    case 2: reduce_row_folded<2>(q, w, k_stride, a, J, wb, gf, d); break;
-    case 3: reduce_row_folded<3>(q, w, k_stride, a, J, wb, gf, d); break;
-    case 4: reduce_row_folded<4>(q, w, k_stride, a, J, wb, gf, d); break;
-    default: reduce_row_folded_any_k(q, w, k_stride, a, K, J, wb, gf, d);
-  }
-}
-
 #if defined(__AVX512F__)
 // (not _mm512_reduce_add_ps: gcc 12 warns about the undefined vector inside it)
 inline float horizontal_sum(__m512 v) {
@@ -1684,8 +1672,7 @@ void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_
         for (int s = 0; s < S; ++s) {  // K > 4
           const int64_t i = i0 + s, b = c0 + i;
           std::fill_n(dk, K, T(0));
-          reduce_row_folded_dispatch(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o],
-                                     dk);
+          reduce_row_folded_any_k(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o], dk);
           const T fo = f_ptr[b * Cout + o];
           for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
         }
