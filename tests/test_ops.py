@@ -756,11 +756,12 @@ def test_package_works_without_the_extension():
     assert "extension not built" in info["cpu"]["reason"] and "simulated" in info["cpu"]["reason"]
 
 
-# ---- the float32 forward on 4x4 maps (13-16 output pixels; smaller maps multiply the transpose)
-# builds the kernels with the scales folded out (m on the im2col matrix, f on the output),
-# kFoldedSamples = 4 samples per pass over a tile: K with and without an unrolled loop, passes of 4
-# and fewer samples, tiles cut in J (built row by row) and whole groups (one block of W), stride 2
-# onto 4x4, and on one thread single samples and runs of 3. ---------------------------------------
+# ---- the float32 forward on 4x4 and 8x8 maps (up to 64 output pixels that multiply Wb @ cols; 6x6,
+# 7x7 and smaller maps multiply the transpose) builds the kernels with the scales folded out (m on
+# the im2col matrix, f on the output), kFoldedSamples = 4 samples per pass over a tile: K with and
+# without an unrolled loop, passes of 4 and fewer samples, tiles cut in J (built row by row) and
+# whole groups (one block of W), stride 2 onto 4x4 and 8x8, and on one thread single samples and
+# runs of 3. -----------------------------------------------------------------------------------------
 FOLDED_FORWARD = [
     (11, 128, 40, 4, 3, 4, 1, 1, 1, 1),   # J = 1152: tiles cut in J; runs of 6 and 5
     (9, 128, 40, 4, 3, 5, 1, 1, 1, 1),    # K = 5: one sample per pass
@@ -769,6 +770,9 @@ FOLDED_FORWARD = [
     (5, 32, 16, 8, 3, 2, 2, 1, 1, 1),     # stride 2 onto a 4x4 output
     (7, 20, 9, 4, 3, 1, 1, 1, 1, 1),      # K = 1, 9 rows
     (3, 300, 40, 4, 3, 4, 1, 1, 1, 1),    # J = 2700 in pieces of 912, 912 and 876: rounded up to 16 columns
+    (9, 128, 40, 8, 3, 4, 1, 1, 1, 1),    # P = 64: J = 1152 in pieces of 384 (tiles sized for 8x8 passes)
+    (6, 48, 20, 16, 3, 3, 2, 1, 1, 1),    # stride 2 onto an 8x8 output, K = 3
+    (5, 16, 24, 8, 3, 2, 1, 1, 1, 2),     # 8x8, two groups
 ]
 
 

@@ -31,9 +31,9 @@
 // memory once per thread and run and then served from cache; the aggregated rows are consumed by
 // the GEMMs while still in cache. (The float32 forward on maps like 6x6, which needs Wb^T, first
 // transposes the tile's K slices of W once per run of at least kMinSamplesPerWeightTranspose
-// samples, and its runs are sized by kTransposedForwardThreadBytes. The float32 forward on 4x4 maps
-// builds A instead of Wb, the scales m and f applied to cols_b and out_b, for four samples per pass
-// over a tile: build_folded_tile.) A forward with fewer samples
+// samples, and its runs are sized by kTransposedForwardThreadBytes. The float32 forward on 4x4 and
+// 8x8 maps builds A instead of Wb, the scales m and f applied to cols_b and out_b, for four samples
+// per pass over a tile: build_folded_tile.) A forward with fewer samples
 // than threads (one image in the GUI) splits each sample's output rows between threads instead:
 // im2col by input channels, then the (sample, row range) pairs in parallel. The backward of layers
 // without groups gives each thread a range of input channels for every sample instead of a run of
@@ -44,7 +44,7 @@
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 maps)
+//   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps)
 //   kern   (T, Jt)        Wb of the tile for one sample (forward), or its transpose (Jt, T) (the
 //                         float32 forward on maps like 6x6; backward: (n, Jt, T)): in the forward's
 //                         runs of 5+ samples built row by row from wt, otherwise float rows built
@@ -124,15 +124,24 @@ constexpr int64_t kForwardThreadBytes = 2 * 1024 * 1024;
 // pages per call.
 constexpr int64_t kTransposedForwardThreadBytes = 16 * 1024 * 1024;
 constexpr int64_t kMinSamplesPerWeightTranspose = 5;
-// The forward on maps of at most kMaxFoldedPixels pixels that multiply Wb @ cols (4x4: smaller maps
-// take the transposed product) builds the kernels with the scales folded out, kFoldedSamples samples
-// per pass over a tile (build_folded_tile), in runs sized by kFoldedThreadBytes: on B64 512->512 4x4
-// (forward 28.3 ms, the static convolution 9.5) 22 ms (in-process timings, 2 cores; HISTORY.md in
-// benchmarks/); on 8x8 and 12x12 maps, where the products outweigh the build, the same path was no
-// faster or 5 % slower.
-constexpr int64_t kMaxFoldedPixels = 16;
+// The forward on maps of at most kMaxFoldedPixels pixels that multiply Wb @ cols (8x8, 4x4 and
+// stride-2 outputs of these sizes; 6x6, 7x7 and smaller maps take the transposed product) builds the
+// kernels with the scales folded out, kFoldedSamples samples per pass over a tile
+// (build_folded_tile), in runs sized by kFoldedThreadBytes: on B64 512->512 4x4 (forward 28.3 ms, the
+// static convolution 9.5) 22 ms (in-process timings, 2 cores; HISTORY.md in benchmarks/).
+// A pass over a tile holds, for its kFoldedSamples samples, their A of the tile and their im2col
+// columns of it beside the tile's K slices of W, so folded tiles are sized for all three to fit
+// kFoldedPassBytes (this machine's L2), not for the K slices alone to fit kTileBytes: with 512 KB
+// of K slices an 8x8 pass held ~2 MB, and the folded path was no faster than building Wb sample by
+// sample there. Sized for the pass, 8x8 maps take the folded path too (benchmarks/ab_builds.py,
+// 5 rounds, results/ab_folded_forward_8x8_cpu.json: forward 0.77 and 0.62 on B32 512->512 8x8 with
+// K = 4 and 8, 0.96 on B32 256->256 and B64 128->128 8x8, 1.03-1.04 on B8 256->256 8x8 and on
+// B32 128->256 stride 2 onto 8x8 (0.94 in a first run); 1.00-1.05 on three 4x4 layers, whose tiles
+// changed size too).
+constexpr int64_t kMaxFoldedPixels = 64;
 constexpr int64_t kFoldedSamples = 4;
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
+constexpr int64_t kFoldedPassBytes = 1024 * 1024;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kMaxSamplesPerThread = 16;
 constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile per thread, at least
@@ -202,10 +211,18 @@ inline int64_t vector_step(int64_t n, int64_t most) {
   return step >= kMinVectorStep ? std::min(n, (step + 15) / 16 * 16) : step;
 }
 
+// The budget of a folded tile's K slices of W (see kFoldedPassBytes): per column of a tile cut in J
+// (kMinTileRows rows), a pass holds K * rows values of W, kFoldedSamples * rows of A and
+// kFoldedSamples * P of the samples' im2col matrices.
+inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
+  const int64_t K = g.kernel_num, rows = kMinTileRows;
+  return kFoldedPassBytes * K * rows / (K * rows + kFoldedSamples * (rows + P));
+}
+
 // Tiles. With G > 1 a tile is whole groups. With G == 1 it is a range of output channels over all
-// of J when at least kMinTileRows rows fit in kTileBytes, or when one sample's im2col matrix is
-// large (see the grad_x panels below). Otherwise (deep layers with small maps: 7 rows of
-// 512->512 3x3 fill 512 KB) the rows alone make thin products (7 x 4608 @ 4608 x 16 at 4x4) that
+// of J when at least kMinTileRows rows fit in tile_bytes (kTileBytes, or folded_tile_bytes), or
+// when one sample's im2col matrix is large (see the grad_x panels below). Otherwise (deep layers
+// with small maps: 7 rows of 512->512 3x3 fill 512 KB) the rows alone make thin products (7 x 4608 @ 4608 x 16 at 4x4) that
 // re-read the sample's im2col matrix for every 7 rows, and the tile is cut in J as well:
 // kMinTileRows rows by as many columns as fit. The products then accumulate over the column
 // blocks of a row range, which are consecutive in the tile order. (A/B on 2 cores,
@@ -221,10 +238,11 @@ inline int64_t vector_step(int64_t n, int64_t most) {
 // min_row_blocks > 1 asks for at least that many ranges of rows (or of groups), of at least
 // kMinSplitRows rows: the forward of batches smaller than the thread count splits the rows of a
 // sample between threads.
-std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false) {
+std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
+                             int64_t tile_bytes = kTileBytes) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
-  const int64_t rows_per_tile = std::max<int64_t>(1, kTileBytes / row_bytes);
+  const int64_t rows_per_tile = std::max<int64_t>(1, tile_bytes / row_bytes);
   std::vector<Tile> tiles;
   if (g.groups == 1) {
     const bool cut_columns =
@@ -235,7 +253,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
         min_row_blocks > 1
             ? std::min(rows_wanted, std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks))
             : rows_wanted;
-    const int64_t cols = cut_columns ? std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size)) : J;
+    const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
     const int64_t row_step = even_step(g.out_channels, rows), col_step = vector_step(J, cols);
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
@@ -920,7 +938,7 @@ inline void build_tile_kernel_from_transposed(const float* wt, const float* a, c
   }
 }
 
-// ---- The folded build (the float32 forward on 4x4 maps, see kMaxFoldedPixels). There
+// ---- The folded build (the float32 forward on 4x4 and 8x8 maps, see kMaxFoldedPixels). There
 // building the kernels, not the products, is most of the forward (perf, B64 512->512 4x4: 47 % of
 // the cycles building, 32 % in the products), so it is cheapened two ways:
 //   - the scales are folded out: Wb @ cols_b = f * (A @ (m * cols_b)), so m goes onto the sample's
@@ -1054,8 +1072,23 @@ at::Tensor forward_kernel(
   // run of samples per thread: then the output rows of a sample are split between threads too.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool split_rows = g.batch < threads;
+  // brgemm's micro-kernel covers N in blocks of 16 columns and runs a ragged last block slowly: on one
+  // core a (32 x 576) @ (576 x 36) product ran at 75 GFLOP/s against 112 for its transpose
+  // (36 x 576) @ (576 x 32), and with 49 columns at 78 against 114. Where rounding P up to 16 would
+  // waste more than a fifth of the columns (6x6, 7x7, 5x5 maps), the float32 forward multiplies
+  // out^T = im2row @ Wb^T instead (N = the tile's rows) and transposes each sample's output at the
+  // end. (2 cores, benchmarks/ab_builds.py, results/ab_transposed_forward_cpu.json: forward 0.75 on
+  // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
+  // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
+  const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
+  const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
+  // the folded build (see build_folded_tile): float32 on maps of at most kMaxFoldedPixels pixels, with
+  // an im2col matrix to scale
+  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+  const bool folded = !split_rows && is_float && !transposed && !reads_x && P <= kMaxFoldedPixels;
   const std::vector<Tile> tiles =
-      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true);
+      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
+                 folded ? folded_tile_bytes(g, P) : kTileBytes);
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
@@ -1123,15 +1156,6 @@ at::Tensor forward_kernel(
   // n samples per thread, whose barriers made the threads wait for each other after every chunk:
   // libgomp's share of a perf profile fell from 6.2 to 4.7 % (B64 64->64 32x32, 32 chunks) and from
   // 5.5 to 2.5 % (B64 512->512 4x4) with one region.
-  // brgemm's micro-kernel covers N in blocks of 16 columns and runs a ragged last block slowly: on one
-  // core a (32 x 576) @ (576 x 36) product ran at 75 GFLOP/s against 112 for its transpose
-  // (36 x 576) @ (576 x 32), and with 49 columns at 78 against 114. Where rounding P up to 16 would
-  // waste more than a fifth of the columns (6x6, 7x7, 5x5 maps), the float32 forward multiplies
-  // out^T = im2row @ Wb^T instead (N = the tile's rows) and transposes each sample's output at the
-  // end. (2 cores, benchmarks/ab_builds.py, results/ab_transposed_forward_cpu.json: forward 0.75 on
-  // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
-  // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
-  const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
   // out_b^T[:, rows of t] (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, with Wb^T of the tile built
   // into kern (through kern_rows); out_t_b is the sample's (P x Cout) transposed output.
   // wt: the tile's K slices of W transposed (transpose_weight_tile), or null: then Wb^T is built from W.
@@ -1153,11 +1177,6 @@ at::Tensor forward_kernel(
     grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
                            /*accumulate=*/t.j0 > 0, opts);
   };
-  const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
-  // the folded build (see build_folded_tile): float32 on maps of at most kMaxFoldedPixels pixels, with
-  // an im2col matrix to scale
-  constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
-  const bool folded = is_float && !transposed && !reads_x && P <= kMaxFoldedPixels;
   const int64_t per_run = samples_per_run(
       reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)),
       transposed ? kTransposedForwardThreadBytes : (folded ? kFoldedThreadBytes : kForwardThreadBytes));
