@@ -461,14 +461,17 @@ TRANSPOSED_FORWARD = [
     (4, 40, 24, 6, 1, 2, 1, 0, 1, 1),      # 1x1 without im2col: im2row is x transposed
     (3, 150, 40, 6, 3, 4, 1, 1, 1, 1),     # J = 1350: tiles cut in J accumulate out^T
     (70, 16, 8, 5, 3, 2, 1, 1, 1, 1),      # P = 25, several chunks of samples
-    # Runs of at least 5 samples build Wb^T from W's slices transposed once per run: K with and
-    # without an unrolled loop, rows not a multiple of the vector width, groups, tiles cut in J,
-    # 1x1 without im2col, a batch split into runs of 5 and 6 (or one of 11).
+    # Runs of at least 5 samples transpose W's slices once per run and build A^T from them, four
+    # samples per pass, the scales folded onto im2row and the output: K with and without an unrolled
+    # loop, rows not a multiple of the vector width, groups, tiles cut in J, 1x1 without im2col, a
+    # batch split into runs of 5 and 6 (or one of 11), tiles of whole groups larger than a pass's
+    # budget.
     (12, 24, 40, 6, 3, 4, 1, 1, 1, 1),     # K = 4, 40 rows
     (12, 16, 24, 7, 3, 5, 1, 1, 1, 2),     # K = 5, two groups
     (12, 150, 40, 6, 3, 8, 1, 1, 1, 1),    # K = 8, tiles of 20 rows cut in J
     (12, 40, 24, 6, 1, 1, 1, 0, 1, 1),     # K = 1, 1x1
     (11, 20, 9, 7, 3, 3, 1, 1, 1, 1),      # K = 3, 9 rows
+    (10, 256, 128, 6, 3, 4, 1, 1, 1, 2),   # two groups of 64 x 1152: 2.4 MB passes
 ]
 
 

@@ -33,7 +33,8 @@
 // transposes the tile's K slices of W once per run of at least kMinSamplesPerWeightTranspose
 // samples, and its runs are sized by kTransposedForwardThreadBytes. The float32 forward on 4x4 and
 // 8x8 maps builds A instead of Wb, the scales m and f applied to cols_b and out_b, for four samples
-// per pass over a tile: build_folded_tile.) A forward with fewer samples
+// per pass over a tile: build_folded_tile; and so do those runs, with A^T from the transposed
+// slices and m on rows_b: build_folded_tile_transposed.) A forward with fewer samples
 // than threads (one image in the GUI) splits each sample's output rows between threads instead:
 // im2col by input channels, then the (sample, row range) pairs in parallel. The backward of layers
 // without groups gives each thread a range of input channels for every sample instead of a run of
@@ -44,10 +45,11 @@
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
-//   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps)
+//   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps), or
+//                         A^T (4, Jt, T) (float32 forward on maps like 6x6, in runs of 5+ samples)
 //   kern   (T, Jt)        Wb of the tile for one sample (forward), or its transpose (Jt, T) (the
 //                         float32 forward on maps like 6x6; backward: (n, Jt, T)): in the forward's
-//                         runs of 5+ samples built row by row from wt, otherwise float rows built
+//                         runs of 5+ samples folded (above), otherwise float rows built
 //                         8 at a time and stored transposed from registers, others through a
 //                         (T, Jt) scratch and a blocked transpose
 //   wt     (K, Jt, T)     W_k of the tile transposed, per group (float32 forward on maps like 6x6)
@@ -121,7 +123,14 @@ constexpr int64_t kForwardThreadBytes = 2 * 1024 * 1024;
 // of its time on B128 128->256 6x6, B32 512->512 7x7, B64 256->256 5x5 and a 7x7 layer with groups
 // (benchmarks/ab_builds.py, 5 rounds of 15 calls; results/ab_weight_transposed_forward_cpu.json).
 // The whole of W transposed once per call was slower on B32 512->512 7x7 (1.16): 38 MB of fresh
-// pages per call.
+// pages per call. Those runs fold the scales out as the 4x4 and 8x8 forward does (below): A^T for
+// four samples per pass from the transposed slices, m on each sample's rows, f on its output
+// (benchmarks/ab_builds.py against building Wb^T sample by sample, 5 rounds, two runs,
+// results/ab_folded_transposed_forward_cpu.json: forward 0.89-0.93 on B128 128->256 6x6 and B64
+// 256->256 5x5, 0.86 on B64 512->512 3x3, 0.85-0.86 on B32 512->512 7x7 with K = 8; with K = 4
+// 0.85 in one run and 1.05 in the other, 0.95-0.96 in alternated timings). Multiplying Wb @ cols
+// folded on these maps instead, ragged block and all, with no transposes of W, was slower on 6x6,
+// 5x5 and 3x3 (1.1-1.2) and no faster on 7x7.
 constexpr int64_t kTransposedForwardThreadBytes = 16 * 1024 * 1024;
 constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // The forward on maps of at most kMaxFoldedPixels pixels that multiply Wb @ cols (8x8, 4x4 and
@@ -137,7 +146,9 @@ constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // 5 rounds, results/ab_folded_forward_8x8_cpu.json: forward 0.77 and 0.62 on B32 512->512 8x8 with
 // K = 4 and 8, 0.96 on B32 256->256 and B64 128->128 8x8, 1.03-1.04 on B8 256->256 8x8 and on
 // B32 128->256 stride 2 onto 8x8 (0.94 in a first run); 1.00-1.05 on three 4x4 layers, whose tiles
-// changed size too).
+// changed size too). Tiles of whole groups (G > 1) are not sized by the budget, and fold even where
+// their pass exceeds it: B32 256->256 7x7 with 4 groups (1.6 MB passes) and B64 256->512 6x6 with 2
+// (3.4 MB) timed 2.3-2.7 and 14.8-15.2 ms folded against 2.4-3.0 and 15.6-16.0 unfolded, alternated.
 constexpr int64_t kMaxFoldedPixels = 64;
 constexpr int64_t kFoldedSamples = 4;
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
@@ -1004,6 +1015,25 @@ inline void scale_rows(T* mat, int64_t rows, int64_t cols, const T* s) {
   }
 }
 
+// mat[r, c] *= s[c] on a rows x cols row-major matrix.
+template <typename T>
+inline void scale_columns(T* mat, int64_t rows, int64_t cols, const T* __restrict__ s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict__ row = mat + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] *= s[c];
+  }
+}
+
+// A^T of one tile for S samples from transpose_weight_tile's wt (per group, K slices of Jt x T):
+// sample q's (groups, Jt, T) block at kern + q * (tile elements).
+inline void build_folded_tile_transposed(const float* wt, const float* a, int64_t S, const Geometry& g,
+                                         const Tile& t, float* kern) {
+  const int64_t K = g.kernel_num, ks = t.cols() * t.rows(), elems = t.groups() * ks;
+  for (int64_t gi = 0; gi < t.groups(); ++gi)
+    sum_kernels_for_samples_dispatch(wt + gi * K * ks, ks, a, K, S, ks, kern + gi * ks, elems);
+}
+
 // Wb on one tile of one sample (Jt = t.cols()). Wb goes to kern as (groups, rows, Jt), or
 // transposed (the backward's grad_x product needs Wb^T row-major) into columns [col0, col0 + rows)
 // of a (groups, Jt, ld) matrix when `transposed`: then float rows are built 8 at a time in registers
@@ -1086,9 +1116,12 @@ at::Tensor forward_kernel(
   // an im2col matrix to scale
   constexpr bool is_float = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
   const bool folded = !split_rows && is_float && !transposed && !reads_x && P <= kMaxFoldedPixels;
+  // the transposed products fold the scales too, in runs that transpose W's slices (see
+  // build_folded_tile_transposed): out_b^T = ((rows_b m) @ A^T) f
+  const bool folded_transposed = !split_rows && is_float && transposed;
   const std::vector<Tile> tiles =
       make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
-                 folded ? folded_tile_bytes(g, P) : kTileBytes);
+                 folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes);
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
@@ -1193,7 +1226,7 @@ at::Tensor forward_kernel(
       if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
     }
     // kFoldedSamples samples' A of a tile
-    at::Tensor folded_kern = folded ? at::empty({kFoldedSamples * max_tile}, opts) : at::Tensor();
+    at::Tensor folded_kern = folded || folded_transposed ? at::empty({kFoldedSamples * max_tile}, opts) : at::Tensor();
     acc_t* m = m_buf.data_ptr<acc_t>();
     scalar_t* buf = reads_x ? nullptr : cols_buf.data_ptr<scalar_t>();
     scalar_t* ot = transposed ? out_t.data_ptr<scalar_t>() : nullptr;
@@ -1202,6 +1235,8 @@ at::Tensor forward_kernel(
       // the cols matrix (transposed: the rows matrix) of sample s0 + i is at cols + i * cols_stride
       const scalar_t* cols = reads_x ? x.const_data_ptr<scalar_t>() + s0 * x_stride : buf;
       const int64_t cols_stride = reads_x ? x_stride : GJ * P;
+      // runs that transpose W's slices build A^T instead of Wb^T
+      const bool fold_run = folded_transposed && n >= kMinSamplesPerWeightTranspose;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
         const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
@@ -1213,6 +1248,7 @@ at::Tensor forward_kernel(
                     m + i * GJ);
         if constexpr (is_float) {
           if (folded) scale_rows(buf + i * GJ * P, GJ, P, m + i * GJ);  // m * cols_b
+          if (fold_run) scale_columns(buf + i * GJ * P, P, GJ, m + i * GJ);  // rows_b * m
         }
       }
       for (const Tile& t : tiles) {
@@ -1228,6 +1264,22 @@ at::Tensor forward_kernel(
                 grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt,
                                     cols + (i0 + q) * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
                                     y + (s0 + i0 + q) * Cout * P + t.first_row(Cog) * P, P, Cog * P,
+                                    /*accumulate=*/t.j0 > 0, opts);
+            }
+            continue;
+          }
+          if (fold_run) {
+            // A^T of the tile for up to kFoldedSamples samples per pass, then their transposed products
+            const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
+            float* kern = folded_kern.data_ptr<float>();
+            float* wt = wt_buf.data_ptr<float>();
+            transpose_weight_tile(w_ptr, g, t, wt);
+            for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
+              const int64_t S = std::min(kFoldedSamples, n - i0);
+              build_folded_tile_transposed(wt, a.const_data_ptr<float>() + (s0 + i0) * K, S, g, t, kern);
+              for (int64_t q = 0; q < S; ++q)
+                grouped_gemm<float>(nG, P, T, Jt, cols + (i0 + q) * cols_stride + t.g0 * J + t.j0, GJ, J,
+                                    kern + q * elems, T, Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog,
                                     /*accumulate=*/t.j0 > 0, opts);
             }
             continue;
@@ -1249,7 +1301,7 @@ at::Tensor forward_kernel(
       if (transposed)
         for (int64_t i = 0; i < n; ++i) transpose_into(ot + i * P * Cout, P, Cout, y + (s0 + i) * Cout * P, P);
       if constexpr (is_float) {
-        if (folded)  // f * (A @ (m * cols_b))
+        if (folded || fold_run)  // f * (A @ (m * cols_b)), or the transpose of ((rows_b * m) @ A^T) times f
           for (int64_t i = 0; i < n; ++i)
             scale_rows(y + (s0 + i) * Cout * P, Cout, P, f.const_data_ptr<float>() + (s0 + i) * Cout);
       }
