@@ -776,6 +776,7 @@ FOLDED_FORWARD = [
     (9, 128, 40, 8, 3, 4, 1, 1, 1, 1),    # P = 64: J = 1152 in pieces of 384 (tiles sized for 8x8 passes)
     (6, 48, 20, 16, 3, 3, 2, 1, 1, 1),    # stride 2 onto an 8x8 output, K = 3
     (5, 16, 24, 8, 3, 2, 1, 1, 1, 2),     # 8x8, two groups
+    (17, 128, 40, 8, 3, 4, 1, 1, 1, 1),   # runs of 7 samples' im2col (2 MB, the kernels' size clamped): 6, 6, 5
 ]
 
 

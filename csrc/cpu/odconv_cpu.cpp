@@ -136,8 +136,13 @@ constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // The forward on maps of at most kMaxFoldedPixels pixels that multiply Wb @ cols (8x8, 4x4 and
 // stride-2 outputs of these sizes; 6x6, 7x7 and smaller maps take the transposed product) builds the
 // kernels with the scales folded out, kFoldedSamples samples per pass over a tile
-// (build_folded_tile), in runs sized by kFoldedThreadBytes: on B64 512->512 4x4 (forward 28.3 ms, the
-// static convolution 9.5) 22 ms (in-process timings, 2 cores; HISTORY.md in benchmarks/).
+// (build_folded_tile), in runs of up to kFoldedThreadBytes of im2col matrices: on B64 512->512 4x4
+// (forward 28.3 ms, the static convolution 9.5) 22 ms (in-process timings, 2 cores; HISTORY.md in
+// benchmarks/). A run streams the K kernels once, so its budget is their size within
+// [kForwardThreadBytes, kFoldedThreadBytes]: 8 MB for every layer made B64 128->128 8x8 (2.4 MB of
+// kernels) hold 16 samples' im2col per thread, and its training step's peak memory 1.33x the static
+// convolution's (1.07x sized by the kernels; forward 0.93-1.03 on three 8x8 layers against 8 MB,
+// benchmarks/ab_builds.py, results/ab_folded_runs_by_weight_cpu.json).
 // A pass over a tile holds, for its kFoldedSamples samples, their A of the tile and their im2col
 // columns of it beside the tile's K slices of W, so folded tiles are sized for all three to fit
 // kFoldedPassBytes (this machine's L2), not for the K slices alone to fit kTileBytes: with 512 KB
@@ -1212,7 +1217,10 @@ at::Tensor forward_kernel(
   };
   const int64_t per_run = samples_per_run(
       reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)),
-      transposed ? kTransposedForwardThreadBytes : (folded ? kFoldedThreadBytes : kForwardThreadBytes));
+      transposed ? kTransposedForwardThreadBytes
+                 : (folded ? std::clamp<int64_t>(K * Cout * J * static_cast<int64_t>(sizeof(scalar_t)),
+                                                 kForwardThreadBytes, kFoldedThreadBytes)
+                           : kForwardThreadBytes));
   for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     const int64_t step = even_step(b_end - b_begin, per_run);
     at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
