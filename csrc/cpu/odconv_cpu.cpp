@@ -238,8 +238,9 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // Tiles. With G > 1 a tile is whole groups. With G == 1 it is a range of output channels over all
 // of J when at least kMinTileRows rows fit in tile_bytes (kTileBytes, or folded_tile_bytes), or
 // when one sample's im2col matrix is large (see the grad_x panels below). Otherwise (deep layers
-// with small maps: 7 rows of 512->512 3x3 fill 512 KB) the rows alone make thin products (7 x 4608 @ 4608 x 16 at 4x4) that
-// re-read the sample's im2col matrix for every 7 rows, and the tile is cut in J as well:
+// with small maps: 7 rows of 512->512 3x3 fill 512 KB) the rows alone make thin products
+// (7 x 4608 @ 4608 x 16 at 4x4) that re-read the sample's im2col matrix for every 7 rows, and the
+// tile is cut in J as well:
 // kMinTileRows rows by as many columns as fit. The products then accumulate over the column
 // blocks of a row range, which are consecutive in the tile order. (A/B on 2 cores,
 // benchmarks/results/ab_cut_columns_cpu.json: B64 512->512 4x4 forward 118 -> 58 ms, backward
