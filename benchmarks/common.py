@@ -16,7 +16,7 @@ NAMES = ("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att"
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """One ODConv layer: square maps and kernels, padding k//2, dilation 1."""
+    """One ODConv layer: square maps and kernels, dilation 1, padding k//2 unless `pad` says otherwise."""
     batch: int
     in_channels: int
     out_channels: int
@@ -25,10 +25,13 @@ class LayerShape:
     kernel_num: int    # K, the number of candidate kernels
     stride: int = 1
     groups: int = 1
+    pad: int = -1      # padding; -1: k//2. A static convolution skips the taps that fall in the padding
+    #                    (oneDNN's direct kernels), an im2col product multiplies their zeros: padding 0
+    #                    on a larger input gives the same output with every tap inside the map.
 
     @property
     def padding(self):
-        return self.kernel // 2
+        return self.kernel // 2 if self.pad < 0 else self.pad
 
     @property
     def out_size(self):
@@ -45,8 +48,9 @@ class LayerShape:
 
     @property
     def name(self):
+        padding = f" p{self.padding}" if self.padding != self.kernel // 2 else ""
         return (f"B{self.batch} {self.in_channels}->{self.out_channels} {self.size}x{self.size} "
-                f"k{self.kernel} K{self.kernel_num} s{self.stride} g{self.groups}")
+                f"k{self.kernel} K{self.kernel_num} s{self.stride} g{self.groups}{padding}")
 
     def conv_args(self):
         """(stride, padding, dilation, groups) as pairs, the way F.conv2d and the reference take them."""
@@ -119,18 +123,21 @@ SUITES = {
 
 
 def parse_shapes(spec):
-    """Suite names and/or custom shapes: "default,layer4" or "B,Cin,Cout,H,k,K,stride,groups;..." (mixable
-    with ';', e.g. "layer4;32,256,256,8,3,4,1,1")."""
+    """Suite names and/or custom shapes: "default,layer4" or "B,Cin,Cout,H,k,K,stride,groups[,padding];..."
+    (mixable with ';', e.g. "layer4;32,256,256,8,3,4,1,1"; padding defaults to k//2)."""
     shapes = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         tokens = [t.strip() for t in part.split(",") if t.strip()]
         if all(t.isdigit() for t in tokens):
-            if len(tokens) != 8:
-                raise ValueError(f"custom shape {part!r}: expected 8 integers B,Cin,Cout,H,k,K,stride,groups")
+            if len(tokens) not in (8, 9):
+                raise ValueError(f"custom shape {part!r}: expected 8 or 9 integers B,Cin,Cout,H,k,K,stride,groups"
+                                 f"[,padding]")
             shape = LayerShape(*map(int, tokens))
-            if min(dataclasses.astuple(shape)) < 1 or (shape.in_channels % shape.groups
-                                                       or shape.out_channels % shape.groups):
+            if min(map(int, tokens[:8])) < 1 or (shape.in_channels % shape.groups
+                                                 or shape.out_channels % shape.groups):
                 raise ValueError(f"custom shape {part!r}: sizes must be >= 1 and groups must divide Cin and Cout")
+            if shape.out_size < 1:
+                raise ValueError(f"custom shape {part!r}: padding {shape.padding} leaves no output pixel")
             shapes.append(shape)
             continue
         for name in tokens:
