@@ -1320,6 +1320,38 @@ at::Tensor forward_kernel(
   return out;
 }
 
+// Column j of the K (<= 4) rows of W_k in a tile row, and A[j] = sum_k a[k] W_k[o,j]: the head of
+// the omp simd loops of reduce_row and reduce_row_folded, inlined into them (the values of kernels
+// beyond K are zeros the compiler drops). add_to accumulates g * W_k[o,j] into K named sums.
+template <int K, typename T>
+struct KernelColumn {
+  static_assert(K >= 1 && K <= 4, "one sum per kernel in a named register");
+  T w0, w1, w2, w3, agg;
+  KernelColumn(const T* w, int64_t k_stride, int64_t j, T a0, T a1, T a2, T a3)
+      : w0(w[j]), w1(K > 1 ? w[k_stride + j] : 0), w2(K > 2 ? w[2 * k_stride + j] : 0),
+        w3(K > 3 ? w[3 * k_stride + j] : 0) {
+    agg = a0 * w0;
+    if constexpr (K > 1) agg += a1 * w1;
+    if constexpr (K > 2) agg += a2 * w2;
+    if constexpr (K > 3) agg += a3 * w3;
+  }
+  void add_to(T g, T& d0, T& d1, T& d2, T& d3) const {
+    d0 += g * w0;
+    if constexpr (K > 1) d1 += g * w1;
+    if constexpr (K > 2) d2 += g * w2;
+    if constexpr (K > 3) d3 += g * w3;
+  }
+};
+
+// out[k] += d_k for the K named sums of a KernelColumn loop.
+template <int K, typename T>
+inline void add_kernel_sums(T* out, T d0, T d1, T d2, T d3) {
+  out[0] += d0;
+  if constexpr (K > 1) out[1] += d1;
+  if constexpr (K > 2) out[2] += d2;
+  if constexpr (K > 3) out[3] += d3;
+}
+
 // One row o of a tile of one sample, in one pass over the K rows of W (see the header), with
 // A[j] = sum_k a[k] W_k[o,j] recomputed rather than stored by the build (it is K loads of rows
 // that the grad_a dot products read anyway):
@@ -1338,30 +1370,18 @@ inline void reduce_row(const scalar_t* __restrict__ q, const acc_t* __restrict__
   acc_t sf = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : sf, d0, d1, d2, d3)
   for (int64_t j = 0; j < J; ++j) {
-    const acc_t w0 = w[j];
-    const acc_t w1 = K > 1 ? w[k_stride + j] : 0, w2 = K > 2 ? w[2 * k_stride + j] : 0;
-    const acc_t w3 = K > 3 ? w[3 * k_stride + j] : 0;
-    acc_t agg = a0 * w0;
-    if constexpr (K > 1) agg += a1 * w1;
-    if constexpr (K > 2) agg += a2 * w2;
-    if constexpr (K > 3) agg += a3 * w3;
-    if constexpr (kWriteWb) wb[j] = static_cast<scalar_t>(agg * f * m[j]);  // as aggregate_row
+    const KernelColumn<K, acc_t> col(w, k_stride, j, a0, a1, a2, a3);
+    if constexpr (kWriteWb) wb[j] = static_cast<scalar_t>(col.agg * f * m[j]);  // as aggregate_row
     const acc_t qv = static_cast<acc_t>(q[j]);
-    const acc_t rv = qv * agg;
+    const acc_t rv = qv * col.agg;
     sf += rv * m[j];
     gm[j] += rv * f;
     const acc_t gv = qv * f * m[j];
     g_out[j] = gv;
-    d0 += gv * w0;
-    if constexpr (K > 1) d1 += gv * w1;
-    if constexpr (K > 2) d2 += gv * w2;
-    if constexpr (K > 3) d3 += gv * w3;
+    col.add_to(gv, d0, d1, d2, d3);
   }
   gf += sf;
-  grad_a[0] += d0;
-  if constexpr (K > 1) grad_a[1] += d1;
-  if constexpr (K > 2) grad_a[2] += d2;
-  if constexpr (K > 3) grad_a[3] += d3;
+  add_kernel_sums<K>(grad_a, d0, d1, d2, d3);
 }
 
 // The same for any K, in passes through `scratch` (J elements): A first, then the rest, then one
@@ -1443,26 +1463,14 @@ inline void reduce_row_folded(const T* __restrict__ q, const T* __restrict__ w, 
   T sf = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : sf, d0, d1, d2, d3)
   for (int64_t j = 0; j < J; ++j) {
-    const T w0 = w[j];
-    const T w1 = K > 1 ? w[k_stride + j] : 0, w2 = K > 2 ? w[2 * k_stride + j] : 0;
-    const T w3 = K > 3 ? w[3 * k_stride + j] : 0;
-    T agg = a0 * w0;
-    if constexpr (K > 1) agg += a1 * w1;
-    if constexpr (K > 2) agg += a2 * w2;
-    if constexpr (K > 3) agg += a3 * w3;
-    wb[j] = agg;
+    const KernelColumn<K, T> col(w, k_stride, j, a0, a1, a2, a3);
+    wb[j] = col.agg;
     const T qv = q[j];
-    sf += qv * agg;
-    d0 += qv * w0;
-    if constexpr (K > 1) d1 += qv * w1;
-    if constexpr (K > 2) d2 += qv * w2;
-    if constexpr (K > 3) d3 += qv * w3;
+    sf += qv * col.agg;
+    col.add_to(qv, d0, d1, d2, d3);
   }
   gf += sf;
-  d[0] += d0;
-  if constexpr (K > 1) d[1] += d1;
-  if constexpr (K > 2) d[2] += d2;
-  if constexpr (K > 3) d[3] += d3;
+  add_kernel_sums<K>(d, d0, d1, d2, d3);
 }
 
 // The same for any K: A into wb first, then one dot product with Q' for it and for each kernel.
