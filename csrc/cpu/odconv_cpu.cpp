@@ -1262,34 +1262,30 @@ at::Tensor forward_kernel(
       }
       for (const Tile& t : tiles) {
         if constexpr (is_float) {
-          if (folded) {
-            // A of the tile for up to kFoldedSamples samples per pass, then their products
-            const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt;
-            float* kern = folded_kern.data_ptr<float>();
-            for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
-              const int64_t S = std::min(kFoldedSamples, n - i0);
-              build_folded_tile(w_ptr, a.const_data_ptr<float>() + (s0 + i0) * K, S, g, t, kern);
-              for (int64_t q = 0; q < S; ++q)
-                grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt,
-                                    cols + (i0 + q) * cols_stride + t.g0 * J * P + t.j0 * P, P, J * P,
-                                    y + (s0 + i0 + q) * Cout * P + t.first_row(Cog) * P, P, Cog * P,
-                                    /*accumulate=*/t.j0 > 0, opts);
-            }
-            continue;
-          }
-          if (fold_run) {
-            // A^T of the tile for up to kFoldedSamples samples per pass, then their transposed products
+          if (folded || fold_run) {
+            // A of the tile (A^T from W's transposed slices in runs of the transposed product) for up
+            // to kFoldedSamples samples per pass, then their products
             const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
             float* kern = folded_kern.data_ptr<float>();
-            float* wt = wt_buf.data_ptr<float>();
-            transpose_weight_tile(w_ptr, g, t, wt);
+            float* wt = fold_run ? wt_buf.data_ptr<float>() : nullptr;
+            if (fold_run) transpose_weight_tile(w_ptr, g, t, wt);
             for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
               const int64_t S = std::min(kFoldedSamples, n - i0);
-              build_folded_tile_transposed(wt, a.const_data_ptr<float>() + (s0 + i0) * K, S, g, t, kern);
-              for (int64_t q = 0; q < S; ++q)
-                grouped_gemm<float>(nG, P, T, Jt, cols + (i0 + q) * cols_stride + t.g0 * J + t.j0, GJ, J,
-                                    kern + q * elems, T, Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog,
-                                    /*accumulate=*/t.j0 > 0, opts);
+              const float* a_pass = a.const_data_ptr<float>() + (s0 + i0) * K;
+              if (fold_run)
+                build_folded_tile_transposed(wt, a_pass, S, g, t, kern);
+              else
+                build_folded_tile(w_ptr, a_pass, S, g, t, kern);
+              for (int64_t q = 0; q < S; ++q) {
+                const float* cols_q = cols + (i0 + q) * cols_stride;
+                if (fold_run)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
+                  grouped_gemm<float>(nG, P, T, Jt, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T, Jt * T,
+                                      ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+                else  // out_q[rows of t] (+)= A @ (m cols_q)[cols of t]
+                  grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt, cols_q + t.g0 * J * P + t.j0 * P, P,
+                                      J * P, y + (s0 + i0 + q) * Cout * P + row0 * P, P, Cog * P,
+                                      /*accumulate=*/t.j0 > 0, opts);
+              }
             }
             continue;
           }
