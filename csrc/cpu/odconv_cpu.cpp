@@ -94,6 +94,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -1668,6 +1669,8 @@ constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
+constexpr int64_t kFoldedBlockColumns = 288;
+constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -1695,10 +1698,36 @@ std::vector<Tile> part_tiles(const Geometry& g, int64_t elem_size, int64_t j_beg
   return tiles;
 }
 
-// One part's channels [c0, c1), its tiles and its buffers (shapes above).
+// A block of whole input channels [c0, c1) of a part, the folded backward's unit of work (see
+// above), and its tiles: kMinTileRows rows by all of its columns.
+struct ColumnBlock {
+  int64_t c0 = 0, c1 = 0;
+  std::vector<Tile> tiles;
+};
+
+// The channels [c_begin, c_end) in blocks of about kFoldedBlockColumns columns: whole channels, as many
+// as make a multiple of 16 columns (a vector of floats, a block of brgemm) where the part has them.
+std::vector<ColumnBlock> folded_blocks(const Geometry& g, int64_t c_begin, int64_t c_end) {
+  const int64_t taps = g.taps(), rows = std::min(kMinTileRows, g.out_channels);
+  const int64_t align = 16 / std::gcd<int64_t>(taps, 16);  // channels per 16-column multiple
+  const int64_t channels =
+      std::min(c_end - c_begin, std::max<int64_t>(align, kFoldedBlockColumns / (taps * align) * align));
+  const int64_t row_step = even_step(g.out_channels, rows);
+  std::vector<ColumnBlock> blocks;
+  for (int64_t c = c_begin; c < c_end; c += channels) {
+    ColumnBlock b{c, std::min(c_end, c + channels), {}};
+    for (int64_t r = 0; r < g.out_channels; r += row_step)
+      b.tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), b.c0 * taps, b.c1 * taps});
+    blocks.push_back(std::move(b));
+  }
+  return blocks;
+}
+
+// One part's channels [c0, c1), its tiles (its blocks, folded) and its buffers (shapes above).
 struct ColumnPart {
   int64_t c0 = 0, c1 = 0;
   std::vector<Tile> tiles;
+  std::vector<ColumnBlock> blocks;
   at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch, coef;
 };
 
@@ -1712,17 +1741,18 @@ inline bool grad_x_by_transposed_product(const Geometry& g) {
 // and ga their shares of grad_f and grad_a; q_slot is the stride of the samples' Q' in gbuf;
 // x_chunk and gx_chunk point at the chunk's first sample.
 template <typename T>
-void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_t n, int64_t Jr, int64_t j_begin,
+void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometry& g, int64_t c0, int64_t n,
                            int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
                            const T* f_ptr, const T* rows, const T* m, T* gbuf, T* gcols, T* gm, T* gf, T* ga,
                            T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
+  const int64_t j_begin = blk.c0 * g.taps(), Jr = (blk.c1 - blk.c0) * g.taps();
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), x_stride = g.in_channels * g.height * g.width;
   T* kern = pt.kern.data_ptr<T>();  // A of every sample, q_slot apart
   T* gy_t = pt.gy_t.data_ptr<T>();
   T* coef = pt.coef.data_ptr<T>();
   T* dk = pt.scratch.data_ptr<T>();
-  for (const Tile& t : pt.tiles) {
+  for (const Tile& t : blk.tiles) {
     const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_begin;
     // Q'_i = gy_i[tile rows] @ rows'_i[:, tile cols]: (T x P) @ (P x Jt), every sample's, kept for grad_W below
     for (int64_t i = 0; i < n; ++i)
@@ -1821,7 +1851,57 @@ void backward_folded_chunk(ColumnPart& pt, const Geometry& g, int64_t c0, int64_
     }
     transpose_into(yt, P, Jr, gcols_t, P);
     scale_rows(gcols_t, Jr, P, mi);
-    col2im(gcols_t, g, gx_chunk + i * x_stride, pt.c0, pt.c1);
+    col2im(gcols_t, g, gx_chunk + i * x_stride, blk.c0, blk.c1);
+  }
+}
+
+// The folded backward of one part: block by block of its channels, and in a block chunk by chunk
+// of the batch, so that the block's slices of W_k and grad_W (K x Cout x its columns) are read from
+// memory once per call and from the last-level cache by every later chunk, and a chunk's buffers
+// hold the block's columns only (many samples per chunk within the budget).
+template <typename T>
+void backward_folded_part(ColumnPart& pt, const Geometry& g, int64_t chunk, int64_t q_slot, const T* gy_ptr,
+                          const T* x_ptr, const T* w_acc, const T* a_ptr, const T* f_ptr, const T* ch_ptr,
+                          const T* s_ptr, T* grad_w_ptr, T* grad_ch_ptr, T* gx_ptr, const at::TensorOptions& opts) {
+  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, Cin = g.in_channels;
+  const int64_t K = g.kernel_num, taps = g.taps(), B = g.batch;
+  const int64_t x_stride = Cin * g.height * g.width;
+  T* rows = pt.rows.data_ptr<T>();
+  T* gcols = pt.gcols.data_ptr<T>();
+  T* m = pt.m.data_ptr<T>();
+  T* gm = pt.gm.data_ptr<T>();
+  T* gbuf = pt.gbuf.data_ptr<T>();
+  T* scratch = pt.im2row_scratch.defined() ? pt.im2row_scratch.data_ptr<T>() : nullptr;
+  for (const ColumnBlock& blk : pt.blocks) {
+    const int64_t j_begin = blk.c0 * taps, Jr = (blk.c1 - blk.c0) * taps;
+    for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+      const int64_t n = std::min(chunk, B - c0);
+      T* gf = pt.gf.data_ptr<T>() + c0 * Cout;
+      T* ga = pt.ga.data_ptr<T>() + c0 * K;
+      T* gs = pt.gs.data_ptr<T>() + c0 * taps;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = c0 + i;
+        T* __restrict__ mi = m + i * J + j_begin;
+        for (int64_t c = blk.c0; c < blk.c1; ++c)
+          for (int64_t tp = 0; tp < taps; ++tp) mi[(c - blk.c0) * taps + tp] = ch_ptr[b * Cin + c] * s_ptr[b * taps + tp];
+        std::fill_n(gm + i * J + j_begin, Jr, T(0));
+        // rows' = rows m: the products give Q' = Q m
+        T* ri = rows + i * P * Jr;
+        im2row(x_ptr + b * x_stride, g, scratch, ri, blk.c0, blk.c1, Jr);
+        for (int64_t p = 0; p < P; ++p) {
+          T* __restrict__ row = ri + p * Jr;
+#pragma omp simd
+          for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
+        }
+      }
+      backward_folded_chunk<T>(pt, blk, g, c0, n, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr, f_ptr, rows, m,
+                               gbuf, gcols, gm, gf, ga, grad_w_ptr, gx_ptr + c0 * x_stride, opts);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = c0 + i;
+        reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
+                              blk.c0, blk.c1);
+      }
+    }
   }
 }
 
@@ -1842,10 +1922,18 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
-  int64_t widest = 0, max_tile = 0;
+  int64_t widest = 0, max_tile = 0;  // columns of a part (of a block, folded), elements of a tile
   for (int64_t p = 0; p < parts; ++p) {
     part[p].c0 = Cin * p / parts;
     part[p].c1 = Cin * (p + 1) / parts;
+    if (folded) {
+      part[p].blocks = folded_blocks(g, part[p].c0, part[p].c1);
+      for (const ColumnBlock& blk : part[p].blocks) {
+        widest = std::max(widest, (blk.c1 - blk.c0) * taps);
+        max_tile = std::max(max_tile, max_tile_elems(blk.tiles));
+      }
+      continue;
+    }
     part[p].tiles = part_tiles(g, sizeof(scalar_t), part[p].c0 * taps, part[p].c1 * taps);
     widest = std::max(widest, (part[p].c1 - part[p].c0) * taps);
     max_tile = std::max(max_tile, max_tile_elems(part[p].tiles));
@@ -1856,13 +1944,15 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t bytes_per_sample =
       (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
       (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
-  const int64_t part_budget = std::clamp<int64_t>(K * Cout * widest * (int64_t)sizeof(scalar_t),
-                                                  kColumnsMinThreadBytes, kColumnsThreadBytes);
+  const int64_t part_columns = (Cin + parts - 1) / parts * taps;  // of the widest part
+  const int64_t part_budget =
+      std::clamp<int64_t>(K * Cout * part_columns * (int64_t)sizeof(scalar_t), kColumnsMinThreadBytes,
+                          folded ? kFoldedThreadBytesBackward : kColumnsThreadBytes);
   int64_t chunk = std::clamp<int64_t>(part_budget / std::max<int64_t>(1, bytes_per_sample), 1,
                                       std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
   for (ColumnPart& pt : part) {
-    const int64_t Jr = (pt.c1 - pt.c0) * taps;
+    const int64_t Jr = folded ? widest : (pt.c1 - pt.c0) * taps;
     if (want_params) {
       pt.rows = at::empty({chunk * P * Jr}, opts);
       if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
@@ -1901,6 +1991,13 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {
       ColumnPart& pt = part[pi];
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (folded) {
+          backward_folded_part<scalar_t>(pt, g, chunk, q_slot, gy_ptr, x_ptr, w_acc, a_ptr, f_ptr, ch_ptr, s_ptr,
+                                         grad_w_ptr, grad_ch_ptr, gx_ptr, opts);
+          continue;
+        }
+      }
       for (int64_t c0 = 0; c0 < B; c0 += chunk) {
         const int64_t n = std::min(chunk, B - c0);
         const int64_t j_begin = pt.c0 * taps, Jr = (pt.c1 - pt.c0) * taps;
@@ -1923,26 +2020,6 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
             im2row(x_ptr + b * x_stride, g, direct ? nullptr : pt.im2row_scratch.data_ptr<scalar_t>(), rows + i * P * Jr,
                    pt.c0, pt.c1, Jr);
           input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J);
-          if (folded) {  // rows' = rows * m: the products below give Q' = Q m
-            const acc_t* __restrict__ mi = m + i * J + j_begin;
-            for (int64_t p = 0; p < P; ++p) {
-              scalar_t* __restrict__ row = rows + i * P * Jr + p * Jr;
-#pragma omp simd
-              for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
-            }
-          }
-        }
-        if (folded) {
-          if constexpr (std::is_same_v<scalar_t, acc_t>)
-            backward_folded_chunk<scalar_t>(pt, g, c0, n, Jr, j_begin, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc,
-                                            a_ptr, f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
-                                            gx_ptr + c0 * x_stride, opts);
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t b = c0 + i;
-            reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
-                                  pt.c0, pt.c1);
-          }
-          continue;
         }
         for (const Tile& t : pt.tiles) {
           const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
