@@ -239,6 +239,23 @@ def test_ab_builds_smoke_run(tmp_path, capsys):
         assert set(row[side]) == {"fwd", "bwd"} and all(ms > 0 for ms in row[side].values())
 
 
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--paired pins the two builds to two CPUs")
+def test_ab_builds_paired_run(tmp_path, capsys):
+    import ab_builds
+    path = tmp_path / "ab.json"
+    ab_builds.main([REPO, REPO, "--shapes", "2,4,6,6,3,2,1,1", "--rounds", "2", "--repeats", "1", "--paired",
+                    "--threads", "2", "--json", str(path)])
+    table = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["paired"] and report["threads"] == 2
+    (row,) = report["results"]
+    assert row["name"] in table and "[" in table  # the ratios' range
+    for op in ("fwd", "bwd"):
+        assert len(row["ratios"][op]) == 2 and all(r > 0 for r in row["ratios"][op])
+        assert row["before_ms"][op] > 0 and row["after_ms"][op] > 0
+
+
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")
 def test_cpu_error_probe_passes():
     proc = subprocess.run([sys.executable, "-X", "faulthandler", os.path.join(BENCHMARKS, "cpu_error_probe.py")],
