@@ -591,6 +591,27 @@ def test_folded_backward_with_vanishing_input_scale(dtype, monkeypatch, num_thre
     assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
 
 
+# ---- the backward by columns works block by block of a part's channels (32 channels of 3x3, 288 of 1x1),
+# chunk by chunk of the batch inside a block: several blocks per part and a ragged last block, with grad_x by
+# Wb^T @ gy (maps larger than Cout/2 pixels), by gy^T @ Wb on maps of more than 36 pixels (not folded), and
+# on 1x1 kernels without im2col; each gradient group alone and both. -------------------------------------
+BLOCK_CASES = [
+    (3, 100, 20, 8, 3, 3, 1, 1, 1, 1),     # P = 64 > Cout/2: blocks of 32 + 1-2 channels per part of 33-34
+    (3, 100, 100, 7, 3, 2, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps
+    (2, 900, 8, 2, 1, 2, 1, 0, 1, 1),      # 1x1 without im2col: blocks of 288 + 12 channels
+    (40, 100, 40, 6, 3, 2, 1, 1, 1, 1),    # folded (P = 36), two chunks per block
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=case_id)
+def test_backward_blocks_match_reference(case, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(3)
+    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
 # tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
 # default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192

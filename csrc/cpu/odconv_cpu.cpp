@@ -790,11 +790,13 @@ void col2im(scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 
   }
 }
 
-// m[gi*J + j] = ch[gi*Cg + c] * s[u,v] for every group gi and j = (c, u, v).
+// m[gi*J + j] = ch[gi*Cg + c] * s[u,v] for every group gi and j = (c, u, v), for the input channels
+// [c_begin, c_end) (all by default).
 template <typename acc_t>
-void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m) {
+void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, int64_t c_begin = 0, int64_t c_end = -1) {
   const int64_t taps = g.taps();
-  for (int64_t c = 0; c < g.in_channels; ++c)
+  if (c_end < 0) c_end = g.in_channels;
+  for (int64_t c = c_begin; c < c_end; ++c)
     for (int64_t t = 0; t < taps; ++t) m[c * taps + t] = ch[c] * s[t];
 }
 
@@ -1611,7 +1613,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // (one region per chunk: libgomp's share of a perf profile of B64 512->512 4x4 was 6.4 %, now 3.2 %);
 // its first chunk writes its columns of grad_W, so grad_W is never zeroed. A tile of W_k
 // is read by one thread, and a batch of one (Grad-CAM in the GUI) runs on every thread. Tiles are
-// kMinTileRows rows by as many columns as fit kTileBytes. (2 cores, benchmarks/ab_builds.py against
+// kMinTileRows rows by the columns of a block ("Blocks" below). (2 cores, benchmarks/ab_builds.py against
 // the samples split, results/ab_backward_columns*_cpu.json: backward 0.74 on 128->128 12x12,
 // 0.83-0.87 on 512->512 7x7, 0.87-0.93 on 4x4, 0.87-0.97 on 32->32 48x48, 0.90 on 256->256 8x8
 // (5 rounds), 0.70-1.02 on the other dense layers of bench_op's suite and of the GTSRB network.)
@@ -1643,7 +1645,18 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // 0.91-0.92 on two 6x6 layers; on 8x8 maps 0.93-0.99 and on 512->512 7x7 1.03-1.07 in other runs,
 // within the noise: hence kFoldedBackwardMaxPixels. A chunk holds Q' and A of each sample, so fewer
 // samples fit the same budget: peak memory does not change.)
-// Per part (Jr = its columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
+// Blocks. A part works block by block of its channels, and inside a block chunk by chunk of the
+// batch: the buffers below hold the block's columns only (Jr = the block's), so a chunk holds more
+// samples in the same memory, and the block's slices of W_k and grad_W, which every chunk reads (and
+// grad_W writes) once more, come from the last-level cache after its first chunk. A part is cut into
+// as few blocks as keep those two slices within kBlockBytes (column_blocks): B64 512->512 4x4 in
+// blocks of 64 channels, 8 MB of 3x3 kernels per thread, streamed from memory once per call instead of
+// once per chunk. (benchmarks/ab_builds.py --paired against the whole part per chunk, 4 rounds,
+// results/ab_backward_blocks_cpu.json: backward 0.73 with K = 8 (B32 512->512 4x4), 0.88 on 512->512
+// 7x7, 0.91-0.92 on 256->256 14x14 and the 6x6 layers, 0.95-0.98 on the K = 4 4x4 layers and 12x12,
+// 1.04 on 256->256 8x8 with its forward control at 1.07. Blocks of 288 columns for every layer were
+// 1.08-1.10 on B128 128->256 6x6 and B64 256->512 4x4, whose parts' kernels fit the cache anyway.)
+// Per part (Jr = a block's columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
 //                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
 //                                                        one sample's, for col2im)
@@ -1654,7 +1667,8 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   kern (folded)       A of every sample, as gbuf       coef  (K, n)      a_i[k] f_i[o] of a row (folded)
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
 // n fits a budget per part as large as the part's slice of the K kernels (K x Cout x its columns,
-// which every chunk streams once more), within [kColumnsMinThreadBytes, kColumnsThreadBytes]: deep
+// which every chunk streamed once more before the blocks), within [kColumnsMinThreadBytes,
+// kColumnsThreadBytes] (kFoldedThreadBytesBackward folded, since the blocks; the others were set before): deep
 // layers need large chunks (4 MB: 1 MB made B64 512->512 4x4 1.45x and B32 256->256 8x8 1.2x
 // slower, 2 and 8 MB were slower too), while the buffers of a small layer's large chunk made most
 // of its training step's memory: B16 48->96 20x20 stride 2 held 6.4 MB of them, its step's peak 2.2x
@@ -1669,8 +1683,8 @@ constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
-constexpr int64_t kFoldedBlockColumns = 288;
-constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;
+constexpr int64_t kBlockBytes = 8 * 1024 * 1024;  // a block's slices of W_k and grad_W, at most
+constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;  // the folded backward's budget, at most
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -1686,47 +1700,39 @@ int64_t column_parts(const Geometry& g) {
   return mode == "columns" || parts == threads ? parts : 0;
 }
 
-// Tiles of the columns [j_begin, j_end) of J: kMinTileRows rows by as many columns as fit kTileBytes.
-std::vector<Tile> part_tiles(const Geometry& g, int64_t elem_size, int64_t j_begin, int64_t j_end) {
-  const int64_t rows = std::min(kMinTileRows, g.out_channels);
-  const int64_t cols = std::max<int64_t>(16, kTileBytes / (g.kernel_num * rows * elem_size));
-  const int64_t row_step = even_step(g.out_channels, rows), col_step = even_step(j_end - j_begin, cols);
-  std::vector<Tile> tiles;
-  for (int64_t r = 0; r < g.out_channels; r += row_step)
-    for (int64_t j = j_begin; j < j_end; j += col_step)
-      tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(j_end, j + col_step)});
-  return tiles;
-}
-
-// A block of whole input channels [c0, c1) of a part, the folded backward's unit of work (see
-// above), and its tiles: kMinTileRows rows by all of its columns.
+// A block of whole input channels [c0, c1) of a part, the unit of work of the backward by columns
+// (see above), and its tiles: kMinTileRows rows by all of its columns.
 struct ColumnBlock {
   int64_t c0 = 0, c1 = 0;
   std::vector<Tile> tiles;
 };
 
-// The channels [c_begin, c_end) in blocks of about kFoldedBlockColumns columns: whole channels, as many
-// as make a multiple of 16 columns (a vector of floats, a block of brgemm) where the part has them.
-std::vector<ColumnBlock> folded_blocks(const Geometry& g, int64_t c_begin, int64_t c_end) {
-  const int64_t taps = g.taps(), rows = std::min(kMinTileRows, g.out_channels);
+// The channels [c_begin, c_end) in blocks of whole channels, as few as keep each block's slices of
+// W_k and grad_W within kBlockBytes and its tile of W_k within kTileBytes; blocks of several
+// channels take a multiple of 16 columns (a vector of floats, a block of brgemm) where they can.
+std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int64_t c_begin, int64_t c_end) {
+  const int64_t taps = g.taps(), rows = std::min(kMinTileRows, g.out_channels), K = g.kernel_num;
+  const int64_t most_columns = std::max<int64_t>(
+      1, std::min(kTileBytes / (K * rows * elem_size), kBlockBytes / (2 * K * g.out_channels * elem_size)));
+  const int64_t channels_total = c_end - c_begin;
+  const int64_t blocks = (channels_total * taps + most_columns - 1) / most_columns;
   const int64_t align = 16 / std::gcd<int64_t>(taps, 16);  // channels per 16-column multiple
-  const int64_t channels =
-      std::min(c_end - c_begin, std::max<int64_t>(align, kFoldedBlockColumns / (taps * align) * align));
+  int64_t channels = (channels_total + blocks - 1) / blocks;
+  if (blocks > 1 && channels > align) channels = (channels + align - 1) / align * align;
   const int64_t row_step = even_step(g.out_channels, rows);
-  std::vector<ColumnBlock> blocks;
+  std::vector<ColumnBlock> out;
   for (int64_t c = c_begin; c < c_end; c += channels) {
     ColumnBlock b{c, std::min(c_end, c + channels), {}};
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       b.tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), b.c0 * taps, b.c1 * taps});
-    blocks.push_back(std::move(b));
+    out.push_back(std::move(b));
   }
-  return blocks;
+  return out;
 }
 
-// One part's channels [c0, c1), its tiles (its blocks, folded) and its buffers (shapes above).
+// One part's channels [c0, c1), its blocks and its buffers (shapes above).
 struct ColumnPart {
   int64_t c0 = 0, c1 = 0;
-  std::vector<Tile> tiles;
   std::vector<ColumnBlock> blocks;
   at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch, coef;
 };
@@ -1855,56 +1861,6 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   }
 }
 
-// The folded backward of one part: block by block of its channels, and in a block chunk by chunk
-// of the batch, so that the block's slices of W_k and grad_W (K x Cout x its columns) are read from
-// memory once per call and from the last-level cache by every later chunk, and a chunk's buffers
-// hold the block's columns only (many samples per chunk within the budget).
-template <typename T>
-void backward_folded_part(ColumnPart& pt, const Geometry& g, int64_t chunk, int64_t q_slot, const T* gy_ptr,
-                          const T* x_ptr, const T* w_acc, const T* a_ptr, const T* f_ptr, const T* ch_ptr,
-                          const T* s_ptr, T* grad_w_ptr, T* grad_ch_ptr, T* gx_ptr, const at::TensorOptions& opts) {
-  const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, Cin = g.in_channels;
-  const int64_t K = g.kernel_num, taps = g.taps(), B = g.batch;
-  const int64_t x_stride = Cin * g.height * g.width;
-  T* rows = pt.rows.data_ptr<T>();
-  T* gcols = pt.gcols.data_ptr<T>();
-  T* m = pt.m.data_ptr<T>();
-  T* gm = pt.gm.data_ptr<T>();
-  T* gbuf = pt.gbuf.data_ptr<T>();
-  T* scratch = pt.im2row_scratch.defined() ? pt.im2row_scratch.data_ptr<T>() : nullptr;
-  for (const ColumnBlock& blk : pt.blocks) {
-    const int64_t j_begin = blk.c0 * taps, Jr = (blk.c1 - blk.c0) * taps;
-    for (int64_t c0 = 0; c0 < B; c0 += chunk) {
-      const int64_t n = std::min(chunk, B - c0);
-      T* gf = pt.gf.data_ptr<T>() + c0 * Cout;
-      T* ga = pt.ga.data_ptr<T>() + c0 * K;
-      T* gs = pt.gs.data_ptr<T>() + c0 * taps;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t b = c0 + i;
-        T* __restrict__ mi = m + i * J + j_begin;
-        for (int64_t c = blk.c0; c < blk.c1; ++c)
-          for (int64_t tp = 0; tp < taps; ++tp) mi[(c - blk.c0) * taps + tp] = ch_ptr[b * Cin + c] * s_ptr[b * taps + tp];
-        std::fill_n(gm + i * J + j_begin, Jr, T(0));
-        // rows' = rows m: the products give Q' = Q m
-        T* ri = rows + i * P * Jr;
-        im2row(x_ptr + b * x_stride, g, scratch, ri, blk.c0, blk.c1, Jr);
-        for (int64_t p = 0; p < P; ++p) {
-          T* __restrict__ row = ri + p * Jr;
-#pragma omp simd
-          for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
-        }
-      }
-      backward_folded_chunk<T>(pt, blk, g, c0, n, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr, f_ptr, rows, m,
-                               gbuf, gcols, gm, gf, ga, grad_w_ptr, gx_ptr + c0 * x_stride, opts);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t b = c0 + i;
-        reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
-                              blk.c0, blk.c1);
-      }
-    }
-  }
-}
-
 template <typename scalar_t>
 void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                          const at::Tensor& weight_acc, const at::Tensor& ch, const at::Tensor& f, const at::Tensor& s,
@@ -1922,21 +1878,15 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
-  int64_t widest = 0, max_tile = 0;  // columns of a part (of a block, folded), elements of a tile
+  int64_t widest = 0, max_tile = 0;  // columns of a block, elements of a tile
   for (int64_t p = 0; p < parts; ++p) {
     part[p].c0 = Cin * p / parts;
     part[p].c1 = Cin * (p + 1) / parts;
-    if (folded) {
-      part[p].blocks = folded_blocks(g, part[p].c0, part[p].c1);
-      for (const ColumnBlock& blk : part[p].blocks) {
-        widest = std::max(widest, (blk.c1 - blk.c0) * taps);
-        max_tile = std::max(max_tile, max_tile_elems(blk.tiles));
-      }
-      continue;
+    part[p].blocks = column_blocks(g, sizeof(scalar_t), part[p].c0, part[p].c1);
+    for (const ColumnBlock& blk : part[p].blocks) {
+      widest = std::max(widest, (blk.c1 - blk.c0) * taps);
+      max_tile = std::max(max_tile, max_tile_elems(blk.tiles));
     }
-    part[p].tiles = part_tiles(g, sizeof(scalar_t), part[p].c0 * taps, part[p].c1 * taps);
-    widest = std::max(widest, (part[p].c1 - part[p].c0) * taps);
-    max_tile = std::max(max_tile, max_tile_elems(part[p].tiles));
   }
   // the folded backward keeps every sample's Q' on a tile, in slots a little longer than a tile so
   // that the samples' rows do not all fall in the same cache sets
@@ -1952,7 +1902,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                       std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
   for (ColumnPart& pt : part) {
-    const int64_t Jr = folded ? widest : (pt.c1 - pt.c0) * taps;
+    const int64_t Jr = widest;
     if (want_params) {
       pt.rows = at::empty({chunk * P * Jr}, opts);
       if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
@@ -1991,87 +1941,104 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {
       ColumnPart& pt = part[pi];
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (folded) {
-          backward_folded_part<scalar_t>(pt, g, chunk, q_slot, gy_ptr, x_ptr, w_acc, a_ptr, f_ptr, ch_ptr, s_ptr,
-                                         grad_w_ptr, grad_ch_ptr, gx_ptr, opts);
-          continue;
-        }
-      }
-      for (int64_t c0 = 0; c0 < B; c0 += chunk) {
-        const int64_t n = std::min(chunk, B - c0);
-        const int64_t j_begin = pt.c0 * taps, Jr = (pt.c1 - pt.c0) * taps;
-        acc_t* m = pt.m.data_ptr<acc_t>();
-        acc_t* scratch = pt.scratch.data_ptr<acc_t>();
-        scalar_t* rows = want_params ? pt.rows.data_ptr<scalar_t>() : nullptr;
-        scalar_t* gcols = want_x && !direct ? pt.gcols.data_ptr<scalar_t>() : nullptr;
-        acc_t *gm = nullptr, *gbuf = nullptr, *gf = nullptr, *ga = nullptr, *gs = nullptr;
-        if (want_params) {
-          gm = pt.gm.data_ptr<acc_t>();
-          gbuf = pt.gbuf.data_ptr<acc_t>();
-          gf = pt.gf.data_ptr<acc_t>() + c0 * Cout;
-          ga = pt.ga.data_ptr<acc_t>() + c0 * K;
-          gs = pt.gs.data_ptr<acc_t>() + c0 * taps;
-          std::fill(gm, gm + n * J, acc_t(0));
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = c0 + i;
-          if (want_params)
-            im2row(x_ptr + b * x_stride, g, direct ? nullptr : pt.im2row_scratch.data_ptr<scalar_t>(), rows + i * P * Jr,
-                   pt.c0, pt.c1, Jr);
-          input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J);
-        }
-        for (const Tile& t : pt.tiles) {
-          const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+      acc_t* m = pt.m.data_ptr<acc_t>();
+      acc_t* scratch = pt.scratch.data_ptr<acc_t>();
+      scalar_t* rows = want_params ? pt.rows.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gcols = want_x && !direct ? pt.gcols.data_ptr<scalar_t>() : nullptr;
+      scalar_t* im2row_scratch = want_params && !direct ? pt.im2row_scratch.data_ptr<scalar_t>() : nullptr;
+      acc_t* gm = want_params ? pt.gm.data_ptr<acc_t>() : nullptr;
+      acc_t* gbuf = want_params ? pt.gbuf.data_ptr<acc_t>() : nullptr;
+      for (const ColumnBlock& blk : pt.blocks) {
+        const int64_t j_begin = blk.c0 * taps, Jr = (blk.c1 - blk.c0) * taps;
+        for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+          const int64_t n = std::min(chunk, B - c0);
+          acc_t *gf = nullptr, *ga = nullptr, *gs = nullptr;
+          if (want_params) {
+            gf = pt.gf.data_ptr<acc_t>() + c0 * Cout;
+            ga = pt.ga.data_ptr<acc_t>() + c0 * K;
+            gs = pt.gs.data_ptr<acc_t>() + c0 * taps;
+          }
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
-            const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
-            if (want_params) {
-              // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
-              // transposed grad_x product, the same pass over W builds the tile's Wb for it)
-              scalar_t* q = pt.q.data_ptr<scalar_t>();
-              grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
-                                     /*accumulate=*/false, opts);
-              reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
-                                    gbuf + i * tile, gf + i * Cout, ga + i * K,
-                                    gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+            input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J, blk.c0, blk.c1);
+            if (!want_params) continue;
+            std::fill_n(gm + i * J + j_begin, Jr, acc_t(0));
+            scalar_t* ri = rows + i * P * Jr;
+            im2row(x_ptr + b * x_stride, g, im2row_scratch, ri, blk.c0, blk.c1, Jr);
+            if (folded) {  // rows' = rows m: the products give Q' = Q m
+              const acc_t* __restrict__ mi = m + i * J + j_begin;
+              for (int64_t p = 0; p < P; ++p) {
+                scalar_t* __restrict__ row = ri + p * Jr;
+#pragma omp simd
+                for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
+              }
             }
+          }
+          if (folded) {
+            if constexpr (std::is_same_v<scalar_t, acc_t>)
+              backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
+                                              f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
+                                              gx_ptr + c0 * x_stride, opts);
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t b = c0 + i;
+              reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin,
+                                    gs + i * taps, blk.c0, blk.c1);
+            }
+            continue;
+          }
+          for (const Tile& t : blk.tiles) {
+            const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t b = c0 + i;
+              const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+              if (want_params) {
+                // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
+                // transposed grad_x product, the same pass over W builds the tile's Wb for it)
+                scalar_t* q = pt.q.data_ptr<scalar_t>();
+                grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
+                                       /*accumulate=*/false, opts);
+                reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
+                                      gbuf + i * tile, gf + i * Cout, ga + i * K,
+                                      gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+              }
+              if (gx_transposed) {
+                // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
+                scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
+                if (!want_params)
+                  build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false,
+                                    kern, static_cast<scalar_t*>(nullptr), scratch);
+                transpose_into(gy_rows, T, P, gy_t, T);
+                grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
+                                       /*accumulate=*/t.r0 > 0, opts);
+              } else if (want_x) {
+                // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
+                scalar_t* kern = pt.kern.data_ptr<scalar_t>();
+                build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
+                                  pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
+                scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
+                grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0,
+                                       opts);
+              }
+            }
+            // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
+            if (want_params)
+              for (int64_t r = 0; r < T; ++r)
+                grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
+                                    grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = c0 + i;
             if (gx_transposed) {
-              // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
-              scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
-              if (!want_params)
-                build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false, kern,
-                                  static_cast<scalar_t*>(nullptr), scratch);
-              transpose_into(gy_rows, T, P, gy_t, T);
-              grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
-                                     /*accumulate=*/t.r0 > 0, opts);
-            } else if (want_x) {
-              // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
-              scalar_t* kern = pt.kern.data_ptr<scalar_t>();
-              build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
-                                pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
-              scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
-              grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0, opts);
+              scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
+              transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
+              col2im(gcols_t, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
+            } else if (want_x && !direct) {
+              col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
             }
+            if (want_params)
+              reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin,
+                                    gs + i * taps, blk.c0, blk.c1);
           }
-          // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
-          if (want_params)
-            for (int64_t r = 0; r < T; ++r)
-              grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
-                                  grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = c0 + i;
-          if (gx_transposed) {
-            scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
-            transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
-            col2im(gcols_t, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
-          } else if (want_x && !direct) {
-            col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, pt.c0, pt.c1);
-          }
-          if (want_params)
-            reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin, gs + i * taps,
-                                  pt.c0, pt.c1);
         }
       }
     }
