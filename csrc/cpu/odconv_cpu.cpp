@@ -1655,7 +1655,8 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // results/ab_backward_blocks_cpu.json: backward 0.73 with K = 8 (B32 512->512 4x4), 0.88 on 512->512
 // 7x7, 0.91-0.92 on 256->256 14x14 and the 6x6 layers, 0.95-0.98 on the K = 4 4x4 layers and 12x12,
 // 1.04 on 256->256 8x8 with its forward control at 1.07. Blocks of 288 columns for every layer were
-// 1.08-1.10 on B128 128->256 6x6 and B64 256->512 4x4, whose parts' kernels fit the cache anyway.)
+// 1.08-1.10 on B128 128->256 6x6 and B64 256->512 4x4, whose parts' kernels fit the cache anyway;
+// kBlockBytes of 2 MB 1.25-1.38 on 512->512 4x4 and 7x7, of 16 MB 1.14-1.21 on the 4x4 layers.)
 // Per part (Jr = a block's columns, n = samples of the chunk, T x Jt = rows x columns of a tile):
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
 //                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
