@@ -544,21 +544,34 @@ TRANSPOSED_GRAD_X = [
 # ---- the folded backward: both gradient groups on maps of at most 36 pixels that take the transposed grad_x
 # product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
 # W_k, grad_W comes from Q' and grad_m from the grad_x product. Batches that leave 1-3 samples for the last
-# pass, K from 1 to 8, two chunks, stride 2; blocks of a part's channels (32 channels of 3x3, and a ragged
-# block) worked through chunk by chunk; and input scales too small to divide by. --------------------------
+# pass, K from 1 to 8, two chunks, stride 2; blocks of a part's channels (in float64 with K = 8, 32 channels
+# of 3x3 and a ragged block) worked through chunk by chunk; and input scales too small to divide by. ------
 FOLDED_BACKWARD = [
     (5, 40, 32, 4, 3, 4, 1, 1, 1, 1),      # P = 16: a pass of 4 samples, then 1
     (6, 24, 72, 6, 3, 3, 1, 1, 1, 1),      # P = 36, the largest folded map; passes of 4 + 2
     (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: the reduction for any K; passes of 4 + 3
     (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20: the second adds into grad_W
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
-    (36, 100, 40, 4, 3, 2, 1, 1, 1, 1),    # 33-34 channels per part: blocks of 32 + 1-2 channels, two chunks
+    (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2, two chunks
+]
+
+
+# ---- the backward by columns works block by block of a part's channels, chunk by chunk of the batch inside a
+# block; a block's tile of W_k stays within 512 KB, so in float64 with K = 8 a block holds at most 256 columns
+# (fewer than 32 rows: 512 KB / (8 K x rows x 8 B)): several blocks per part and a ragged last block, with
+# grad_x by Wb^T @ gy (maps larger than Cout/2 pixels), by gy^T @ Wb on maps of more than 36 pixels (not
+# folded), and on 1x1 kernels without im2col; each gradient group alone and both (in float32 one block). ---
+BLOCK_CASES = [
+    (3, 150, 20, 8, 3, 8, 1, 1, 1, 1),     # P = 64 > Cout/2: parts of 50 channels in blocks of 32 + 18
+    (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps: 32 + 1-2
+    (2, 3300, 8, 2, 1, 8, 1, 0, 1, 1),     # 1x1 without im2col: parts of 1100 channels in blocks of 560 + 540
+    (40, 100, 40, 6, 3, 8, 1, 1, 1, 1),    # folded (P = 36): 32 + 1-2, two chunks per block
 ]
 
 
 @requires_extension
-@pytest.mark.parametrize("case", TRANSPOSED_GRAD_X + FOLDED_BACKWARD, ids=case_id)
-def test_transposed_grad_x_product_matches_reference(case, monkeypatch, num_threads):
+@pytest.mark.parametrize("case", TRANSPOSED_GRAD_X + FOLDED_BACKWARD + BLOCK_CASES, ids=case_id)
+def test_backward_by_columns_cases_match_reference(case, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
     num_threads(3)
     assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
@@ -590,26 +603,6 @@ def test_folded_backward_with_vanishing_input_scale(dtype, monkeypatch, num_thre
     grad_channel = torch.autograd.grad(out, inputs[2], torch.ones_like(out))[0]
     assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
 
-
-# ---- the backward by columns works block by block of a part's channels (32 channels of 3x3, 288 of 1x1),
-# chunk by chunk of the batch inside a block: several blocks per part and a ragged last block, with grad_x by
-# Wb^T @ gy (maps larger than Cout/2 pixels), by gy^T @ Wb on maps of more than 36 pixels (not folded), and
-# on 1x1 kernels without im2col; each gradient group alone and both. -------------------------------------
-BLOCK_CASES = [
-    (3, 100, 20, 8, 3, 3, 1, 1, 1, 1),     # P = 64 > Cout/2: blocks of 32 + 1-2 channels per part of 33-34
-    (3, 100, 100, 7, 3, 2, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps
-    (2, 900, 8, 2, 1, 2, 1, 0, 1, 1),      # 1x1 without im2col: blocks of 288 + 12 channels
-    (40, 100, 40, 6, 3, 2, 1, 1, 1, 1),    # folded (P = 36), two chunks per block
-]
-
-
-@requires_extension
-@pytest.mark.parametrize("case", BLOCK_CASES, ids=case_id)
-def test_backward_blocks_match_reference(case, monkeypatch, num_threads):
-    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
-    num_threads(3)
-    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
-    assert_case_matches_reference(case, (torch.float32,))
 
 
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
