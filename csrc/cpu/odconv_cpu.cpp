@@ -1025,8 +1025,8 @@ inline void scale_rows(T* mat, int64_t rows, int64_t cols, const T* s) {
 }
 
 // mat[r, c] *= s[c] on a rows x cols row-major matrix.
-template <typename T>
-inline void scale_columns(T* mat, int64_t rows, int64_t cols, const T* __restrict__ s) {
+template <typename T, typename S>
+inline void scale_columns(T* mat, int64_t rows, int64_t cols, const S* __restrict__ s) {
   for (int64_t r = 0; r < rows; ++r) {
     T* __restrict__ row = mat + r * cols;
 #pragma omp simd
@@ -1879,10 +1879,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
-  int64_t widest = 0, max_tile = 0;  // columns of a block, elements of a tile
+  int64_t part_columns = 0, widest = 0, max_tile = 0;  // columns of a part and of a block, elements of a tile
   for (int64_t p = 0; p < parts; ++p) {
     part[p].c0 = Cin * p / parts;
     part[p].c1 = Cin * (p + 1) / parts;
+    part_columns = std::max(part_columns, (part[p].c1 - part[p].c0) * taps);
     part[p].blocks = column_blocks(g, sizeof(scalar_t), part[p].c0, part[p].c1);
     for (const ColumnBlock& blk : part[p].blocks) {
       widest = std::max(widest, (blk.c1 - blk.c0) * taps);
@@ -1895,7 +1896,6 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t bytes_per_sample =
       (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
       (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
-  const int64_t part_columns = (Cin + parts - 1) / parts * taps;  // of the widest part
   const int64_t part_budget =
       std::clamp<int64_t>(K * Cout * part_columns * (int64_t)sizeof(scalar_t), kColumnsMinThreadBytes,
                           folded ? kFoldedThreadBytesBackward : kColumnsThreadBytes);
@@ -1966,70 +1966,59 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
             std::fill_n(gm + i * J + j_begin, Jr, acc_t(0));
             scalar_t* ri = rows + i * P * Jr;
             im2row(x_ptr + b * x_stride, g, im2row_scratch, ri, blk.c0, blk.c1, Jr);
-            if (folded) {  // rows' = rows m: the products give Q' = Q m
-              const acc_t* __restrict__ mi = m + i * J + j_begin;
-              for (int64_t p = 0; p < P; ++p) {
-                scalar_t* __restrict__ row = ri + p * Jr;
-#pragma omp simd
-                for (int64_t jj = 0; jj < Jr; ++jj) row[jj] *= mi[jj];
-              }
-            }
+            if (folded) scale_columns(ri, P, Jr, m + i * J + j_begin);  // rows' = rows m: the products give Q' = Q m
           }
-          if (folded) {
+          if (folded) {  // grad_x comes out of it too
             if constexpr (std::is_same_v<scalar_t, acc_t>)
               backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
                                               f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
                                               gx_ptr + c0 * x_stride, opts);
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t b = c0 + i;
-              reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin,
-                                    gs + i * taps, blk.c0, blk.c1);
-            }
-            continue;
-          }
-          for (const Tile& t : blk.tiles) {
-            const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t b = c0 + i;
-              const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
-              if (want_params) {
-                // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
-                // transposed grad_x product, the same pass over W builds the tile's Wb for it)
-                scalar_t* q = pt.q.data_ptr<scalar_t>();
-                grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
-                                       /*accumulate=*/false, opts);
-                reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
-                                      gbuf + i * tile, gf + i * Cout, ga + i * K,
-                                      gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+          } else {
+            for (const Tile& t : blk.tiles) {
+              const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t b = c0 + i;
+                const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+                if (want_params) {
+                  // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
+                  // transposed grad_x product, the same pass over W builds the tile's Wb for it)
+                  scalar_t* q = pt.q.data_ptr<scalar_t>();
+                  grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
+                                         /*accumulate=*/false, opts);
+                  reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
+                                        gbuf + i * tile, gf + i * Cout, ga + i * K,
+                                        gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+                }
+                if (gx_transposed) {
+                  // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
+                  scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
+                  if (!want_params)
+                    build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false,
+                                      kern, static_cast<scalar_t*>(nullptr), scratch);
+                  transpose_into(gy_rows, T, P, gy_t, T);
+                  grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
+                                         /*accumulate=*/t.r0 > 0, opts);
+                } else if (want_x) {
+                  // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
+                  scalar_t* kern = pt.kern.data_ptr<scalar_t>();
+                  build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
+                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
+                  scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
+                  grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0,
+                                         opts);
+                }
               }
-              if (gx_transposed) {
-                // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
-                scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
-                if (!want_params)
-                  build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false,
-                                    kern, static_cast<scalar_t*>(nullptr), scratch);
-                transpose_into(gy_rows, T, P, gy_t, T);
-                grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
-                                       /*accumulate=*/t.r0 > 0, opts);
-              } else if (want_x) {
-                // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
-                scalar_t* kern = pt.kern.data_ptr<scalar_t>();
-                build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
-                                  pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
-                scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
-                grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0,
-                                       opts);
-              }
+              // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
+              if (want_params)
+                for (int64_t r = 0; r < T; ++r)
+                  grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
+                                      grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
             }
-            // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
-            if (want_params)
-              for (int64_t r = 0; r < T; ++r)
-                grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
-                                    grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
           }
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
-            if (gx_transposed) {
+            if (folded) {  // its grad_x is done
+            } else if (gx_transposed) {
               scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
               transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
               col2im(gcols_t, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
