@@ -1,7 +1,7 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
-(benchmarks/bench_gemm_bound.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B
-script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
+(benchmarks/bench_gemm_bound.py), the brgemm column-block timing (benchmarks/bench_brgemm_blocks.py),
+the training-step benchmark (benchmarks/bench_train.py) and the A/B script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
 (benchmarks/cpu_error_probe.py) passes and the GPU check script (benchmarks/gpu_check.sh) runs its
 plumbing without a GPU."""
 import json
@@ -182,6 +182,31 @@ def test_gemm_bound_cache_blocks(shared):
         assert mb == M and nb == N  # N = 16 columns fit whole
     else:
         assert kb == K and mb * nb <= 65536
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="needs the compiler the extension was built with")
+def test_brgemm_blocks_smoke_run(tmp_path, capsys):
+    """bench_brgemm_blocks times every product whole and in each block size, and writes what it printed."""
+    import bench_brgemm_blocks
+    path = tmp_path / "blocks.json"
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_brgemm_blocks.main(["--products", "8,100,40;3,17,5", "--blocks", "16,48", "--rounds", "2",
+                                         "--flop-per-round", "1e5", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread
+    table = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["results"] == rows and report["rounds"] == 2 and report["machine"]["cpu_model"]
+    assert [(r["M"], r["N"], r["K"]) for r in rows] == [(8, 100, 40), (3, 17, 5)]
+    for row in rows:
+        assert list(row["gflops"]) == ["whole", "blocks of 16", "blocks of 48"]
+        for rates in row["gflops"].values():
+            assert len(rates["rounds"]) == 2 and all(r > 0 for r in rates["rounds"])
+            assert rates["best"] == max(rates["rounds"])
+        assert f"| {row['M']} x {row['K']} @ {row['K']} x {row['N']} |" in table
+    with pytest.raises(SystemExit):
+        bench_brgemm_blocks.main(["--products", "8,0,40"])
 
 
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="needs the compiler the extension was built with")

@@ -63,7 +63,8 @@
 //
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
-// about 1.5-2x MKL's sgemm on AMD CPUs), one call per group; other dtypes, tiny groups and older
+// about 1.5-2x MKL's sgemm on AMD CPUs), one call per group (the forward's products wider than 64
+// columns: one per 48 columns, kBrgemmColumnBlock); other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
 // on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, and the float32 forward and
@@ -356,19 +357,45 @@ void for_each_batch_range(int64_t batch, const F& body) {
   });
 }
 
+// brgemm runs a product with more than kBrgemmMaxWholeColumns columns faster as several products
+// of kBrgemmColumnBlock columns each (three vectors of 16 floats) when it has at least
+// kBrgemmMinSplitRows rows. One core of an Intel Xeon, python benchmarks/bench_brgemm_blocks.py
+// (results/bench_brgemm_blocks_cpu.json: (32 x 576) @ (576 x N), the tile shared, B and C cycling
+// over four samples' buffers, median GFLOP/s of 8 interleaved rounds, whole / in blocks of 48):
+// N = 80 91 / 107, 96 97 / 117, 100 99 / 118, 128 115 / 127, 144 118 / 143, 196 119 / 133,
+// 256 87 / 98, 576 73 / 94; 8 rows at N = 144 85 / 128; N = 64 116 whole, 109 in blocks. In the op
+// the forward's Wb @ cols products take blocks (grouped_gemm's in_column_blocks), N being the map's
+// P: rdtsc around them on B128 128->128 12x12 read 45-47 flop per cycle whole and 50-54 in blocks,
+// and benchmarks/ab_builds.py --paired (8 rounds, one thread, results/ab_brgemm_column_blocks_cpu.json)
+// forward 0.85-0.87 on B128 128->128 12x12, B32 256->256 14x14 and B64 128->128 10x10, 1.01 on B128
+// 64->128 12x12 (0.95 in a first run), against 0.99-1.00 on two layers whose forward has no such
+// product (8x8, P = 64; 16x16, the convolution path); single rounds ranged over +-30 %. The
+// backward's products stay whole: in the op they ran no faster in blocks (rdtsc, 12x12: 44-49
+// against 48-49 flop per cycle; alone, (576 x 32) @ (32 x 144) for grad_x 104 / 101, (32 x 144) @
+// (144 x 576) for Q 93 / 103), and grad_W's (4 x n) @ (n x 576) ran 25 whole and 7 in blocks.
+constexpr int64_t kBrgemmColumnBlock = 48;
+constexpr int64_t kBrgemmMaxWholeColumns = 64;
+constexpr int64_t kBrgemmMinSplitRows = 8;
+
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
 // and C_i (M x N) row-major at A + i*sa (leading dimension lda), and likewise for B and C.
+// in_column_blocks: through brgemm, wide products go in blocks of kBrgemmColumnBlock columns.
 template <typename scalar_t>
 void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
                   const scalar_t* A, int64_t lda, int64_t sa,
                   const scalar_t* B, int64_t ldb, int64_t sb,
-                  scalar_t* C, int64_t ldc, int64_t sc, bool accumulate, const at::TensorOptions& opts) {
+                  scalar_t* C, int64_t ldc, int64_t sc, bool accumulate, const at::TensorOptions& opts,
+                  bool in_column_blocks = false) {
   if (batch == 0 || M == 0 || N == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0 && (batch == 1 || M * N * K >= kMinGroupGemm)) {
+      const int64_t block =
+          in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows ? kBrgemmColumnBlock : N;
       for (int64_t i = 0; i < batch; ++i)
-        at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A + i * sa, B + i * sb, C + i * sc, false);
+        for (int64_t n0 = 0; n0 < N; n0 += block)
+          at::native::cpublas::brgemm(M, std::min(block, N - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
+                                      B + i * sb + n0, C + i * sc + n0, false);
       return;
     }
   }
@@ -1145,7 +1172,8 @@ at::Tensor forward_kernel(
     build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
                       /*transposed=*/false, kern, static_cast<scalar_t*>(nullptr), scratch);
     grouped_gemm<scalar_t>(nG, T, P, Jt, kern, Jt, T * Jt, cols_b + t.g0 * J * P + t.j0 * P, P, J * P,
-                           y + b * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
+                           y + b * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts,
+                           /*in_column_blocks=*/true);
   };
 
   if (split_rows) {
