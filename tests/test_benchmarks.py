@@ -1,7 +1,7 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
 (benchmarks/bench_gemm_bound.py), the brgemm column-block timing (benchmarks/bench_brgemm_blocks.py),
-the training-step benchmark (benchmarks/bench_train.py) and the A/B script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
+the perf profile by library (benchmarks/perf_shares.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
 (benchmarks/cpu_error_probe.py) passes and the GPU check script (benchmarks/gpu_check.sh) runs its
 plumbing without a GPU."""
 import json
@@ -207,6 +207,59 @@ def test_brgemm_blocks_smoke_run(tmp_path, capsys):
         assert f"| {row['M']} x {row['K']} @ {row['K']} x {row['N']} |" in table
     with pytest.raises(SystemExit):
         bench_brgemm_blocks.main(["--products", "8,0,40"])
+
+
+PERF_REPORT = """# Samples: 9K of event 'cpu-clock:ppp'
+#
+# Overhead  Shared Object
+# ........  ...................................
+#
+    50.10%  [JIT] tid 31337
+    30.00%  _C.cpython-311-x86_64-linux-gnu.so
+     5.00%  libc.so.6
+     4.00%  libgomp.so.1
+     3.00%  libtorch_cpu.so
+     2.50%  [kernel.kallsyms]
+     2.00%  libc10.so
+     1.90%  libpython3.11.so.1.0
+     1.50%  libscipy_openblas64_-32a4b2a6.so
+"""
+
+
+def test_perf_shares_groups_the_report():
+    import perf_shares
+    shares = perf_shares.parse_report(PERF_REPORT)
+    assert shares == pytest.approx({"jit": 50.1, "extension": 30.0, "libc": 5.0, "kernel": 2.5, "openmp": 4.0,
+                                    "torch": 5.0, "python": 1.9, "other": 1.5})
+
+
+def perf_can_record():
+    import shutil
+    if shutil.which("perf") is None:
+        return False
+    probe = subprocess.run(["perf", "record", "-q", "-o", os.devnull, "--", sys.executable, "-c", "pass"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="profiles the built extension")
+def test_perf_shares_smoke_run(tmp_path, capsys):
+    """Where perf can record, each mode's shares are those of the op (its products in oneDNN's JIT code
+    and its own code in _C), not of the interpreter's start or exit."""
+    if not perf_can_record():
+        pytest.skip("perf is missing or may not record here")
+    import perf_shares
+    path = tmp_path / "shares.json"
+    rows = perf_shares.main(["--shapes", "32,64,64,8,3,4,1,1", "--calls", "30", "--json", str(path)])
+    table = capsys.readouterr().out
+    assert json.loads(path.read_text())["results"] == rows
+    assert [r["mode"] for r in rows] == ["fwd", "bwd"]
+    for row in rows:
+        shares = row["shares_percent"]
+        assert sum(shares.values()) == pytest.approx(100, abs=1)
+        assert shares["jit"] + shares["extension"] > 40 and shares["python"] < 10, shares
+        assert row["ms"] > 0 and row["static_ms"] > 0 and row["jit_ms"] == pytest.approx(row["ms"] * shares["jit"] / 100)
+        assert f"| {row['name']} | {row['mode']} |" in table
 
 
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="needs the compiler the extension was built with")
