@@ -49,6 +49,13 @@ PRIMITIVES = "bmm,brgemm"
 CACHE_BLOCK_ELEMS = 64 * 1024   # floats of a block of the shared operand (256 KB: a quarter of this L2)
 CACHE_BLOCK_INNER = 1024        # of the inner dimension, at most
 TARGETS = {"fwd": 1.15, "fwdbwd": 1.2}
+# the variants per_sample_products times for each product, in its order (the JSON's variants_s)
+VARIANTS = {
+    "bmm": {"fwd": ["Wb @ cols", "cols^T @ Wb^T"], "gx": ["Wb^T @ gy", "gy^T @ Wb"], "q": ["gy @ cols^T", "cols @ gy^T"]},
+    "brgemm": {"fwd": ["Wb @ cols", "Wb @ cols, blocked", "cols^T @ Wb^T", "cols^T @ Wb^T, blocked"],
+               "gx": ["Wb^T @ gy", "Wb^T @ gy, blocked", "gy^T @ Wb", "gy^T @ Wb, blocked"],
+               "q": ["gy @ cols^T", "gy @ cols^T, blocked", "cols @ gy^T", "cols @ gy^T, blocked"]},
+}
 
 BRGEMM_SOURCE = r"""
 #include <ATen/ATen.h>
@@ -212,21 +219,25 @@ def main(argv=None):
     print("|---|" + "---|" * (4 + 2 * len(primitives)))
     for shape in parse_shapes(args.shapes):
         products = {name: per_sample_products(shape, name, brgemm_products) for name in primitives}
-        best = {name: {} for name in primitives}
+        # per primitive and product, each variant's fastest time (VARIANTS names them) and the fastest
+        variants = {name: {product: [float("inf")] * len(fns) for product, fns in by_product.items()}
+                    for name, by_product in products.items()}
         static_fwd, static_fwdbwd = float("inf"), float("inf")
         for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits both sides
             for name, by_product in products.items():
                 for product, fns in by_product.items():
-                    best[name][product] = min([best[name].get(product, float("inf"))]
-                                              + [timed(fn, args.min_run_time) for fn in fns])
+                    variants[name][product] = [min(t, timed(fn, args.min_run_time))
+                                               for t, fn in zip(variants[name][product], fns)]
             fwd, fwdbwd = static_times(shape, args.min_run_time)
             static_fwd, static_fwdbwd = min(static_fwd, fwd), min(static_fwdbwd, fwdbwd)
+        best = {name: {product: min(times) for product, times in by_product.items()}
+                for name, by_product in variants.items()}
         # per primitive, and the faster primitive for each product
         gemm_fwd = {name: best[name]["fwd"] for name in primitives}
         gemm_fwdbwd = {name: sum(best[name].values()) for name in primitives}
         fastest = {product: min(best[name][product] for name in primitives) for product in ("fwd", "gx", "q")}
         row = {"shape": shape.as_dict(), "name": shape.name, "static_fwd_s": static_fwd,
-               "static_fwdbwd_s": static_fwdbwd, "gemm_s": best, "fastest_gemm_s": fastest,
+               "static_fwdbwd_s": static_fwdbwd, "gemm_s": best, "variants_s": variants, "fastest_gemm_s": fastest,
                "bound_fwd": fastest["fwd"] / (static_fwd * shape.floor),
                "bound_fwdbwd": sum(fastest.values()) / (static_fwdbwd * shape.floor)}
         rows.append(row)
@@ -239,7 +250,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info("cpu"), "argv": sys.argv, "threads": 1, "timing": "fastest block",
-                       "primitives": primitives, "results": rows}, f, indent=1)
+                       "primitives": primitives, "variants": VARIANTS, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

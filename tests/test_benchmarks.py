@@ -162,6 +162,10 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
         assert set(row["gemm_s"]) == set(report["primitives"])
         for times in row["gemm_s"].values():
             assert set(times) == {"fwd", "gx", "q"} and all(t > 0 for t in times.values())
+        for name, by_product in row["variants_s"].items():  # each variant's time, named, the fastest kept
+            for product, times in by_product.items():
+                assert len(times) == len(report["variants"][name][product])
+                assert row["gemm_s"][name][product] == min(times)
         fastest = row["fastest_gemm_s"]
         assert fastest == {p: min(times[p] for times in row["gemm_s"].values()) for p in ("fwd", "gx", "q")}
         floor = row["shape"]["floor"]
