@@ -476,9 +476,21 @@ TRANSPOSED_FORWARD = [
 
 
 @requires_extension
+@pytest.mark.parametrize("tap_major", ["always", "never"])
 @pytest.mark.parametrize("case", TRANSPOSED_FORWARD, ids=case_id)
-def test_transposed_forward_matches_reference(case):
+def test_transposed_forward_matches_reference(case, tap_major, monkeypatch):
+    # with the columns in (tap, channel) order (im2row by channels-last copies, W permuted once per
+    # call; the default below 16 MB of W) and in im2col's order (above)
+    monkeypatch.setenv("ODCONV_CPU_TAP_MAJOR", tap_major)
     assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+def test_tap_major_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_TAP_MAJOR", "sometimes")
+    x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 1, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_TAP_MAJOR.*auto, always or never.*'sometimes'"):
+        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
 
 
 # ---- float32 rows of stride 2 in im2col (forward, im2row) and col2im (grad_x) move 16 outputs at a

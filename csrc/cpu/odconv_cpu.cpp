@@ -43,7 +43,8 @@
 // Working buffers per thread (T x Jt = rows x columns of a tile, n = the thread's samples):
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
-//                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout))
+//                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout), its columns
+//                         in (tap, channel) order where W is small: "Tap-major columns")
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
 //   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps), or
 //                         A^T (4, Jt, T) (float32 forward on maps like 6x6, in runs of 5+ samples)
@@ -827,6 +828,70 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
     for (int64_t t = 0; t < taps; ++t) m[c * taps + t] = ch[c] * s[t];
 }
 
+// ---- Tap-major columns (the transposed float32 forward) -------------------------------------------
+// The transposed forward multiplies rows_b = im2row(x_b) (P x G*J). Built from im2col, each row is
+// gathered through a transpose of the (J x P) im2col matrix in 8 x 8 blocks. With a group's columns
+// in (tap, channel) order instead, j = t * Cin/G + c, a row of rows_b is, per tap, a run of Cin/G
+// consecutive channels of one input pixel: copies from x_b transposed to channels-last once (Cin x H*W
+// values, a ninth of im2row's for 3x3). W's columns are permuted to the same order once per call, and
+// the input scale m with them; the products sum over j, so the output does not change. (A timing trial
+// on the Intel Xeon: 6x6 forward 0.83, HISTORY.md.)
+// Layouts: weight_tap_major (K, Cout, taps, Cin/G); m (G*J) with m[g*J + t*Cin/G + c] = ch[g*Cin/G + c] * s[t];
+// x_t (H*W, Cin) scratch; rows (P, ld) with ld >= G*J.
+// Only where the permuted copy of W is no larger than the output the call allocates anyway, and
+// within kTapMajorMaxWeightBytes. Without those rules, against 7a59409 (benchmarks/ab_builds.py
+// --paired, 8 rounds, one thread, results/ab_tap_major_forward_cpu.json): forward 0.87 on B128
+// 128->256 6x6 (the GTSRB network's layer; 4.7 MB of W, as large as its output), 0.84 on B128
+// 256->256 6x6 (9.4 MB, twice its output), 0.69 on B32 256->256 7x7 with 4 groups, 0.96 on B64
+// 256->256 5x5, but 1.21 on B32 512->512 7x7 (37.7 MB: above glibc's largest mmap threshold, fresh
+// pages on every call); and the copy made the training step's peak memory of 256->256 6x6 1.26x the
+// static convolution's (1.11x without; 128->256 6x6 1.09x against 1.07x, bench_op.py --modes mem):
+// the forward's working set then outgrew the backward's. ODCONV_CPU_TAP_MAJOR=auto (default) |
+// always | never overrides the choice (tests run both).
+constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
+
+bool use_tap_major(const Geometry& g, int64_t elem_size) {
+  const char* env = std::getenv("ODCONV_CPU_TAP_MAJOR");
+  const std::string mode = env == nullptr ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
+              "ODCONV_CPU_TAP_MAJOR must be auto, always or never, got '", mode, "'");
+  if (mode != "auto") return mode == "always";
+  const int64_t weight_bytes = g.kernel_num * g.kernel_numel() * elem_size;
+  return weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= g.batch * g.out_channels * g.out_pixels() * elem_size;
+}
+
+template <typename acc_t>
+void input_scale_tap_major(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m) {
+  const int64_t taps = g.taps(), Cg = g.in_per_group, J = g.cols_per_group();
+  for (int64_t gi = 0; gi < g.groups; ++gi)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < Cg; ++c) m[gi * J + t * Cg + c] = ch[gi * Cg + c] * s[t];
+}
+
+template <typename scalar_t>
+void im2row_tap_major(const scalar_t* x, const Geometry& g, scalar_t* x_t, scalar_t* rows, int64_t ld) {
+  const int64_t Cin = g.in_channels, Cg = g.in_per_group, J = g.cols_per_group(), H = g.height, W = g.width;
+  transpose_into(x, Cin, H * W, x_t, Cin);
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      scalar_t* row = rows + (oh * g.out_w + ow) * ld;
+      for (int64_t u = 0; u < g.kernel_h; ++u) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
+        for (int64_t v = 0; v < g.kernel_w; ++v) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, t = u * g.kernel_w + v;
+          const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+          for (int64_t gi = 0; gi < g.groups; ++gi) {
+            scalar_t* dst = row + gi * J + t * Cg;
+            if (inside)
+              std::copy_n(x_t + (ih * W + iw) * Cin + gi * Cg, Cg, dst);
+            else
+              std::fill_n(dst, Cg, scalar_t(0));
+          }
+        }
+      }
+    }
+}
+
 // One kernel row: out[j] = f * m[j] * sum_k a[k] * w[k*k_stride + j], in one pass over the K rows
 // (K fixed at compile time so the k loop unrolls and the j loop vectorises).
 template <int K, typename scalar_t, typename acc_t>
@@ -1155,13 +1220,18 @@ at::Tensor forward_kernel(
   // the transposed products fold the scales too, in runs that transpose W's slices (see
   // build_folded_tile_transposed): out_b^T = ((rows_b m) @ A^T) f
   const bool folded_transposed = !split_rows && is_float && transposed;
+  // the transposed products over tap-major columns (see "Tap-major columns"); not with im2col-free
+  // kernels, whose rows are x itself transposed, nor for the split of rows, which multiplies Wb @ cols
+  const bool tap_major = transposed && !split_rows && !direct && use_tap_major(g, sizeof(scalar_t));
   const std::vector<Tile> tiles =
       make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
                  folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes);
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
-  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  const at::Tensor weight_tap_major =
+      tap_major ? weight.view({K, Cout, g.in_per_group, g.taps()}).transpose(2, 3).contiguous() : at::Tensor();
+  const scalar_t* w_ptr = (tap_major ? weight_tap_major : weight).const_data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
 
   // out[b][g][rows of t] (+)= Wb[g][rows, cols of t] @ cols_b[g][cols of t, :], with Wb of the tile
@@ -1260,7 +1330,7 @@ at::Tensor forward_kernel(
     at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
     at::Tensor im2row_scratch, kern_rows, out_t, wt_buf;
     if (transposed) {
-      if (!direct) im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
+      if (!direct) im2row_scratch = at::empty({tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g)}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
       if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
@@ -1280,12 +1350,18 @@ at::Tensor forward_kernel(
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
         const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
-        if (transposed)
+        if (tap_major)
+          im2row_tap_major(x_b, g, im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P, GJ);
+        else if (transposed)
           im2row(x_b, g, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P);
         else if (!direct)
           im2col(x_b, g, buf + i * GJ * P);
-        input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
-                    m + i * GJ);
+        if (tap_major)
+          input_scale_tap_major(ch.const_data_ptr<acc_t>() + b * g.in_channels,
+                                s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
+        else
+          input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
+                      m + i * GJ);
         if constexpr (is_float) {
           if (folded) scale_rows(buf + i * GJ * P, GJ, P, m + i * GJ);  // m * cols_b
           if (fold_run) scale_columns(buf + i * GJ * P, P, GJ, m + i * GJ);  // rows_b * m
