@@ -844,9 +844,10 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // 128->256 6x6 (the GTSRB network's layer; 4.7 MB of W, as large as its output), 0.84 on B128
 // 256->256 6x6 (9.4 MB, twice its output), 0.69 on B32 256->256 7x7 with 4 groups, 0.96 on B64
 // 256->256 5x5, but 1.21 on B32 512->512 7x7 (37.7 MB: above glibc's largest mmap threshold, fresh
-// pages on every call); and the copy made the training step's peak memory of 256->256 6x6 1.26x the
-// static convolution's (1.11x without; 128->256 6x6 1.09x against 1.07x, bench_op.py --modes mem):
-// the forward's working set then outgrew the backward's. ODCONV_CPU_TAP_MAJOR=auto (default) |
+// pages on every call); on two threads the GTSRB layer read 0.96-0.97 (paired and alternated runs).
+// And the copy made the training step's peak memory of 256->256 6x6 1.26x the static convolution's
+// (1.11x without; 128->256 6x6 1.09x against 1.07x, bench_op.py --modes mem): the forward's working
+// set then outgrew the backward's. ODCONV_CPU_TAP_MAJOR=auto (default) |
 // always | never overrides the choice (tests run both).
 constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
 
@@ -857,7 +858,8 @@ bool use_tap_major(const Geometry& g, int64_t elem_size) {
               "ODCONV_CPU_TAP_MAJOR must be auto, always or never, got '", mode, "'");
   if (mode != "auto") return mode == "always";
   const int64_t weight_bytes = g.kernel_num * g.kernel_numel() * elem_size;
-  return weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= g.batch * g.out_channels * g.out_pixels() * elem_size;
+  const int64_t out_bytes = g.batch * g.out_channels * g.out_pixels() * elem_size;
+  return weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= out_bytes;
 }
 
 template <typename acc_t>
@@ -1330,7 +1332,9 @@ at::Tensor forward_kernel(
     at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
     at::Tensor im2row_scratch, kern_rows, out_t, wt_buf;
     if (transposed) {
-      if (!direct) im2row_scratch = at::empty({tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g)}, opts);
+      // tap-major: x_b channels-last (H*W x Cin); otherwise im2row's im2col blocks
+      const int64_t scratch_elems = tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g);
+      if (!direct) im2row_scratch = at::empty({scratch_elems}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
       if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
