@@ -43,15 +43,10 @@ sys.path.insert(0, sys.argv[1])
 import torch, odconv
 if int(sys.argv[5]) > 0:
     torch.set_num_threads(int(sys.argv[5]))
-from common import LayerShape, make_inputs
+from common import LayerShape, layer_calls
 assert odconv.backend_info()["cpu"]["backend"] == "extension", odconv.backend_info()["cpu"]
-shape = LayerShape(**json.loads(sys.argv[2]))
-x, w, ch, f, s, a = [t.float().detach() for t in make_inputs(shape)]
-(stride, padding, dilation, groups) = shape.conv_args()
-args = (list(stride), list(padding), list(dilation), groups)
-gy = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *args))
-ops = {"fwd": lambda: torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *args),
-       "bwd": lambda: torch.ops.odconv.odconv2d_backward(gy, x, w, ch, f, s, a, *args, [True, True])}
+calls = layer_calls(LayerShape(**json.loads(sys.argv[2])))
+ops = {name: calls[name] for name in ("fwd", "bwd")}
 result = {}
 for name, op in ops.items():
     op()

@@ -168,6 +168,23 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
     return [t.to(device=device, dtype=dtype) for t in tensors]
 
 
+def layer_calls(shape):
+    """The float32 calls the workers of ab_builds.py and perf_shares.py time, on make_inputs(shape):
+    "fwd" (the odconv2d op), "bwd" (odconv2d_backward, both gradient groups), "static_fwd" (F.conv2d
+    with the first of the K kernels) and "static_bwd" (aten's convolution_backward of that). The odconv
+    ops need `import odconv` first."""
+    x, w, ch, f, s, a = [t.float().detach() for t in make_inputs(shape)]
+    stride, padding, dilation, groups = shape.conv_args()
+    args = (list(stride), list(padding), list(dilation), groups)
+    w0 = w[0].contiguous()
+    gy = torch.randn_like(F.conv2d(x, w0, None, stride, padding, dilation, groups))
+    return {"fwd": lambda: torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *args),
+            "bwd": lambda: torch.ops.odconv.odconv2d_backward(gy, x, w, ch, f, s, a, *args, [True, True]),
+            "static_fwd": lambda: F.conv2d(x, w0, None, stride, padding, dilation, groups),
+            "static_bwd": lambda: torch.ops.aten.convolution_backward(gy, x, w0, None, stride, padding, dilation,
+                                                                       False, [0, 0], groups, [True, True, False])}
+
+
 def odconv2d_per_sample(x, weight, channel_att, filter_att, spatial_att, kernel_att, stride, padding, dilation, groups):
     """odconv2d from its definition: each sample's kernel built explicitly, then one F.conv2d per sample.
 

@@ -41,24 +41,14 @@ PERF_START_S = 1.0  # seconds given to perf record to attach
 GROUPS = ("jit", "extension", "libc", "kernel", "openmp", "torch", "python", "other")
 
 WORKER = r"""
-import dataclasses, json, statistics, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
-import torch, torch.nn.functional as F, odconv
-from common import LayerShape, make_inputs
-shape = LayerShape(**json.loads(sys.argv[2]))
+import torch, odconv
+from common import LayerShape, layer_calls
 mode, calls = sys.argv[3], int(sys.argv[4])
-x, w, ch, f, s, a = [t.float().detach() for t in make_inputs(shape)]
-stride, padding, dilation, groups = shape.conv_args()
-args = (list(stride), list(padding), list(dilation), groups)
 if not mode.startswith("static"):
     assert odconv.backend_info()["cpu"]["backend"] == "extension", odconv.backend_info()["cpu"]
-w0 = w[0].contiguous()
-gy = torch.randn_like(F.conv2d(x, w0, None, stride, padding, dilation, groups))
-op = {"fwd": lambda: torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *args),
-      "bwd": lambda: torch.ops.odconv.odconv2d_backward(gy, x, w, ch, f, s, a, *args, [True, True]),
-      "static_fwd": lambda: F.conv2d(x, w0, None, stride, padding, dilation, groups),
-      "static_bwd": lambda: torch.ops.aten.convolution_backward(gy, x, w0, None, stride, padding, dilation, False,
-                                                                 [0, 0], groups, [True, True, False])}[mode]
+op = layer_calls(LayerShape(**json.loads(sys.argv[2])))[mode]
 with torch.no_grad():
     for _ in range(2):
         op()

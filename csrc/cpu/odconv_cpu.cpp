@@ -95,6 +95,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <cmath>
@@ -192,6 +193,25 @@ void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
+// (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
+// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH) that tests and A/B runs use.
+std::string path_override(const char* name, std::initializer_list<const char*> choices) {
+  const char* env = std::getenv(name);
+  const std::string mode = env == nullptr ? "auto" : env;
+  std::string listed;
+  bool known = false;
+  size_t i = 0;
+  for (const char* choice : choices) {
+    known = known || mode == choice;
+    listed += i == 0 ? "" : (i + 1 == choices.size() ? " or " : ", ");
+    listed += choice;
+    ++i;
+  }
+  TORCH_CHECK(known, name, " must be ", listed, ", got '", mode, "'");
+  return mode;
 }
 
 // Bytes of one sample's im2col matrix (G*J x P).
@@ -852,10 +872,7 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
 
 bool use_tap_major(const Geometry& g, int64_t elem_size) {
-  const char* env = std::getenv("ODCONV_CPU_TAP_MAJOR");
-  const std::string mode = env == nullptr ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
-              "ODCONV_CPU_TAP_MAJOR must be auto, always or never, got '", mode, "'");
+  const std::string mode = path_override("ODCONV_CPU_TAP_MAJOR", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   const int64_t weight_bytes = g.kernel_num * g.kernel_numel() * elem_size;
   const int64_t out_bytes = g.batch * g.out_channels * g.out_pixels() * elem_size;
@@ -1798,10 +1815,7 @@ constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;  // the folded b
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
 int64_t column_parts(const Geometry& g) {
-  const char* env = std::getenv("ODCONV_CPU_BACKWARD_SPLIT");
-  const std::string mode = env == nullptr ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "samples" || mode == "columns",
-              "ODCONV_CPU_BACKWARD_SPLIT must be auto, samples or columns, got '", mode, "'");
+  const std::string mode = path_override("ODCONV_CPU_BACKWARD_SPLIT", {"auto", "samples", "columns"});
   if (g.groups != 1 || mode == "samples") return 0;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t parts =
@@ -2463,10 +2477,7 @@ bool depthwise_like(const Geometry& g) {
 
 bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
-  const char* env = std::getenv("ODCONV_CPU_CONV_PATH");
-  const std::string mode = env == nullptr ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "always" || mode == "never",
-              "ODCONV_CPU_CONV_PATH must be auto, always or never, got '", mode, "'");
+  const std::string mode = path_override("ODCONV_CPU_CONV_PATH", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   if (depthwise_like(g)) return true;
   if (backward)
