@@ -65,7 +65,7 @@
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group (the forward's products wider than 64
-// columns: one per 48 columns, kBrgemmColumnBlock); other dtypes, tiny groups and older
+// columns: one per 48 or 24 columns, brgemm_column_block()); other dtypes, tiny groups and older
 // torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
 // on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, and the float32 forward and
@@ -379,7 +379,7 @@ void for_each_batch_range(int64_t batch, const F& body) {
 }
 
 // brgemm runs a product with more than kBrgemmMaxWholeColumns columns faster as several products
-// of kBrgemmColumnBlock columns each (three vectors of 16 floats) when it has at least
+// of brgemm_column_block() columns each (on AVX-512, 48: three vectors of 16 floats) when it has at least
 // kBrgemmMinSplitRows rows. One core of an Intel Xeon, python benchmarks/bench_brgemm_blocks.py
 // (results/bench_brgemm_blocks_cpu.json: (32 x 576) @ (576 x N), the tile shared, B and C cycling
 // over four samples' buffers, median GFLOP/s of 8 interleaved rounds, whole / in blocks of 48):
@@ -394,13 +394,32 @@ void for_each_batch_range(int64_t batch, const F& body) {
 // backward's products stay whole: in the op they ran no faster in blocks (rdtsc, 12x12: 44-49
 // against 48-49 flop per cycle; alone, (576 x 32) @ (32 x 144) for grad_x 104 / 101, (32 x 144) @
 // (144 x 576) for Q 93 / 103), and grad_W's (4 x n) @ (n x 576) ran 25 whole and 7 in blocks.
-constexpr int64_t kBrgemmColumnBlock = 48;
+// A block is three vectors of the micro-kernel oneDNN picks for the CPU it runs on: on one without
+// AVX-512 (an AMD EPYC, Zen 3, 2026-12-06: vectors of 8 floats) blocks of 48 ran little faster than
+// whole products, blocks of 24 (or 16) 1.1-1.6x faster (GFLOP/s whole / in 48s / in 24s, M = 32):
+// N = 196 (K = 768) 53 / 59 / 84; N = 144 (K = 576) 72 / 77 / 91; N = 100 52 / 55 / 77; N = 64
+// 75 / 69 / 83 (bench_brgemm_blocks.py, results/bench_brgemm_blocks_avx2_cpu.json). Forward 0.78 on
+// B32 256->256 14x14, 0.68 on B64 128->128 10x10, 0.89-0.94 on three 12x12 layers (ab_builds.py
+// --paired, 6 rounds, results/ab_brgemm_column_blocks_avx2_cpu.json).
+constexpr int64_t kBrgemmColumnBlockAvx512 = 48;
+constexpr int64_t kBrgemmColumnBlockAvx2 = 24;
 constexpr int64_t kBrgemmMaxWholeColumns = 64;
 constexpr int64_t kBrgemmMinSplitRows = 8;
 
+// The column block for the CPU this runs on (not the one the extension was compiled for: oneDNN
+// picks its micro-kernel at run time).
+inline int64_t brgemm_column_block() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  static const int64_t block = __builtin_cpu_supports("avx512f") ? kBrgemmColumnBlockAvx512 : kBrgemmColumnBlockAvx2;
+  return block;
+#else
+  return kBrgemmColumnBlockAvx512;
+#endif
+}
+
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
 // and C_i (M x N) row-major at A + i*sa (leading dimension lda), and likewise for B and C.
-// in_column_blocks: through brgemm, wide products go in blocks of kBrgemmColumnBlock columns.
+// in_column_blocks: through brgemm, wide products go in blocks of brgemm_column_block() columns.
 template <typename scalar_t>
 void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
                   const scalar_t* A, int64_t lda, int64_t sa,
@@ -412,7 +431,7 @@ void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0 && (batch == 1 || M * N * K >= kMinGroupGemm)) {
       const int64_t block =
-          in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows ? kBrgemmColumnBlock : N;
+          in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows ? brgemm_column_block() : N;
       for (int64_t i = 0; i < batch; ++i)
         for (int64_t n0 = 0; n0 < N; n0 += block)
           at::native::cpublas::brgemm(M, std::min(block, N - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
