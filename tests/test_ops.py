@@ -288,6 +288,9 @@ BLOCKING = [
                                            # tiles (7 + 7 + 6; float32 10 + 10) in one grad_x panel
     (5, 32, 8, 64, 3, 2, 1, 1, 1, 1),      # im2col >= 4 MB: the backward takes the grouped-convolution path,
                                            # in chunks of 4 samples' activations (float64; float32: one chunk)
+    (3, 40, 24, 10, 3, 4, 1, 1, 1, 1),     # float32: Wb @ cols in brgemm column blocks, P = 100 = 4 x 24 + 4
+                                           # (2 x 48 + 4 on CPUs with AVX-512)
+    (2, 24, 16, 11, 3, 4, 1, 1, 1, 1),     # P = 121: a last block of 1 column (24s) or 25 (48s)
 ]
 
 
