@@ -290,7 +290,8 @@ BLOCKING = [
                                            # in chunks of 4 samples' activations (float64; float32: one chunk)
     (3, 40, 24, 10, 3, 4, 1, 1, 1, 1),     # float32: Wb @ cols in brgemm column blocks, P = 100 = 4 x 24 + 4
                                            # (2 x 48 + 4 on CPUs with AVX-512)
-    (2, 24, 16, 11, 3, 4, 1, 1, 1, 1),     # P = 121: a last block of 1 column (24s) or 25 (48s)
+    (2, 25, 16, 11, 3, 4, 1, 1, 1, 1),     # P = 121: a last block of 1 column (24s) or 25 (48s); without
+                                           # AVX-512 the backward's Q in blocks too, J = 225 = 9 x 24 + 9
 ]
 
 

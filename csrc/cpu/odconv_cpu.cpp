@@ -65,8 +65,9 @@
 // Products: all matrices are row-major with leading dimensions. float32 goes through oneDNN's
 // brgemm micro-kernel where torch exposes it (at::native::cpublas::brgemm, torch >= 2.7 on x86;
 // about 1.5-2x MKL's sgemm on AMD CPUs), one call per group (the forward's products wider than 64
-// columns: one per 48 or 24 columns, brgemm_column_block()); other dtypes, tiny groups and older
-// torch use at::mm / at::bmm, which reach MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
+// columns, and without AVX-512 the backward's Q products: one per 48 or 24 columns,
+// brgemm_column_block()); other dtypes, tiny groups and older torch use at::mm / at::bmm, which reach
+// MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
 // on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, and the float32 forward and
 // backward of most layers on maps of 256 pixels or more, take the convolution primitive instead (see
@@ -415,6 +416,19 @@ inline int64_t brgemm_column_block() {
 #else
   return kBrgemmColumnBlockAvx512;
 #endif
+}
+
+// The backward's Q = gy @ rows products, (T x P) @ (P x Jt) with Jt in the hundreds of columns, go in
+// column blocks too where the CPU has no AVX-512 and P is at least kBrgemmMinBlockedQInner. Alone on
+// the Zen 3 EPYC (bench_brgemm_blocks.py, GFLOP/s whole / in 24s): (32 x 196) @ (196 x 768) 59 / 86,
+// (32 x 144) @ (144 x 1152) 49 / 76, (32 x 64) @ (64 x 768) 68 / 75, but (32 x 16) @ (16 x 1152) 62 /
+// 44. In the op (ab_builds.py --paired, 9 rounds, results/ab_backward_q_blocks_avx2_cpu.json): backward
+// 0.89 [0.72-1.12] on B32 256->256 14x14, 0.94 on B128 128->128 12x12, 0.95-0.97 on 8x8, 10x10 and
+// B128 64->128 12x12 layers; a 6-round run before read 0.93-1.09. On the Intel Xeon the backward's
+// products in blocks were no faster in the op (above), so CPUs with AVX-512 keep them whole.
+constexpr int64_t kBrgemmMinBlockedQInner = 64;
+inline bool backward_q_in_column_blocks(const Geometry& g) {
+  return g.out_pixels() >= kBrgemmMinBlockedQInner && brgemm_column_block() != kBrgemmColumnBlockAvx512;
 }
 
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
@@ -2091,6 +2105,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
   const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
   const auto opts = x.options();
+  const bool q_in_blocks = backward_q_in_column_blocks(g);
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
@@ -2199,7 +2214,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   // transposed grad_x product, the same pass over W builds the tile's Wb for it)
                   scalar_t* q = pt.q.data_ptr<scalar_t>();
                   grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
-                                         /*accumulate=*/false, opts);
+                                         /*accumulate=*/false, opts, /*in_column_blocks=*/q_in_blocks);
                   reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
                                         gbuf + i * tile, gf + i * Cout, ga + i * K,
                                         gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
@@ -2287,6 +2302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
   const int64_t max_tile = max_tile_elems(tiles);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool q_in_blocks = backward_q_in_column_blocks(g);
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
   if (want_x) advise_huge_pages(grad_x);
@@ -2426,7 +2442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           if (want_params) {
             // Q = gy[g][rows] @ rows_x[g][:, cols]: (T x P) @ (P x Jt)
             grouped_gemm<scalar_t>(nG, T, Jt, P, gy_i, P, Cog * P, rows + i * GJ * P + t.g0 * J + t.j0, GJ, J,
-                                   q + i * tile, Jt, T * Jt, /*accumulate=*/false, opts);
+                                   q + i * tile, Jt, T * Jt, /*accumulate=*/false, opts,
+                                   /*in_column_blocks=*/q_in_blocks);
           }
         }
         if (!want_params) return;
