@@ -406,6 +406,13 @@ constexpr int64_t kBrgemmColumnBlockAvx512 = 48;
 constexpr int64_t kBrgemmColumnBlockAvx2 = 24;
 constexpr int64_t kBrgemmMaxWholeColumns = 64;
 constexpr int64_t kBrgemmMinSplitRows = 8;
+// Nor with an inner dimension below kBrgemmMinSplitInner, where each block's call does too little
+// work: (32 x 27) @ (27 x 4096), the 3-channel stem's product, ran 32-37 GFLOP/s whole and 24-25 in
+// blocks of 24 or of 48 on the Zen 3 EPYC (bench_brgemm_blocks.py, 5 rounds). In the op, forward of
+// B32 3->32 64x64 and B64 3->32 48x48 (ab_builds.py --paired, 7 and 9 rounds,
+// results/ab_brgemm_min_split_inner_cpu.json): fastest medians 0.83-0.93 of the time in blocks, the
+// rounds' ratios of these 5-7 ms calls spread over 0.3-2.6.
+constexpr int64_t kBrgemmMinSplitInner = 64;
 
 // The column block for the CPU this runs on (not the one the extension was compiled for: oneDNN
 // picks its micro-kernel at run time).
@@ -445,7 +452,9 @@ void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0 && (batch == 1 || M * N * K >= kMinGroupGemm)) {
       const int64_t block =
-          in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows ? brgemm_column_block() : N;
+          in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows && K >= kBrgemmMinSplitInner
+              ? brgemm_column_block()
+              : N;
       for (int64_t i = 0; i < batch; ++i)
         for (int64_t n0 = 0; n0 < N; n0 += block)
           at::native::cpublas::brgemm(M, std::min(block, N - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
