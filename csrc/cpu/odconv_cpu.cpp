@@ -414,29 +414,30 @@ constexpr int64_t kBrgemmMinSplitRows = 8;
 // rounds' ratios of these 5-7 ms calls spread over 0.3-2.6.
 constexpr int64_t kBrgemmMinSplitInner = 64;
 
-// The column block for the CPU this runs on (not the one the extension was compiled for: oneDNN
-// picks its micro-kernel at run time).
-inline int64_t brgemm_column_block() {
+// Whether the CPU this runs on has AVX-512 (not the one the extension was compiled for: oneDNN picks
+// its micro-kernel at run time). Elsewhere than x86 with gcc or clang, taken as yes: the blocks tuned
+// on AVX-512 and no blocked backward products, as before the AVX2 measurements.
+inline bool cpu_has_avx512() {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-  static const int64_t block = __builtin_cpu_supports("avx512f") ? kBrgemmColumnBlockAvx512 : kBrgemmColumnBlockAvx2;
-  return block;
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
 #else
-  return kBrgemmColumnBlockAvx512;
+  return true;
 #endif
 }
 
+inline int64_t brgemm_column_block() { return cpu_has_avx512() ? kBrgemmColumnBlockAvx512 : kBrgemmColumnBlockAvx2; }
+
 // The backward's Q = gy @ rows products, (T x P) @ (P x Jt) with Jt in the hundreds of columns, go in
-// column blocks too where the CPU has no AVX-512 and P is at least kBrgemmMinBlockedQInner. Alone on
+// column blocks too where the CPU has no AVX-512 (and, as every blocked product, only where their
+// inner dimension P is at least kBrgemmMinSplitInner). Alone on
 // the Zen 3 EPYC (bench_brgemm_blocks.py, GFLOP/s whole / in 24s): (32 x 196) @ (196 x 768) 59 / 86,
 // (32 x 144) @ (144 x 1152) 49 / 76, (32 x 64) @ (64 x 768) 68 / 75, but (32 x 16) @ (16 x 1152) 62 /
 // 44. In the op (ab_builds.py --paired, 9 rounds, results/ab_backward_q_blocks_avx2_cpu.json): backward
 // 0.89 [0.72-1.12] on B32 256->256 14x14, 0.94 on B128 128->128 12x12, 0.95-0.97 on 8x8, 10x10 and
 // B128 64->128 12x12 layers; a 6-round run before read 0.93-1.09. On the Intel Xeon the backward's
 // products in blocks were no faster in the op (above), so CPUs with AVX-512 keep them whole.
-constexpr int64_t kBrgemmMinBlockedQInner = 64;
-inline bool backward_q_in_column_blocks(const Geometry& g) {
-  return g.out_pixels() >= kBrgemmMinBlockedQInner && brgemm_column_block() != kBrgemmColumnBlockAvx512;
-}
+inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
 // and C_i (M x N) row-major at A + i*sa (leading dimension lda), and likewise for B and C.
@@ -2114,7 +2115,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
   const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
   const auto opts = x.options();
-  const bool q_in_blocks = backward_q_in_column_blocks(g);
+  const bool q_in_blocks = backward_q_in_column_blocks();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
@@ -2311,7 +2312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::vector<Tile> tiles = make_tiles(g, sizeof(scalar_t));
   const int64_t max_tile = max_tile_elems(tiles);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const bool q_in_blocks = backward_q_in_column_blocks(g);
+  const bool q_in_blocks = backward_q_in_column_blocks();
 
   at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
   if (want_x) advise_huge_pages(grad_x);
