@@ -489,6 +489,37 @@ def test_transposed_forward_matches_reference(case, tap_major, monkeypatch):
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# ODCONV_CPU_TRANSPOSED_FORWARD forces the product's orientation against the map's choice: the
+# transposed product on maps the default multiplies Wb @ cols (P a multiple of 16 or nearly: 8x8,
+# 10x10, 12x12 1x1 without im2col, stride 2 onto 8x8, four groups), the plain one on maps the
+# default transposes (6x6 and 7x7, with groups, tiles cut in J).
+FORCED_ORIENTATION = [
+    ("always", (6, 16, 24, 8, 3, 4, 1, 1, 1, 1)),
+    ("always", (3, 24, 40, 10, 3, 3, 1, 1, 1, 1)),
+    ("always", (5, 20, 12, 12, 1, 2, 1, 0, 1, 1)),
+    ("always", (3, 16, 24, 16, 3, 4, 2, 1, 1, 1)),
+    ("always", (6, 16, 16, 10, 3, 4, 1, 1, 1, 4)),
+    ("never", (5, 24, 40, 6, 3, 4, 1, 1, 1, 1)),
+    ("never", (3, 16, 24, 7, 3, 3, 1, 1, 1, 2)),
+    ("never", (12, 150, 40, 6, 3, 8, 1, 1, 1, 1)),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("mode,case", FORCED_ORIENTATION, ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", mode)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+def test_transposed_forward_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", "yes")
+    x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 1, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_TRANSPOSED_FORWARD.*auto, always or never.*'yes'"):
+        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
+
+
 @requires_extension
 def test_tap_major_override_is_checked(monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_TAP_MAJOR", "sometimes")

@@ -198,7 +198,7 @@ void advise_huge_pages(const at::Tensor& t) {
 
 // The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
 // (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
-// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH) that tests and A/B runs use.
+// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD) that tests and A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
   const char* env = std::getenv(name);
   const std::string mode = env == nullptr ? "auto" : env;
@@ -1273,7 +1273,10 @@ at::Tensor forward_kernel(
   // end. (2 cores, benchmarks/ab_builds.py, results/ab_transposed_forward_cpu.json: forward 0.75 on
   // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
   // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
-  const bool transposed = uses_brgemm<scalar_t>() && (P + 15) / 16 * 16 * 4 > 5 * P;
+  // ODCONV_CPU_TRANSPOSED_FORWARD=auto (default) | always | never overrides the choice (tests run both).
+  const std::string transposed_mode = path_override("ODCONV_CPU_TRANSPOSED_FORWARD", {"auto", "always", "never"});
+  const bool transposed = uses_brgemm<scalar_t>() && (transposed_mode == "auto" ? (P + 15) / 16 * 16 * 4 > 5 * P
+                                                                                : transposed_mode == "always");
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
   // the folded build (see build_folded_tile): float32 on maps of at most kMaxFoldedPixels pixels, with
   // an im2col matrix to scale
