@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 
@@ -118,7 +119,15 @@ def all_reduce_sum(values, device, world):
 # ---- data ---------------------------------------------------------------------------------------
 
 def load_splits(args, preprocess, splits, progress):
-    """{split: GTSRBTensors} for the requested splits; train/val come from the track-wise split."""
+    """{split: GTSRBTensors} for the requested splits; train/val come from the track-wise split. Missing
+    or unreadable data ends the run with the reason, not a traceback."""
+    try:
+        return read_splits(args, preprocess, splits, progress)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+def read_splits(args, preprocess, splits, progress):
     result = {}
     if {"train", "val"} & set(splits):
         samples = read_split(args.data, "train")
@@ -149,6 +158,22 @@ def ema_update(decay):
         torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return update
+
+
+def bf16_emulation_warning(amp, device):
+    """The warning for bfloat16 autocast on a CPU that has no bfloat16 arithmetic, or None.
+
+    Without AVX512-BF16 or AMX, oneDNN converts to and from float32 around every product: on an AMD
+    EPYC with AVX2 only, a training step of the GTSRB network ran 6x (ODConv) and 10x (static twin)
+    slower under autocast than in float32 (benchmarks/results/bench_train_cpu_9f7389a_avx2.json)."""
+    if amp != "bf16" or device.type != "cpu":
+        return None
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, name, lambda: False)() for name in checks):
+        return None
+    return ("warning: --amp bf16 on a CPU without bfloat16 arithmetic (AVX512-BF16 or AMX): autocast "
+            "emulates it and trains several times slower than float32 here (6-10x on an AVX2 CPU, "
+            "benchmarks/RESULTS.md); --amp none is the faster choice")
 
 
 def autocast(args, device):
@@ -346,13 +371,15 @@ def main(argv=None):
             setattr(args, key, value)
         for key, value in keep.items():
             setattr(args, key, value)
+    warning = bf16_emulation_warning(args.amp, device)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
     torch.manual_seed(args.seed + rank)
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     args.preprocess = {**PREPROCESS_DEFAULTS, "size": args.image_size}
     progress = rank == 0 and not args.no_progress
-    os.makedirs(args.out, exist_ok=True)
-
     data = load_splits(args, args.preprocess, ["train", "val"], progress)
+    os.makedirs(args.out, exist_ok=True)
     train_set, val_set = data["train"], data["val"]
     model_config = {"conv": args.conv, "widths": list(args.widths), "blocks": list(args.blocks),
                     "stem_width": args.stem_width, "kernel_num": args.kernel_num, "dropout": args.dropout,

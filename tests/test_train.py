@@ -186,3 +186,26 @@ def test_count_macs_counts_what_the_forward_runs():
     from odconv.models import build_model, count_macs
     model = build_model({"widths": [8], "blocks": [1], "stem_width": 4, "conv": "static"})
     assert count_macs(model, 8) == 8 * 8 * 4 * (3 * 7 * 7) + 8 * 8 * 8 * (4 * 3 * 3) + 8 * 43
+
+
+def test_bf16_warning_only_where_the_cpu_lacks_bfloat16_arithmetic(monkeypatch):
+    sys.path.insert(0, REPO)
+    import train
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "--amp none" in train.bf16_emulation_warning("bf16", cpu)
+    assert train.bf16_emulation_warning("none", cpu) is None
+    assert train.bf16_emulation_warning("bf16", torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.bf16_emulation_warning("bf16", cpu) is None
+
+
+def test_missing_data_ends_with_the_reason_not_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--data", str(tmp_path / "nowhere"), "--out", str(out),
+           *TINY_NET]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    assert "error: GTSRB training split not found" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()  # nothing created for a run that never started
