@@ -19,6 +19,11 @@ B/A ratios and their range. --threads sets each process's threads (default 1; 2 
 the backward by columns the parts it has on two cores, time-sliced):
 
     python benchmarks/ab_builds.py /tmp/before . --paired --threads 2 --rounds 4 --repeats 5
+
+--env-a / --env-b VAR=VALUE set environment variables for one side's processes: one build against
+itself with a path override (ODCONV_CPU_TRANSPOSED_FORWARD, ODCONV_CPU_BACKWARD_SPLIT, ...) on one side:
+
+    python benchmarks/ab_builds.py . . --env-b ODCONV_CPU_TRANSPOSED_FORWARD=always --paired --shapes "..."
 """
 import argparse
 import dataclasses
@@ -60,8 +65,8 @@ print(json.dumps(result))
 """
 
 
-def start(folder, shape, repeats, cpu=-1, threads=0):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+def start(folder, shape, repeats, cpu=-1, threads=0, extra_env=None):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)), **(extra_env or {}))
     if threads > 0:
         # more threads than CPUs: waiting threads must sleep, not spin on the CPU the others need
         env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="passive")
@@ -77,11 +82,11 @@ def finish(proc, folder, shape):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(folder, shape, repeats):
-    return finish(start(folder, shape, repeats), folder, shape)
+def measure(folder, shape, repeats, extra_env=None):
+    return finish(start(folder, shape, repeats, extra_env=extra_env), folder, shape)
 
 
-def measure_paired(before, after, shape, repeats, rounds, threads):
+def measure_paired(before, after, shape, repeats, rounds, threads, envs=(None, None)):
     """Both builds at once, each on its own CPU, the CPUs swapped every round: per op, the fastest
     time of each and the rounds' B/A ratios."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -90,13 +95,25 @@ def measure_paired(before, after, shape, repeats, rounds, threads):
     times = {"before": [], "after": []}
     for r in range(rounds):
         pins = (cpus[0], cpus[1]) if r % 2 == 0 else (cpus[1], cpus[0])
-        procs = [start(folder, shape, repeats, cpu, threads) for folder, cpu in zip((before, after), pins)]
+        procs = [start(folder, shape, repeats, cpu, threads, env)
+                 for folder, cpu, env in zip((before, after), pins, envs)]
         for side, folder, proc in zip(("before", "after"), (before, after), procs):
             times[side].append(finish(proc, folder, shape))
     ops = times["before"][0].keys()
     ratios = {op: [b[op] / a[op] for a, b in zip(times["before"], times["after"])] for op in ops}
     best = {side: {op: min(t[op] for t in times[side]) for op in ops} for side in times}
     return best, ratios
+
+
+def parse_env(items, parser):
+    """{"VAR": "VALUE"} from --env-a/--env-b's VAR=VALUE items."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"an environment setting is VAR=VALUE, got '{item}'")
+        env[name] = value
+    return env
 
 
 def main(argv=None):
@@ -109,8 +126,14 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--paired", action="store_true", help="both builds at once, each on its own CPU")
     p.add_argument("--threads", type=int, default=None, help="threads per process (default: torch's; 1 paired)")
+    p.add_argument("--env-a", action="append", default=[], metavar="VAR=VALUE",
+                   help="environment variable for A's processes (repeatable)")
+    p.add_argument("--env-b", action="append", default=[], metavar="VAR=VALUE",
+                   help="environment variable for B's processes (repeatable)")
     args = p.parse_args(argv)
     threads = args.threads if args.threads is not None else (1 if args.paired else 0)
+    envs = {side: parse_env(getattr(args, f"env_{side[0]}"), p) for side in ("a", "b")}
+    env_of = {"before": envs["a"], "after": envs["b"]}
     rows = []
     if args.paired:
         print("| shape | A fwd ms | B fwd ms | B/A fwd, median [range] | A bwd ms | B bwd ms | B/A bwd, median [range] |")
@@ -120,7 +143,8 @@ def main(argv=None):
     for shape in parse_shapes(args.shapes):
         row = {"shape": shape.as_dict(), "name": shape.name}
         if args.paired:
-            best, ratios = measure_paired(args.before, args.after, shape, args.repeats, args.rounds, threads)
+            best, ratios = measure_paired(args.before, args.after, shape, args.repeats, args.rounds, threads,
+                                          (env_of["before"], env_of["after"]))
             a, b = best["before"], best["after"]
             cells = [f"{statistics.median(ratios[op]):.2f} [{min(ratios[op]):.2f}-{max(ratios[op]):.2f}]"
                      for op in ("fwd", "bwd")]
@@ -129,7 +153,7 @@ def main(argv=None):
             best = {"before": {}, "after": {}}
             for _ in range(args.rounds):
                 for side in ("before", "after"):
-                    for op, ms in measure(getattr(args, side), shape, args.repeats).items():
+                    for op, ms in measure(getattr(args, side), shape, args.repeats, env_of[side]).items():
                         best[side][op] = min(best[side].get(op, float("inf")), ms)
             a, b = best["before"], best["after"]
             cells = [f"{b[op] / a[op]:.2f}" for op in ("fwd", "bwd")]
@@ -140,6 +164,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"before": os.path.abspath(args.before), "after": os.path.abspath(args.after),
+                       "env_a": env_of["before"], "env_b": env_of["after"],
                        "rounds": args.rounds, "repeats": args.repeats, "paired": args.paired, "threads": threads,
                        "results": rows}, f, indent=1)
 

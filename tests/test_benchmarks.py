@@ -338,6 +338,22 @@ def test_ab_builds_paired_run(tmp_path, capsys):
         assert row["before_ms"][op] > 0 and row["after_ms"][op] > 0
 
 
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+def test_ab_builds_env_reaches_one_side_only(tmp_path, capsys):
+    import ab_builds
+    common = [REPO, REPO, "--shapes", "2,4,6,6,3,2,1,1", "--rounds", "1", "--repeats", "1"]
+    # an override the op rejects stops B's process (A's, without it, ran first and passed)
+    with pytest.raises(SystemExit, match="ODCONV_CPU_CONV_PATH must be auto, always or never, got 'bad'"):
+        ab_builds.main(common + ["--env-b", "ODCONV_CPU_CONV_PATH=bad"])
+    path = tmp_path / "ab.json"
+    ab_builds.main(common + ["--env-b", "ODCONV_CPU_TRANSPOSED_FORWARD=never", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["env_a"] == {} and report["env_b"] == {"ODCONV_CPU_TRANSPOSED_FORWARD": "never"}
+    with pytest.raises(SystemExit):
+        ab_builds.main(common + ["--env-a", "NO_EQUALS_SIGN"])
+    assert "VAR=VALUE, got 'NO_EQUALS_SIGN'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")
 def test_cpu_error_probe_passes():
     proc = subprocess.run([sys.executable, "-X", "faulthandler", os.path.join(BENCHMARKS, "cpu_error_probe.py")],
