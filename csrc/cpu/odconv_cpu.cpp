@@ -1906,8 +1906,8 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   rows   (n, P, Jr)   im2row of its channels          gcols (n, Jr, P)  gradient of its cols
 //                                                        (transposed: (n, P, Jr), and gcols_t (Jr, P)
 //                                                        one sample's, for col2im)
-//   kern   (Jt, T)      Wb^T of a tile, one sample       q     (T, Jt)     Q of a tile, one sample
-//                       (transposed: Wb (T, Jt))         gy_t  (P, T)      gy's tile rows, transposed
+//   kern   (n, Jt, PR)  Wb^T of a panel, every sample    q     (T, Jt)     Q of a tile, one sample
+//                       (transposed: Wb (T, Jt), one)    gy_t  (P, T)      gy's tile rows, transposed
 //   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
 //                       (folded: Q' of every sample, in slots of a tile + kColumnsSlotPad)
 //   kern (folded)       A of every sample, as gbuf       coef  (K, n)      a_i[k] f_i[o] of a row (folded)
@@ -1921,6 +1921,16 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // the static convolution's. (Against 4 MB for all, benchmarks/ab_builds.py, 7 rounds: backward 0.92
 // on that layer, 0.79 on B32 96->96 10x10, 0.99-1.01 on B64 64->64 and B128 64->128 and 128->128
 // 12x12 and B128 128->256 6x6.)
+// Panels. The plain grad_x product, gcols (+)= Wb^T @ gy, has the tile's rows as its inner dimension:
+// (576 x 32) @ (32 x 196) per tile on 256->256 14x14. Each sample's Wb^T is collected over
+// consecutive tiles of a block into a panel of up to kGradXRows rows (kern, one per sample of the
+// chunk), multiplied once per panel, and in brgemm blocks of columns where the Q products take them.
+// On the Zen 3 EPYC (rdtsc around each step of the 14x14 backward, 2 threads) that product's cycles
+// fell by 29 % (15.9 -> 22.3 flop per TSC cycle, the Q product 7 % faster in the same two runs; 12x12:
+// -5 %), in wall-clock time (benchmarks/ab_builds.py,
+// 8 rounds of 5 calls, fastest medians, results/ab_backward_gx_panels_avx2_cpu*.json) backward 0.90
+// and 0.96 on B32 256->256 14x14 in two runs (its forward, unchanged, 1.05 and 0.94), 0.95-0.99 on
+// 10x10, 12x12 and 24x24 layers.
 // ODCONV_CPU_BACKWARD_SPLIT=auto (default) | samples | columns overrides the choice (tests run both
 // on the same layers; columns with fewer parts than threads); layers with groups always split samples.
 constexpr int64_t kMinColumnsPerPart = 64;
@@ -2136,9 +2146,13 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   // the folded backward keeps every sample's Q' on a tile, in slots a little longer than a tile so
   // that the samples' rows do not all fall in the same cache sets
   const int64_t q_slot = folded ? max_tile + kColumnsSlotPad : max_tile;
+  // the plain grad_x product gathers a sample's Wb^T over consecutive tiles into panels of up to
+  // kGradXRows rows (its inner dimension), one panel buffer per sample of a chunk
+  const int64_t panel_rows = std::min(Cout, std::max(kMinTileRows, kGradXRows / kMinTileRows * kMinTileRows));
+  const int64_t panel_slot = want_x && !gx_transposed ? widest * panel_rows : 0;
   const int64_t bytes_per_sample =
       (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
-      (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0);
+      (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
   const int64_t part_budget =
       std::clamp<int64_t>(K * Cout * part_columns * (int64_t)sizeof(scalar_t), kColumnsMinThreadBytes,
                           folded ? kFoldedThreadBytesBackward : kColumnsThreadBytes);
@@ -2160,7 +2174,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     }
     if (want_x) {
       if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
-      pt.kern = at::empty({folded ? chunk * q_slot : max_tile}, opts);
+      pt.kern = at::empty({folded ? chunk * q_slot : (gx_transposed ? max_tile : chunk * panel_slot)}, opts);
       if (gx_transposed) {
         pt.gcols_t = at::empty({Jr * P}, opts);
         pt.gy_t = at::empty({P * std::min(kMinTileRows, Cout)}, opts);
@@ -2217,8 +2231,13 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                               f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
                                               gx_ptr + c0 * x_stride, opts);
           } else {
-            for (const Tile& t : blk.tiles) {
+            int64_t panel_r0 = 0;  // the first row of the panel of tile ti
+            for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
+              const Tile& t = blk.tiles[ti];
               const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+              if (t.r0 - panel_r0 + T > panel_rows) panel_r0 = t.r0;
+              // the panel's product runs after its last tile (the next one would not fit, or none follows)
+              const bool panel_ends = ti + 1 == blk.tiles.size() || blk.tiles[ti + 1].r1 - panel_r0 > panel_rows;
               for (int64_t i = 0; i < n; ++i) {
                 const int64_t b = c0 + i;
                 const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
@@ -2242,13 +2261,20 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
                                          /*accumulate=*/t.r0 > 0, opts);
                 } else if (want_x) {
-                  // gcols[tile cols] (+)= Wb[tile]^T @ gy[tile rows]: (Jt x T) @ (T x P); row blocks accumulate
-                  scalar_t* kern = pt.kern.data_ptr<scalar_t>();
+                  // Wb[tile]^T into the sample's panel (Jt x PR, PR = the panel's rows, leading dimension
+                  // panel_rows), then at the
+                  // panel's end gcols[tile cols] (+)= Wb[panel]^T @ gy[panel rows]: (Jt x PR) @ (PR x P);
+                  // the panels accumulate
+                  const int64_t PR = t.r1 - panel_r0;
+                  scalar_t* kern = pt.kern.data_ptr<scalar_t>() + i * panel_slot;
                   build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
-                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/T, /*col0=*/0);
-                  scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
-                  grouped_gemm<scalar_t>(1, Jt, P, T, kern, T, 0, gy_rows, P, 0, dst, P, 0, /*accumulate=*/t.r0 > 0,
-                                         opts);
+                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/panel_rows,
+                                    /*col0=*/t.r0 - panel_r0);
+                  if (panel_ends) {
+                    scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
+                    grouped_gemm<scalar_t>(1, Jt, P, PR, kern, panel_rows, 0, gy_ptr + b * Cout * P + panel_r0 * P, P, 0, dst,
+                                           P, 0, /*accumulate=*/panel_r0 > 0, opts, /*in_column_blocks=*/q_in_blocks);
+                  }
                 }
               }
               // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
