@@ -513,18 +513,11 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
 
 
 @requires_extension
-def test_transposed_forward_override_is_checked(monkeypatch):
-    monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", "yes")
+@pytest.mark.parametrize("variable,value", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes"), ("ODCONV_CPU_TAP_MAJOR", "sometimes")])
+def test_forward_path_overrides_are_checked(variable, value, monkeypatch):
+    monkeypatch.setenv(variable, value)
     x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 1, dtype=torch.float32, requires_grad=False)
-    with pytest.raises(RuntimeError, match="ODCONV_CPU_TRANSPOSED_FORWARD.*auto, always or never.*'yes'"):
-        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
-
-
-@requires_extension
-def test_tap_major_override_is_checked(monkeypatch):
-    monkeypatch.setenv("ODCONV_CPU_TAP_MAJOR", "sometimes")
-    x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 1, dtype=torch.float32, requires_grad=False)
-    with pytest.raises(RuntimeError, match="ODCONV_CPU_TAP_MAJOR.*auto, always or never.*'sometimes'"):
+    with pytest.raises(RuntimeError, match=f"{variable}.*auto, always or never.*'{value}'"):
         torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
 
 
