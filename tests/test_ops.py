@@ -654,9 +654,9 @@ SPLIT_CASES = [case for case in GRID if unpack(case)[-1] == 1 and unpack(case)[0
     (4, 14, 33, 5, 3, 2, 1, 1, 1, 1),      # J = 126: one range of columns, row tiles of 17 + 16
     (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, J = 1170 in 3 ranges, fewer output channels than a tile
     (40, 8, 5, 5, 3, 2, 1, 1, 1, 1),       # two chunks of 20 samples, the second accumulating into grad_W
-    # the plain grad_x product gathers row tiles into panels of up to 128 rows: 150 rows in tiles of
-    # 30, panels of 120 + 30 rows; 3 output channels short of a second panel
-    (3, 12, 150, 12, 3, 2, 1, 1, 1, 1),
+    # the plain grad_x product gathers row tiles into panels until they hold 128 rows: 200 rows in
+    # tiles of 29 (the last 26), panels of 145 + 55 rows; 125 rows in tiles of 32 (the last 29), one panel
+    (3, 12, 200, 12, 3, 2, 1, 1, 1, 1),
     (2, 10, 125, 11, 3, 3, 1, 1, 1, 1),
 ]
 

@@ -316,6 +316,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
 // are collected, and multiplied once per panel. (Measured on 2 cores, 5x5 96->96 24x24: backward
 // 630 -> 320 ms; on 256->256 8x8, where gcols fits in cache, panels were slower: the larger buffers
 // leave fewer samples per thread.) Tiles cut in J are never gathered: they have kMinTileRows rows.
+// The backward by columns gathers its tiles (a block's columns) likewise (see "Panels" there).
 constexpr int64_t kGradXRows = 128;
 
 struct Panel {
@@ -323,16 +324,18 @@ struct Panel {
   int64_t g0, r0, rows, cols;  // cols: of J, those of its tiles
 };
 
-// panel_of[i]: the panel of tiles[i]. With G > 1 every tile (whole groups) is its own panel.
-std::vector<Panel> make_panels(const std::vector<Tile>& tiles, const Geometry& g, int64_t elem_size,
-                               std::vector<size_t>& panel_of) {
+// panel_of[i]: the panel of tiles[i]. Where `gather`, a tile extends the panel of the tile before it
+// when it has the same groups and columns and starts at the row where that one ended (so tiles cut
+// in J, whose neighbours have other columns, are never gathered), until the panel has kGradXRows
+// rows; otherwise, and with G > 1, every tile is its own panel.
+std::vector<Panel> make_panels(const std::vector<Tile>& tiles, bool gather, std::vector<size_t>& panel_of) {
   std::vector<Panel> panels;
   panel_of.assign(tiles.size(), 0);
-  const int64_t J = g.cols_per_group();
-  const bool gather = g.groups == 1 && im2col_bytes(g, elem_size) > kSmallIm2colBytes;
   for (size_t i = 0; i < tiles.size(); ++i) {
     const Tile& t = tiles[i];
-    const bool extend = gather && t.cols() == J && !panels.empty() && panels.back().rows < kGradXRows;
+    const bool extend = gather && i > 0 && t.g0 == tiles[i - 1].g0 && t.g1 == tiles[i - 1].g1 &&
+                        t.j0 == tiles[i - 1].j0 && t.j1 == tiles[i - 1].j1 && t.r0 == tiles[i - 1].r1 &&
+                        panels.back().rows < kGradXRows;
     if (extend) {
       panels.back().rows += t.rows();
       panels.back().last_tile = i;
@@ -1923,7 +1926,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // 12x12 and B128 128->256 6x6.)
 // Panels. The plain grad_x product, gcols (+)= Wb^T @ gy, has the tile's rows as its inner dimension:
 // (576 x 32) @ (32 x 196) per tile on 256->256 14x14. Each sample's Wb^T is collected over
-// consecutive tiles of a block into a panel of up to kGradXRows rows (kern, one per sample of the
+// consecutive tiles of a block into panels of about kGradXRows rows (make_panels; kern, one per sample of the
 // chunk), multiplied once per panel, and in brgemm blocks of columns where the Q products take them.
 // On the Zen 3 EPYC (rdtsc around each step of the 14x14 backward, 2 threads) that product's cycles
 // fell by 29 % (15.9 -> 22.3 flop per TSC cycle, the Q product 7 % faster in the same two runs; 12x12:
@@ -1958,6 +1961,8 @@ int64_t column_parts(const Geometry& g) {
 struct ColumnBlock {
   int64_t c0 = 0, c1 = 0;
   std::vector<Tile> tiles;
+  std::vector<Panel> panels;  // of the plain grad_x product (make_panels), panel_of[i] that of tiles[i]
+  std::vector<size_t> panel_of;
 };
 
 // The channels [c_begin, c_end) in blocks of whole channels, as few as keep each block's slices of
@@ -1975,9 +1980,10 @@ std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int
   const int64_t row_step = even_step(g.out_channels, rows);
   std::vector<ColumnBlock> out;
   for (int64_t c = c_begin; c < c_end; c += channels) {
-    ColumnBlock b{c, std::min(c_end, c + channels), {}};
+    ColumnBlock b{c, std::min(c_end, c + channels), {}, {}, {}};
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       b.tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), b.c0 * taps, b.c1 * taps});
+    b.panels = make_panels(b.tiles, /*gather=*/true, b.panel_of);
     out.push_back(std::move(b));
   }
   return out;
@@ -2132,7 +2138,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   std::vector<ColumnPart> part(parts);
-  int64_t part_columns = 0, widest = 0, max_tile = 0;  // columns of a part and of a block, elements of a tile
+  // columns of a part and of a block, elements of a tile and of a panel
+  int64_t part_columns = 0, widest = 0, max_tile = 0, max_panel = 0;
   for (int64_t p = 0; p < parts; ++p) {
     part[p].c0 = Cin * p / parts;
     part[p].c1 = Cin * (p + 1) / parts;
@@ -2141,15 +2148,14 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     for (const ColumnBlock& blk : part[p].blocks) {
       widest = std::max(widest, (blk.c1 - blk.c0) * taps);
       max_tile = std::max(max_tile, max_tile_elems(blk.tiles));
+      for (const Panel& pn : blk.panels) max_panel = std::max(max_panel, pn.rows * pn.cols);
     }
   }
   // the folded backward keeps every sample's Q' on a tile, in slots a little longer than a tile so
   // that the samples' rows do not all fall in the same cache sets
   const int64_t q_slot = folded ? max_tile + kColumnsSlotPad : max_tile;
-  // the plain grad_x product gathers a sample's Wb^T over consecutive tiles into panels of up to
-  // kGradXRows rows (its inner dimension), one panel buffer per sample of a chunk
-  const int64_t panel_rows = std::min(Cout, std::max(kMinTileRows, kGradXRows / kMinTileRows * kMinTileRows));
-  const int64_t panel_slot = want_x && !gx_transposed ? widest * panel_rows : 0;
+  // the plain grad_x product gathers a sample's Wb^T over a panel's tiles, one buffer per sample of a chunk
+  const int64_t panel_slot = want_x && !gx_transposed ? max_panel : 0;
   const int64_t bytes_per_sample =
       (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
       (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
@@ -2231,13 +2237,10 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                               f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
                                               gx_ptr + c0 * x_stride, opts);
           } else {
-            int64_t panel_r0 = 0;  // the first row of the panel of tile ti
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
               const Tile& t = blk.tiles[ti];
+              const Panel& pn = blk.panels[blk.panel_of[ti]];
               const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
-              if (t.r0 - panel_r0 + T > panel_rows) panel_r0 = t.r0;
-              // the panel's product runs after its last tile (the next one would not fit, or none follows)
-              const bool panel_ends = ti + 1 == blk.tiles.size() || blk.tiles[ti + 1].r1 - panel_r0 > panel_rows;
               for (int64_t i = 0; i < n; ++i) {
                 const int64_t b = c0 + i;
                 const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
@@ -2261,19 +2264,16 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
                                          /*accumulate=*/t.r0 > 0, opts);
                 } else if (want_x) {
-                  // Wb[tile]^T into the sample's panel (Jt x PR, PR = the panel's rows, leading dimension
-                  // panel_rows), then at the
-                  // panel's end gcols[tile cols] (+)= Wb[panel]^T @ gy[panel rows]: (Jt x PR) @ (PR x P);
+                  // Wb[tile]^T into the sample's panel (Jt x PR, PR = the panel's rows), then after the
+                  // panel's last tile gcols[tile cols] (+)= Wb[panel]^T @ gy[panel rows]: (Jt x PR) @ (PR x P);
                   // the panels accumulate
-                  const int64_t PR = t.r1 - panel_r0;
                   scalar_t* kern = pt.kern.data_ptr<scalar_t>() + i * panel_slot;
                   build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
-                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/panel_rows,
-                                    /*col0=*/t.r0 - panel_r0);
-                  if (panel_ends) {
+                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
+                  if (ti == pn.last_tile) {
                     scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
-                    grouped_gemm<scalar_t>(1, Jt, P, PR, kern, panel_rows, 0, gy_ptr + b * Cout * P + panel_r0 * P, P, 0, dst,
-                                           P, 0, /*accumulate=*/panel_r0 > 0, opts, /*in_column_blocks=*/q_in_blocks);
+                    grouped_gemm<scalar_t>(1, Jt, P, pn.rows, kern, pn.rows, 0, gy_ptr + b * Cout * P + pn.r0 * P, P, 0,
+                                           dst, P, 0, /*accumulate=*/pn.r0 > 0, opts, /*in_column_blocks=*/q_in_blocks);
                   }
                 }
               }
@@ -2374,7 +2374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   std::vector<size_t> panel_of;
-  const std::vector<Panel> panels = make_panels(tiles, g, sizeof(scalar_t), panel_of);
+  const std::vector<Panel> panels = make_panels(
+      tiles, /*gather=*/g.groups == 1 && im2col_bytes(g, sizeof(scalar_t)) > kSmallIm2colBytes, panel_of);
   // per sample, when grad_x is wanted: Wb of a tile (transposed), or of a whole panel
   int64_t kern_elems = max_tile;
   if (want_x)
