@@ -132,8 +132,7 @@ def main(argv=None):
                    help="environment variable for B's processes (repeatable)")
     args = p.parse_args(argv)
     threads = args.threads if args.threads is not None else (1 if args.paired else 0)
-    envs = {side: parse_env(getattr(args, f"env_{side[0]}"), p) for side in ("a", "b")}
-    env_of = {"before": envs["a"], "after": envs["b"]}
+    env_of = {"before": parse_env(args.env_a, p), "after": parse_env(args.env_b, p)}
     rows = []
     if args.paired:
         print("| shape | A fwd ms | B fwd ms | B/A fwd, median [range] | A bwd ms | B bwd ms | B/A bwd, median [range] |")
