@@ -590,9 +590,9 @@ FOLDED_BACKWARD = [
     (5, 40, 32, 4, 3, 4, 1, 1, 1, 1),      # P = 16: a pass of 4 samples, then 1
     (6, 24, 72, 6, 3, 3, 1, 1, 1, 1),      # P = 36, the largest folded map; passes of 4 + 2
     (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: the reduction for any K; passes of 4 + 3
-    (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20: the second adds into grad_W
+    (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20, Q' and A of 8 + 8 + 4 at a time: all add into grad_W
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
-    (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2, two chunks
+    (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
 ]
 
 

@@ -1912,18 +1912,36 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   kern   (n, Jt, PR)  Wb^T of a panel, every sample    q     (T, Jt)     Q of a tile, one sample
 //                       (transposed: Wb (T, Jt), one)    gy_t  (P, T)      gy's tile rows, transposed
 //   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
-//                       (folded: Q' of every sample, in slots of a tile + kColumnsSlotPad)
-//   kern (folded)       A of every sample, as gbuf       coef  (K, n)      a_i[k] f_i[o] of a row (folded)
+//                       (folded: Q' of S = min(n, kFoldedSubSamples) samples, in slots of a tile + kColumnsSlotPad)
+//   kern (folded)       A of those S samples, as gbuf    coef  (K, S)      a_i[k] f_i[o] of a row (folded)
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
 // n fits a budget per part as large as the part's slice of the K kernels (K x Cout x its columns,
 // which every chunk streamed once more before the blocks), within [kColumnsMinThreadBytes,
-// kColumnsThreadBytes] (kFoldedThreadBytesBackward folded, since the blocks; the others were set before): deep
+// kColumnsThreadBytes] (folded: see "Sub-chunks" below; the others were set before): deep
 // layers need large chunks (4 MB: 1 MB made B64 512->512 4x4 1.45x and B32 256->256 8x8 1.2x
 // slower, 2 and 8 MB were slower too), while the buffers of a small layer's large chunk made most
 // of its training step's memory: B16 48->96 20x20 stride 2 held 6.4 MB of them, its step's peak 2.2x
 // the static convolution's. (Against 4 MB for all, benchmarks/ab_builds.py, 7 rounds: backward 0.92
 // on that layer, 0.79 on B32 96->96 10x10, 0.99-1.01 on B64 64->64 and B128 64->128 and 128->128
 // 12x12 and B128 128->256 6x6.)
+// Sub-chunks (folded). Each chunk writes, and after the first reads back, the block's slice of grad_W
+// once more (the grad_W products, row by row: 21 % of the B64 512->512 4x4 backward's cycles on the
+// Zen 3 EPYC, rdtsc around each step; two thirds of them went with grad_W's rows, against the same
+// products into a small buffer). So the folded backward holds Q' and A of kFoldedSubSamples samples
+// at a time, and works a tile through its chunk's samples that many at a time (backward_folded_chunk):
+// a chunk then costs the im2row and gcols of its samples, and Q' and A of a sub-chunk once, and where
+// the part's slice of the kernels exceeds 8 MB the budget grows to a quarter of it, at most
+// kFoldedMaxThreadBytesBackward (2 MB below: kFoldedThreadBytesBackward). B64 512->512 4x4 takes
+// chunks of 32 samples instead of 8 (grad_W's slice is read and written twice per call instead of 8
+// times). (benchmarks/ab_builds.py against chunks that held every sample's Q' and A, 8 rounds of 5
+// calls, results/ab_folded_sub_chunks_avx2_cpu*.json: backward 0.86 and 0.80 on B64 512->512 4x4 in
+// two runs, 0.88 with K = 8 in the second (1.18 in the first, whose forward, unchanged, read 1.15),
+// 0.93 on B64 256->512 4x4; the 6x6 layers, whose budgets did not change, 0.99-1.00. Peak memory
+// of the training step (bench_op.py --modes mem, results/bench_op_cpu_mem_*sub_chunks_avx2.json): B64 512->512 4x4 44.2 -> 48.9 MiB, 2.02 -> 2.23 x
+// the static convolution's; 256->512 4x4 25.2 -> 26.1 MiB; the 6x6 layers unchanged. In-process
+// alternations of a prototype on B64 512->512 4x4: chunks of 16 keeping every sample's Q' and A, at
+// 3.5 and 4 MB, 0.93-0.94, against 0.88-0.91 for sub-chunks of 8 at those budgets; sub-chunks within
+// the old 2 MB budget 0.96-0.99.)
 // Panels. The plain grad_x product, gcols (+)= Wb^T @ gy, has the tile's rows as its inner dimension:
 // (576 x 32) @ (32 x 196) per tile on 256->256 14x14. Each sample's Wb^T is collected over
 // consecutive tiles of a block into panels of about kGradXRows rows (make_panels; kern, one per sample of the
@@ -1943,7 +1961,9 @@ constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
 constexpr int64_t kBlockBytes = 8 * 1024 * 1024;  // a block's slices of W_k and grad_W, at most
-constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;  // the folded backward's budget, at most
+constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;     // the folded backward's budget (see above)
+constexpr int64_t kFoldedMaxThreadBytesBackward = 4 * 1024 * 1024;  // and its most, for parts of > 16 MB of kernels
+constexpr int64_t kFoldedSubSamples = 8;  // samples whose Q' and A the folded backward holds at a time
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -2003,11 +2023,12 @@ inline bool grad_x_by_transposed_product(const Geometry& g) {
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
 // holds rows' = rows m of each sample, m and gm (zeroed) the samples' input scales and grad_m, gf
-// and ga their shares of grad_f and grad_a; q_slot is the stride of the samples' Q' in gbuf;
+// and ga their shares of grad_f and grad_a; gbuf and kern hold Q' and A of `sub` samples, q_slot
+// apart (a tile is worked through the chunk's samples sub at a time: "Sub-chunks" above);
 // x_chunk and gx_chunk point at the chunk's first sample.
 template <typename T>
 void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometry& g, int64_t c0, int64_t n,
-                           int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
+                           int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
                            const T* f_ptr, const T* rows, const T* m, T* gbuf, T* gcols, T* gm, T* gf, T* ga,
                            T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
   const int64_t j_begin = blk.c0 * g.taps(), Jr = (blk.c1 - blk.c0) * g.taps();
@@ -2019,65 +2040,71 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   T* dk = pt.scratch.data_ptr<T>();
   for (const Tile& t : blk.tiles) {
     const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_begin;
-    // Q'_i = gy_i[tile rows] @ rows'_i[:, tile cols]: (T x P) @ (P x Jt), every sample's, kept for grad_W below
-    for (int64_t i = 0; i < n; ++i)
-      grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + t.r0 * P, P, 0, rows + i * P * Jr + jo, Jr, 0,
-                      gbuf + i * q_slot, Jt, 0, /*accumulate=*/false, opts);
-    // Row by row, every sample's A, grad_f and grad_a, kFoldedBackwardSamples samples per pass over the row
-    // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
-    // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
-    // thread on B64 512->512 4x4)
-    for (int64_t r = 0; r < rows_t; ++r) {
-      const int64_t o = t.r0 + r;
-      for (int64_t i0 = 0; i0 < n; i0 += kFoldedBackwardSamples) {
-        const int S = static_cast<int>(std::min<int64_t>(kFoldedBackwardSamples, n - i0));
-        const T* qs[kFoldedBackwardSamples] = {};
-        T* wbs[kFoldedBackwardSamples] = {};
-        T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
-        for (int s = 0; s < S; ++s) {
-          qs[s] = gbuf + (i0 + s) * q_slot + r * Jt;
-          wbs[s] = kern + (i0 + s) * q_slot + r * Jt;
-          for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
-        }
-        if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds)) {
+    for (int64_t s0 = 0; s0 < n; s0 += sub) {  // the chunk's samples, sub at a time (Q' and A in gbuf and kern)
+      const int64_t ns = std::min(sub, n - s0);
+      // Q'_i = gy_i[tile rows] @ rows'_i[:, tile cols]: (T x P) @ (P x Jt), every sample's, kept for grad_W below
+      for (int64_t i = s0; i < s0 + ns; ++i)
+        grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + t.r0 * P, P, 0, rows + i * P * Jr + jo, Jr,
+                        0, gbuf + (i - s0) * q_slot, Jt, 0, /*accumulate=*/false, opts);
+      // Row by row, every sample's A, grad_f and grad_a, kFoldedBackwardSamples samples per pass over the row
+      // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
+      // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
+      // thread on B64 512->512 4x4)
+      for (int64_t r = 0; r < rows_t; ++r) {
+        const int64_t o = t.r0 + r;
+        for (int64_t i0 = s0; i0 < s0 + ns; i0 += kFoldedBackwardSamples) {
+          const int S = static_cast<int>(std::min<int64_t>(kFoldedBackwardSamples, s0 + ns - i0));
+          const T* qs[kFoldedBackwardSamples] = {};
+          T* wbs[kFoldedBackwardSamples] = {};
+          T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
           for (int s = 0; s < S; ++s) {
-            const int64_t i = i0 + s;
-            gf[i * Cout + o] += gfs[s];
-            const T fo = f_ptr[(c0 + i) * Cout + o];
-            for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * ds[s][k];
+            qs[s] = gbuf + (i0 - s0 + s) * q_slot + r * Jt;
+            wbs[s] = kern + (i0 - s0 + s) * q_slot + r * Jt;
+            for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
           }
-          continue;
-        }
-        for (int s = 0; s < S; ++s) {  // K > 4
-          const int64_t i = i0 + s, b = c0 + i;
-          std::fill_n(dk, K, T(0));
-          reduce_row_folded_any_k(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o], dk);
-          const T fo = f_ptr[b * Cout + o];
-          for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
+          if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds)) {
+            for (int s = 0; s < S; ++s) {
+              const int64_t i = i0 + s;
+              gf[i * Cout + o] += gfs[s];
+              const T fo = f_ptr[(c0 + i) * Cout + o];
+              for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * ds[s][k];
+            }
+            continue;
+          }
+          for (int s = 0; s < S; ++s) {  // K > 4
+            const int64_t i = i0 + s, b = c0 + i;
+            std::fill_n(dk, K, T(0));
+            reduce_row_folded_any_k(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o],
+                                    dk);
+            const T fo = f_ptr[b * Cout + o];
+            for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
+          }
         }
       }
-    }
-    // Y_i^T[:, tile cols] (+)= (f_i gy_i[tile rows])^T @ A_i: (P x T) @ (T x Jt); row blocks accumulate
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = c0 + i;
-      const T* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
-      transpose_into(gy_rows, rows_t, P, gy_t, rows_t);
-      const T* __restrict__ fr = f_ptr + b * Cout + t.r0;
-      for (int64_t p = 0; p < P; ++p) {
-        T* __restrict__ row = gy_t + p * rows_t;
+      // Y_i^T[:, tile cols] (+)= (f_i gy_i[tile rows])^T @ A_i: (P x T) @ (T x Jt); row blocks accumulate
+      for (int64_t i = s0; i < s0 + ns; ++i) {
+        const int64_t b = c0 + i;
+        const T* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+        transpose_into(gy_rows, rows_t, P, gy_t, rows_t);
+        const T* __restrict__ fr = f_ptr + b * Cout + t.r0;
+        for (int64_t p = 0; p < P; ++p) {
+          T* __restrict__ row = gy_t + p * rows_t;
 #pragma omp simd
-        for (int64_t r = 0; r < rows_t; ++r) row[r] *= fr[r];
+          for (int64_t r = 0; r < rows_t; ++r) row[r] *= fr[r];
+        }
+        grouped_gemm<T>(1, P, Jt, rows_t, gy_t, rows_t, 0, kern + (i - s0) * q_slot, Jt, 0, gcols + i * Jr * P + jo,
+                        Jr, 0, /*accumulate=*/t.r0 > 0, opts);
       }
-      grouped_gemm<T>(1, P, Jt, rows_t, gy_t, rows_t, 0, kern + i * q_slot, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
-                      /*accumulate=*/t.r0 > 0, opts);
-    }
-    // grad_W[:, o, tile cols] (+)= C_o @ Q'[:, o], C_o[k, i] = a_i[k] f_i[o]: (K x n) @ (n x Jt), row by row
-    for (int64_t r = 0; r < rows_t; ++r) {
-      const int64_t o = t.r0 + r;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t i = 0; i < n; ++i) coef[k * n + i] = a_ptr[(c0 + i) * K + k] * f_ptr[(c0 + i) * Cout + o];
-      grouped_gemm<T>(1, K, Jt, n, coef, n, 0, gbuf + r * Jt, q_slot, 0, grad_w_ptr + o * J + t.j0, N, 0,
-                      /*accumulate=*/c0 > 0, opts);
+      // grad_W[:, o, tile cols] (+)= C_o @ Q'[:, o], C_o[k, i] = a_i[k] f_i[o]: (K x ns) @ (ns x Jt), row by
+      // row; the batch's first samples write it
+      for (int64_t r = 0; r < rows_t; ++r) {
+        const int64_t o = t.r0 + r;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t i = 0; i < ns; ++i)
+            coef[k * ns + i] = a_ptr[(c0 + s0 + i) * K + k] * f_ptr[(c0 + s0 + i) * Cout + o];
+        grouped_gemm<T>(1, K, Jt, ns, coef, ns, 0, gbuf + r * Jt, q_slot, 0, grad_w_ptr + o * J + t.j0, N, 0,
+                        /*accumulate=*/c0 + s0 > 0, opts);
+      }
     }
   }
   // Per sample: grad_m[j] = sum_p rows[p, j] Y^T[p, j], from rows' as (sum_p rows'[p, j] Y^T[p, j]) / m[j]
@@ -2156,23 +2183,34 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t q_slot = folded ? max_tile + kColumnsSlotPad : max_tile;
   // the plain grad_x product gathers a sample's Wb^T over a panel's tiles, one buffer per sample of a chunk
   const int64_t panel_slot = want_x && !gx_transposed ? max_panel : 0;
-  const int64_t bytes_per_sample =
-      (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) * (folded ? 2 : 1) : 0) +
-      (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
-  const int64_t part_budget =
-      std::clamp<int64_t>(K * Cout * part_columns * (int64_t)sizeof(scalar_t), kColumnsMinThreadBytes,
-                          folded ? kFoldedThreadBytesBackward : kColumnsThreadBytes);
-  int64_t chunk = std::clamp<int64_t>(part_budget / std::max<int64_t>(1, bytes_per_sample), 1,
-                                      std::min(B, kMaxColumnsChunk));
+  const int64_t slice_bytes = K * Cout * part_columns * (int64_t)sizeof(scalar_t);  // a part's slice of the K kernels
+  int64_t chunk = 1;
+  if (folded) {
+    // every sample's im2row and gcols, Q' and A of folded_sub of them at a time
+    const int64_t qa_bytes = 2 * q_slot * (int64_t)sizeof(acc_t), xs_bytes = 2 * widest * P * (int64_t)sizeof(scalar_t);
+    const int64_t budget = std::clamp<int64_t>(std::max(slice_bytes / 4, std::min(slice_bytes, kFoldedThreadBytesBackward)),
+                                               kColumnsMinThreadBytes, kFoldedMaxThreadBytesBackward);
+    chunk = budget / (qa_bytes + xs_bytes);
+    if (chunk > kFoldedSubSamples) chunk = (budget - kFoldedSubSamples * qa_bytes) / xs_bytes;
+  } else {
+    const int64_t bytes_per_sample =
+        (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) : 0) +
+        (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
+    chunk = std::clamp<int64_t>(slice_bytes, kColumnsMinThreadBytes, kColumnsThreadBytes) /
+            std::max<int64_t>(1, bytes_per_sample);
+  }
+  chunk = std::clamp<int64_t>(chunk, 1, std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
+  const int64_t folded_sub = std::min(chunk, kFoldedSubSamples);
+  const int64_t q_samples = folded ? folded_sub : chunk;  // samples whose Q (G) and kernels the buffers hold
   for (ColumnPart& pt : part) {
     const int64_t Jr = widest;
     if (want_params) {
       pt.rows = at::empty({chunk * P * Jr}, opts);
       if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
       if (!folded) pt.q = at::empty({max_tile}, opts);
-      pt.gbuf = at::empty({chunk * q_slot}, acc_opts);
-      if (folded) pt.coef = at::empty({K * chunk}, acc_opts);
+      pt.gbuf = at::empty({q_samples * q_slot}, acc_opts);
+      if (folded) pt.coef = at::empty({K * q_samples}, acc_opts);
       pt.gm = at::empty({chunk * J}, acc_opts);
       pt.gf = at::zeros({B * Cout}, acc_opts);
       pt.ga = at::zeros({B * K}, acc_opts);
@@ -2180,7 +2218,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     }
     if (want_x) {
       if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
-      pt.kern = at::empty({folded ? chunk * q_slot : (gx_transposed ? max_tile : chunk * panel_slot)}, opts);
+      pt.kern = at::empty({folded ? q_samples * q_slot : (gx_transposed ? max_tile : chunk * panel_slot)}, opts);
       if (gx_transposed) {
         pt.gcols_t = at::empty({Jr * P}, opts);
         pt.gy_t = at::empty({P * std::min(kMinTileRows, Cout)}, opts);
@@ -2233,7 +2271,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           }
           if (folded) {  // grad_x comes out of it too
             if constexpr (std::is_same_v<scalar_t, acc_t>)
-              backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
+              backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, folded_sub, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
                                               f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
                                               gx_ptr + c0 * x_stride, opts);
           } else {
