@@ -1204,16 +1204,17 @@ inline void build_folded_tile_transposed(const float* wt, const float* a, int64_
 // transposed (the backward's grad_x product needs Wb^T row-major) into columns [col0, col0 + rows)
 // of a (groups, Jt, ld) matrix when `transposed`: then float rows are built 8 at a time in registers
 // and stored transposed (AVX2), and the others are built in rows_scratch (rows x Jt elements) and
-// transposed in blocks, not written column by column. scratch holds J elements.
+// transposed in blocks, not written column by column. scratch holds J elements. m holds the input
+// scale of the columns from m_col0 on (G == 1), or of all G*J columns (m_col0 = 0).
 template <typename scalar_t, typename acc_t>
 void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, const acc_t* m, const Geometry& g,
                        const Tile& t, bool transposed, scalar_t* kern, scalar_t* rows_scratch, acc_t* scratch,
-                       int64_t ld = 0, int64_t col0 = 0) {
+                       int64_t ld = 0, int64_t col0 = 0, int64_t m_col0 = 0) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     const int64_t o0 = gi * g.out_per_group;
     const auto build_row = [&](int64_t r, scalar_t* out) {  // Wb[o0 + r, tile columns] into out
-      aggregate_row_dispatch(weight + (o0 + r) * J + t.j0, k_stride, a, K, Jt, f[o0 + r], m + gi * J + t.j0,
+      aggregate_row_dispatch(weight + (o0 + r) * J + t.j0, k_stride, a, K, Jt, f[o0 + r], m + gi * J + t.j0 - m_col0,
                              scratch, out);
     };
     if (!transposed) {
@@ -1226,7 +1227,7 @@ void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, c
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
       for (; r + 8 <= t.r1; r += 8) {
         if (!aggregate_8_rows_transposed_dispatch(weight + (o0 + r) * J + t.j0, J, k_stride, a, K, Jt, f + o0 + r,
-                                                  m + gi * J + t.j0, kern_t + (r - t.r0), ld))
+                                                  m + gi * J + t.j0 - m_col0, kern_t + (r - t.r0), ld))
           break;
       }
     }
@@ -1590,20 +1591,20 @@ inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __rest
 // One sample's gradients from Q on tile t (reduce_row for each of its rows): grad_f[o] += the
 // tile's share for its rows, gm[j] += its share of grad_m, G into gbuf, grad_a[k] += its share, and
 // the tile's Wb into wb unless it is null. q, gbuf and wb are (groups, rows, Jt) blocks of the
-// tile; m and gm hold all G*J columns; f and grad_f all Cout rows; a the sample's K kernel
-// attentions; w_acc is W as (K, N) in acc_t; scratch holds J elements.
+// tile; m and gm hold all G*J columns, or (G == 1) those from m_col0 on; f and grad_f all Cout rows;
+// a the sample's K kernel attentions; w_acc is W as (K, N) in acc_t; scratch holds J elements.
 template <typename scalar_t, typename acc_t>
 void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, const acc_t* a, const acc_t* w_acc,
                            const acc_t* m, const acc_t* f, acc_t* scratch, acc_t* gm, acc_t* gbuf, acc_t* grad_f,
-                           acc_t* grad_a, scalar_t* wb = nullptr) {
+                           acc_t* grad_a, scalar_t* wb = nullptr, int64_t m_col0 = 0) {
   const int64_t J = g.cols_per_group(), N = g.kernel_numel(), T = t.rows(), Jt = t.cols(), K = g.kernel_num;
   for (int64_t gi = t.g0; gi < t.g1; ++gi) {
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t o = gi * g.out_per_group + r;
       const int64_t slot = ((gi - t.g0) * T + (r - t.r0)) * Jt;
       const acc_t* w = w_acc + o * J + t.j0;
-      const acc_t* mg = m + gi * J + t.j0;
-      acc_t* gmg = gm + gi * J + t.j0;
+      const acc_t* mg = m + gi * J + t.j0 - m_col0;
+      acc_t* gmg = gm + gi * J + t.j0 - m_col0;
       scalar_t* wb_row = wb == nullptr ? nullptr : wb + slot;
 #define ODCONV_REDUCE_ROW(KK)                                                                           \
   (wb_row != nullptr                                                                                    \
@@ -1911,7 +1912,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //                                                        one sample's, for col2im)
 //   kern   (n, Jt, PR)  Wb^T of a panel, every sample    q     (T, Jt)     Q of a tile, one sample
 //                       (transposed: Wb (T, Jt), one)    gy_t  (P, T)      gy's tile rows, transposed
-//   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, J)      input scale, grad_m
+//   gbuf   (n, T, Jt)   G of a tile, accumulation type   m, gm (n, Jr)     input scale, grad_m (block)
 //                       (folded: Q' of S = min(n, kFoldedSubSamples) samples, in slots of a tile + kColumnsSlotPad)
 //   kern (folded)       A of those S samples, as gbuf    coef  (K, S)      a_i[k] f_i[o] of a row (folded)
 //   gf (n, Cout), ga (n, K), gs (n, taps)                its shares of grad_f, grad_a, grad_s
@@ -2022,15 +2023,16 @@ inline bool grad_x_by_transposed_product(const Geometry& g) {
 }
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
-// holds rows' = rows m of each sample, m and gm (zeroed) the samples' input scales and grad_m, gf
+// holds rows' = rows m of each sample, m and gm (zeroed) the samples' input scales and grad_m of the
+// block's columns (m_ld apart), gf
 // and ga their shares of grad_f and grad_a; gbuf and kern hold Q' and A of `sub` samples, q_slot
 // apart (a tile is worked through the chunk's samples sub at a time: "Sub-chunks" above);
 // x_chunk and gx_chunk point at the chunk's first sample.
 template <typename T>
 void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometry& g, int64_t c0, int64_t n,
                            int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
-                           const T* f_ptr, const T* rows, const T* m, T* gbuf, T* gcols, T* gm, T* gf, T* ga,
-                           T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
+                           const T* f_ptr, const T* rows, const T* m, int64_t m_ld, T* gbuf, T* gcols, T* gm, T* gf,
+                           T* ga, T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
   const int64_t j_begin = blk.c0 * g.taps(), Jr = (blk.c1 - blk.c0) * g.taps();
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), x_stride = g.in_channels * g.height * g.width;
@@ -2115,8 +2117,8 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   for (int64_t i = 0; i < n; ++i) {
     const T* yt = gcols + i * Jr * P;
     const T* rw = rows + i * P * Jr;
-    const T* mi = m + i * J + j_begin;
-    T* __restrict__ gmi = gm + i * J + j_begin;
+    const T* mi = m + i * m_ld;
+    T* __restrict__ gmi = gm + i * m_ld;
     for (int64_t p = 0; p < P; ++p) {
       const T* __restrict__ rp = rw + p * Jr;
       const T* __restrict__ yp = yt + p * Jr;
@@ -2211,7 +2213,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       if (!folded) pt.q = at::empty({max_tile}, opts);
       pt.gbuf = at::empty({q_samples * q_slot}, acc_opts);
       if (folded) pt.coef = at::empty({K * q_samples}, acc_opts);
-      pt.gm = at::empty({chunk * J}, acc_opts);
+      pt.gm = at::empty({chunk * widest}, acc_opts);
       pt.gf = at::zeros({B * Cout}, acc_opts);
       pt.ga = at::zeros({B * K}, acc_opts);
       pt.gs = at::zeros({B * taps}, acc_opts);
@@ -2226,7 +2228,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
         pt.kern_rows = at::empty({max_tile}, opts);
       }
     }
-    pt.m = at::empty({chunk * J}, acc_opts);
+    pt.m = at::empty({chunk * widest}, acc_opts);
     pt.scratch = at::empty({std::max(J, K)}, acc_opts);
   }
 
@@ -2262,17 +2264,18 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           }
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
-            input_scale(ch_ptr + b * Cin, s_ptr + b * taps, g, m + i * J, blk.c0, blk.c1);
+            // the block's columns of m and grad_m, widest apart
+            input_scale(ch_ptr + b * Cin + blk.c0, s_ptr + b * taps, g, m + i * widest, 0, blk.c1 - blk.c0);
             if (!want_params) continue;
-            std::fill_n(gm + i * J + j_begin, Jr, acc_t(0));
+            std::fill_n(gm + i * widest, Jr, acc_t(0));
             scalar_t* ri = rows + i * P * Jr;
             im2row(x_ptr + b * x_stride, g, im2row_scratch, ri, blk.c0, blk.c1, Jr);
-            if (folded) scale_columns(ri, P, Jr, m + i * J + j_begin);  // rows' = rows m: the products give Q' = Q m
+            if (folded) scale_columns(ri, P, Jr, m + i * widest);  // rows' = rows m: the products give Q' = Q m
           }
           if (folded) {  // grad_x comes out of it too
             if constexpr (std::is_same_v<scalar_t, acc_t>)
               backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, folded_sub, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
-                                              f_ptr, rows, m, gbuf, gcols, gm, gf, ga, grad_w_ptr,
+                                              f_ptr, rows, m, widest, gbuf, gcols, gm, gf, ga, grad_w_ptr,
                                               gx_ptr + c0 * x_stride, opts);
           } else {
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
@@ -2288,16 +2291,17 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   scalar_t* q = pt.q.data_ptr<scalar_t>();
                   grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
                                          /*accumulate=*/false, opts, /*in_column_blocks=*/q_in_blocks);
-                  reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * J, f_ptr + b * Cout, scratch, gm + i * J,
-                                        gbuf + i * tile, gf + i * Cout, ga + i * K,
-                                        gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr);
+                  reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * widest, f_ptr + b * Cout, scratch,
+                                        gm + i * widest, gbuf + i * tile, gf + i * Cout, ga + i * K,
+                                        gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr, /*m_col0=*/j_begin);
                 }
                 if (gx_transposed) {
                   // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
                   scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
                   if (!want_params)
-                    build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/false,
-                                      kern, static_cast<scalar_t*>(nullptr), scratch);
+                    build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * widest, g, t, /*transposed=*/false,
+                                      kern, static_cast<scalar_t*>(nullptr), scratch, /*ld=*/0, /*col0=*/0,
+                                      /*m_col0=*/j_begin);
                   transpose_into(gy_rows, T, P, gy_t, T);
                   grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
                                          /*accumulate=*/t.r0 > 0, opts);
@@ -2306,8 +2310,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   // panel's last tile gcols[tile cols] (+)= Wb[panel]^T @ gy[panel rows]: (Jt x PR) @ (PR x P);
                   // the panels accumulate
                   scalar_t* kern = pt.kern.data_ptr<scalar_t>() + i * panel_slot;
-                  build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * J, g, t, /*transposed=*/true, kern,
-                                    pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
+                  build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * widest, g, t, /*transposed=*/true,
+                                    kern, pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/pn.rows,
+                                    /*col0=*/t.r0 - pn.r0, /*m_col0=*/j_begin);
                   if (ti == pn.last_tile) {
                     scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
                     grouped_gemm<scalar_t>(1, Jt, P, pn.rows, kern, pn.rows, 0, gy_ptr + b * Cout * P + pn.r0 * P, P, 0,
@@ -2333,8 +2338,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
               col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
             }
             if (want_params)
-              reduce_scale_gradient(g, gm + i * J, ch_ptr + b * Cin, s_ptr + b * taps, grad_ch_ptr + b * Cin,
-                                    gs + i * taps, blk.c0, blk.c1);
+              reduce_scale_gradient(g, gm + i * widest, ch_ptr + b * Cin + blk.c0, s_ptr + b * taps,
+                                    grad_ch_ptr + b * Cin + blk.c0, gs + i * taps, 0, blk.c1 - blk.c0);
           }
         }
       }
