@@ -354,6 +354,35 @@ def test_ab_builds_env_reaches_one_side_only(tmp_path, capsys):
     assert "VAR=VALUE, got 'NO_EQUALS_SIGN'" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+def test_ab_env_alternates_variants_in_one_process(tmp_path, capsys, monkeypatch):
+    import ab_env
+    monkeypatch.delenv("ODCONV_CPU_BACKWARD_SPLIT", raising=False)
+    monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", "never")
+    path = tmp_path / "ab_env.json"
+    variants = ["-", "ODCONV_CPU_BACKWARD_SPLIT=samples,ODCONV_CPU_TRANSPOSED_FORWARD="]
+    ab_env.main(["--variants", *variants, "--shapes", "2,4,6,6,3,2,1,1", "--rounds", "3", "--warmup", "1",
+                 "--json", str(path)])
+    table = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert [(row["name"], row["op"]) for row in report["results"]] == [("B2 4->6 6x6 k3 K2 s1 g1", "fwd"),
+                                                                       ("B2 4->6 6x6 k3 K2 s1 g1", "bwd")]
+    for row in report["results"]:
+        first, second = (row["variants"][v] for v in variants)
+        assert first["ratios"] == [1.0] * 3 and len(second["ratios"]) == 3 and all(r > 0 for r in second["ratios"])
+        assert row["name"] in table and first["median_ms"] > 0
+    # the environment is as it was: set, unset
+    assert os.environ["ODCONV_CPU_TRANSPOSED_FORWARD"] == "never" and "ODCONV_CPU_BACKWARD_SPLIT" not in os.environ
+    # the op reads a variant's override at the call: a value it rejects fails there, and is undone
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_BACKWARD_SPLIT must be auto, samples or columns, got 'bad'"):
+        ab_env.main(["--variants", "-", "ODCONV_CPU_BACKWARD_SPLIT=bad", "--shapes", "2,4,6,6,3,2,1,1",
+                     "--modes", "bwd", "--rounds", "1", "--warmup", "1"])
+    assert "ODCONV_CPU_BACKWARD_SPLIT" not in os.environ
+    with pytest.raises(SystemExit):
+        ab_env.main(["--variants", "-", "NO_EQUALS_SIGN"])
+    assert "VAR=VALUE[,VAR=VALUE...], got 'NO_EQUALS_SIGN'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")
 def test_cpu_error_probe_passes():
     proc = subprocess.run([sys.executable, "-X", "faulthandler", os.path.join(BENCHMARKS, "cpu_error_probe.py")],
