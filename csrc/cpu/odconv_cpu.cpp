@@ -1927,19 +1927,20 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // 12x12 and B128 128->256 6x6.)
 // Sub-chunks (folded). Each chunk writes, and after the first reads back, the block's slice of grad_W
 // once more (the grad_W products, row by row: 21 % of the B64 512->512 4x4 backward's cycles on the
-// Zen 3 EPYC, rdtsc around each step; two thirds of them went with grad_W's rows, against the same
-// products into a small buffer). So the folded backward holds Q' and A of kFoldedSubSamples samples
-// at a time, and works a tile through its chunk's samples that many at a time (backward_folded_chunk):
-// a chunk then costs the im2row and gcols of its samples, and Q' and A of a sub-chunk once, and where
-// the part's slice of the kernels exceeds 8 MB the budget grows to a quarter of it, at most
-// kFoldedMaxThreadBytesBackward (2 MB below: kFoldedThreadBytesBackward). B64 512->512 4x4 takes
-// chunks of 32 samples instead of 8 (grad_W's slice is read and written twice per call instead of 8
-// times). (benchmarks/ab_builds.py against chunks that held every sample's Q' and A, 8 rounds of 5
-// calls, results/ab_folded_sub_chunks_avx2_cpu*.json: backward 0.86 and 0.80 on B64 512->512 4x4 in
-// two runs, 0.88 with K = 8 in the second (1.18 in the first, whose forward, unchanged, read 1.15),
-// 0.93 on B64 256->512 4x4; the 6x6 layers, whose budgets did not change, 0.99-1.00. Peak memory
-// of the training step (bench_op.py --modes mem, results/bench_op_cpu_mem_*sub_chunks_avx2.json): B64 512->512 4x4 44.2 -> 48.9 MiB, 2.02 -> 2.23 x
-// the static convolution's; 256->512 4x4 25.2 -> 26.1 MiB; the 6x6 layers unchanged. In-process
+// Zen 3 EPYC, rdtsc around each step; the same products into a small buffer took 60 % fewer). So the
+// folded backward holds Q' and A of kFoldedSubSamples samples at a time, and works a tile through its
+// chunk's samples that many at a time (backward_folded_chunk): a chunk then costs the im2row and
+// gcols of its samples, and Q' and A of a sub-chunk once, and where the part's slice of the kernels
+// exceeds 8 MB the budget grows to a quarter of it, at most kFoldedMaxThreadBytesBackward (below 8 MB,
+// kFoldedThreadBytesBackward at most, as before). B64 512->512 4x4 takes chunks of 32 samples
+// instead of 8 (grad_W's slice is read and written twice per call instead of 8 times).
+// (benchmarks/ab_builds.py against chunks that held every sample's Q' and A, 8 rounds of 5 calls,
+// results/ab_folded_sub_chunks_avx2_cpu*.json: backward 0.86 and 0.80 on B64 512->512 4x4 in two
+// runs, 0.88 with K = 8 in the second (1.18 in the first, whose forward, unchanged, read 1.15), 0.93
+// on B64 256->512 4x4; the 6x6 layers, whose budgets did not change, 0.99-1.00. Peak memory of the
+// training step (bench_op.py --modes mem, results/bench_op_cpu_mem_*sub_chunks_avx2.json): B64
+// 512->512 4x4 44.2 -> 48.9 MiB, 2.02 -> 2.23 x the static convolution's (47.6 MiB since m and gm
+// hold a block's columns only); 256->512 4x4 25.2 -> 26.1 MiB; the 6x6 layers unchanged. In-process
 // alternations of a prototype on B64 512->512 4x4: chunks of 16 keeping every sample's Q' and A, at
 // 3.5 and 4 MB, 0.93-0.94, against 0.88-0.91 for sub-chunks of 8 at those budgets; sub-chunks within
 // the old 2 MB budget 0.96-0.99.)
