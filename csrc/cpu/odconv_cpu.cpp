@@ -2031,9 +2031,9 @@ inline bool grad_x_by_transposed_product(const Geometry& g) {
 // x_chunk and gx_chunk point at the chunk's first sample.
 template <typename T>
 void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometry& g, int64_t c0, int64_t n,
-                           int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc, const T* a_ptr,
-                           const T* f_ptr, const T* rows, const T* m, int64_t m_ld, T* gbuf, T* gcols, T* gm, T* gf,
-                           T* ga, T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
+                           int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc,
+                           const T* a_ptr, const T* f_ptr, const T* rows, const T* m, int64_t m_ld, T* gbuf, T* gcols,
+                           T* gm, T* gf, T* ga, T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
   const int64_t j_begin = blk.c0 * g.taps(), Jr = (blk.c1 - blk.c0) * g.taps();
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), x_stride = g.in_channels * g.height * g.width;
@@ -2181,7 +2181,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       for (const Panel& pn : blk.panels) max_panel = std::max(max_panel, pn.rows * pn.cols);
     }
   }
-  // the folded backward keeps every sample's Q' on a tile, in slots a little longer than a tile so
+  // the folded backward keeps its samples' Q' on a tile in slots a little longer than a tile, so
   // that the samples' rows do not all fall in the same cache sets
   const int64_t q_slot = folded ? max_tile + kColumnsSlotPad : max_tile;
   // the plain grad_x product gathers a sample's Wb^T over a panel's tiles, one buffer per sample of a chunk
@@ -2189,10 +2189,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t slice_bytes = K * Cout * part_columns * (int64_t)sizeof(scalar_t);  // a part's slice of the K kernels
   int64_t chunk = 1;
   if (folded) {
-    // every sample's im2row and gcols, Q' and A of folded_sub of them at a time
+    // every sample's im2row and gcols, Q' and A of kFoldedSubSamples of them at a time ("Sub-chunks")
     const int64_t qa_bytes = 2 * q_slot * (int64_t)sizeof(acc_t), xs_bytes = 2 * widest * P * (int64_t)sizeof(scalar_t);
-    const int64_t budget = std::clamp<int64_t>(std::max(slice_bytes / 4, std::min(slice_bytes, kFoldedThreadBytesBackward)),
-                                               kColumnsMinThreadBytes, kFoldedMaxThreadBytesBackward);
+    const int64_t budget =
+        std::clamp<int64_t>(std::max(slice_bytes / 4, std::min(slice_bytes, kFoldedThreadBytesBackward)),
+                            kColumnsMinThreadBytes, kFoldedMaxThreadBytesBackward);
     chunk = budget / (qa_bytes + xs_bytes);
     if (chunk > kFoldedSubSamples) chunk = (budget - kFoldedSubSamples * qa_bytes) / xs_bytes;
   } else {
@@ -2204,8 +2205,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   }
   chunk = std::clamp<int64_t>(chunk, 1, std::min(B, kMaxColumnsChunk));
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
-  const int64_t folded_sub = std::min(chunk, kFoldedSubSamples);
-  const int64_t q_samples = folded ? folded_sub : chunk;  // samples whose Q (G) and kernels the buffers hold
+  // samples whose Q' (G) and kernels the buffers hold: the folded backward's sub-chunk, or the chunk
+  const int64_t q_samples = folded ? std::min(chunk, kFoldedSubSamples) : chunk;
   for (ColumnPart& pt : part) {
     const int64_t Jr = widest;
     if (want_params) {
@@ -2275,9 +2276,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           }
           if (folded) {  // grad_x comes out of it too
             if constexpr (std::is_same_v<scalar_t, acc_t>)
-              backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, folded_sub, q_slot, gy_ptr, x_ptr + c0 * x_stride, w_acc, a_ptr,
-                                              f_ptr, rows, m, widest, gbuf, gcols, gm, gf, ga, grad_w_ptr,
-                                              gx_ptr + c0 * x_stride, opts);
+              backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, q_samples, q_slot, gy_ptr, x_ptr + c0 * x_stride,
+                                              w_acc, a_ptr, f_ptr, rows, m, widest, gbuf, gcols, gm, gf, ga,
+                                              grad_w_ptr, gx_ptr + c0 * x_stride, opts);
           } else {
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
               const Tile& t = blk.tiles[ti];
@@ -2300,9 +2301,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   // gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile]: (P x T) @ (T x Jt); row blocks accumulate
                   scalar_t *kern = pt.kern.data_ptr<scalar_t>(), *gy_t = pt.gy_t.data_ptr<scalar_t>();
                   if (!want_params)
-                    build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * widest, g, t, /*transposed=*/false,
-                                      kern, static_cast<scalar_t*>(nullptr), scratch, /*ld=*/0, /*col0=*/0,
-                                      /*m_col0=*/j_begin);
+                    build_tile_kernel(w_ptr, a_ptr + b * K, f_ptr + b * Cout, m + i * widest, g, t,
+                                      /*transposed=*/false, kern, static_cast<scalar_t*>(nullptr), scratch,
+                                      /*ld=*/0, /*col0=*/0, /*m_col0=*/j_begin);
                   transpose_into(gy_rows, T, P, gy_t, T);
                   grouped_gemm<scalar_t>(1, P, Jt, T, gy_t, T, 0, kern, Jt, 0, gcols + i * Jr * P + jo, Jr, 0,
                                          /*accumulate=*/t.r0 > 0, opts);
