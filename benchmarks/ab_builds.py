@@ -34,7 +34,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_shapes  # noqa: E402
+from common import env_settings, parse_shapes  # noqa: E402
 
 SHAPES = "default"
 ROUNDS = 2        # alternations of the two builds per shape
@@ -107,13 +107,10 @@ def measure_paired(before, after, shape, repeats, rounds, threads, envs=(None, N
 
 def parse_env(items, parser):
     """{"VAR": "VALUE"} from --env-a/--env-b's VAR=VALUE items."""
-    env = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"an environment setting is VAR=VALUE, got '{item}'")
-        env[name] = value
-    return env
+    try:
+        return env_settings(items)
+    except ValueError as error:
+        parser.error(f"an environment setting is VAR=VALUE, got '{error}'")
 
 
 def main(argv=None):

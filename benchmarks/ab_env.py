@@ -29,7 +29,7 @@ import torch
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # odconv, if not installed
 import odconv  # noqa: E402  (loads the extension, which registers torch.ops.odconv)
-from common import layer_calls, machine_info, parse_shapes  # noqa: E402
+from common import env_settings, layer_calls, machine_info, parse_shapes  # noqa: E402
 
 SHAPES = "64,512,512,4,3,4,1,1"
 MODES = "fwd,bwd"
@@ -39,13 +39,12 @@ WARMUP = 2        # untimed calls per variant before the rounds
 
 def parse_variant(text):
     """{"VAR": "VALUE"} of a variant "VAR=VALUE,VAR2=VALUE2" ("" or "-": no settings)."""
-    settings = {}
-    for item in filter(None, text.split(",") if text not in ("", "-") else []):
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"a variant is VAR=VALUE[,VAR=VALUE...], got '{item}' in '{text}'")
-        settings[name] = value
-    return settings
+    if text in ("", "-"):
+        return {}
+    try:
+        return env_settings(filter(None, text.split(",")))
+    except ValueError as error:
+        raise ValueError(f"a variant is VAR=VALUE[,VAR=VALUE...], got '{error}' in '{text}'") from None
 
 
 def apply(settings, defaults):

@@ -122,6 +122,18 @@ SUITES = {
 }
 
 
+def env_settings(items):
+    """{"VAR": "VALUE"} of VAR=VALUE items (ab_builds.py's --env-a/--env-b, ab_env.py's variants);
+    ValueError naming the first item that is not one."""
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(item)
+        settings[name] = value
+    return settings
+
+
 def parse_shapes(spec):
     """Suite names and/or custom shapes: "default,layer4" or "B,Cin,Cout,H,k,K,stride,groups[,padding];..."
     (mixable with ';', e.g. "layer4;32,256,256,8,3,4,1,1"; padding defaults to k//2)."""
