@@ -310,6 +310,18 @@ def test_one_gradient_group_equals_the_full_backward(case):
     assert_gradient_groups_agree(case, tol=1e-12)
 
 
+@requires_extension
+@pytest.mark.parametrize("case", [
+    (5, 64, 64, 12, 3, 8, 1, 1, 1, 64),    # depthwise: one chunk, whose convolution's grad_x is the op's
+    (5, 64, 64, 64, 3, 2, 1, 1, 1, 64),    # depthwise on 64x64: chunks of 2 samples, grad_x copied from each
+    (1, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense, batch 1 (ODCONV_CPU_CONV_PATH=always): one chunk
+], ids=case_id)
+def test_one_gradient_group_equals_the_full_backward_on_convolution_chunks(case, monkeypatch):
+    # grad_x alone, parameters alone (grad_x then zeros, not the convolution's) and both
+    monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "always")
+    assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
+
+
 def assert_gradient_groups_agree(case, tol, check_reference=False):
     """In float64, the backward op's grad_x alone and parameter gradients alone equal those of the full backward
     (within tol), and with check_reference the full backward equals the reference's gradients."""
@@ -329,6 +341,10 @@ def assert_gradient_groups_agree(case, tol, check_reference=False):
     torch.testing.assert_close(x_only[0], both[0], rtol=tol, atol=tol)
     for name, alone, full in zip(NAMES[1:], params_only[1:], both[1:]):
         torch.testing.assert_close(alone, full, rtol=tol, atol=tol, msg=lambda m: f"grad {name}: {m}")
+    # a gradient not asked for comes back as zeros (the schema's contract)
+    assert not params_only[0].any(), "grad x not asked for, not zeros"
+    for name, grad in zip(NAMES[1:], x_only[1:]):
+        assert not grad.any(), f"grad {name} not asked for, not zeros"
 
 
 # ---- the two CPU algorithms: per-sample GEMMs (im2col) and the grouped convolution on chunks of samples

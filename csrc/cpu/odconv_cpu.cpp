@@ -2937,27 +2937,46 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
                              const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g) {
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  advise_huge_pages(out);
+  const auto new_output = [&] {
+    at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+    advise_huge_pages(out);
+    return out;
+  };
   if (!depthwise_like(g) && g.batch >= at::get_num_threads()) {
+    at::Tensor out = new_output();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_sample_convolutions", [&] {
       forward_by_sample_convolutions<scalar_t>(x, weight, ch, f, s, a, g, out);
     });
     return out;
   }
+  // Allocated only when there is more than one chunk: one chunk's convolution output is the op's. An
+  // unused output allocated first still moved glibc's heap: freed at the end with the chunk's buffers,
+  // it left enough free memory at the top for the heap to be trimmed and grown again at every call
+  // (strace: two brk pairs per call; perf_shares.py: 56 % of the CPU time of a B32 512->512 7x7
+  // depthwise forward in the kernel's page faults. benchmarks/ab_builds.py, 8 rounds of 5 calls,
+  // results/ab_conv_path_one_chunk_avx2_cpu.json: forward 0.55 and backward 0.54 on that layer, whose
+  // grad_x is now the convolution's too, 0.42 forward at B8 128->128 16x16 depthwise; 0.95-1.12 on
+  // the layers of more than one chunk, whose code did not change but for the buffers below.)
+  at::Tensor out;
   const int64_t chunk = conv_path_chunk(g, x);
+  if (g.batch == 0 || chunk < g.batch) out = new_output();
+  // the chunks' kernels and input scales, one buffer each for all chunks
+  const int64_t most = std::min(chunk, g.batch);
+  const at::Tensor kern_buf = at::empty({most * g.kernel_numel()}, x.options());
+  const at::Tensor m_buf = at::empty({most * g.groups * g.cols_per_group()}, x.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    at::Tensor kern = at::empty({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w}, x.options());
-    at::Tensor m = at::empty({n, g.groups * g.cols_per_group()}, x.options());
+    const at::Tensor kern = kern_buf.narrow(0, 0, n * g.kernel_numel())
+                                .view({n * g.out_channels, g.in_per_group, g.kernel_h, g.kernel_w});
+    const at::Tensor m = m_buf.narrow(0, 0, n * g.groups * g.cols_per_group()).view({n, g.groups * g.cols_per_group()});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_chunk_kernels", [&] {
       build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
     });
     const at::Tensor y = at::convolution(
         x.narrow(0, b0, n).view({1, n * g.in_channels, g.height, g.width}), kern, std::nullopt,
         {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * g.groups);
-    // one chunk (a single image in the GUI): its convolution's output is the op's
-    if (n == g.batch && y.is_contiguous()) return y.view({g.batch, g.out_channels, g.out_h, g.out_w});
+    // one chunk (a single image in the GUI, depthwise layers of small maps): its convolution's output is the op's
+    if (n == g.batch) return y.contiguous().view({g.batch, g.out_channels, g.out_h, g.out_w});
     out.narrow(0, b0, n).view({1, n * g.out_channels, g.out_h, g.out_w}).copy_(y);
   }
   return out;
@@ -2972,8 +2991,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t G = g.groups, J = g.cols_per_group(), K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), Cin = g.in_channels, Cout = g.out_channels;
   const bool by_sample = backward_by_samples(g, x.element_size());
-  at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
-  if (want_x) advise_huge_pages(grad_x);
+  const int64_t chunk = conv_path_chunk(g, x);
+  // One chunk's grad_x is the convolution's (below): no buffer then (see forward_conv_path).
+  at::Tensor grad_x;
+  if (!want_x) {
+    grad_x = at::zeros_like(x);
+  } else if (by_sample || g.batch == 0 || chunk < g.batch) {
+    grad_x = at::empty_like(x);
+    advise_huge_pages(grad_x);
+  }
   // by_sample writes grad_W with its first product
   at::Tensor grad_w = at::empty({K, N}, weight.options());
   advise_huge_pages(grad_w);
@@ -2990,11 +3016,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return std::make_tuple(grad_x, grad_w.view(weight.sizes()), grad_ch, grad_f,
                            grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
   }
-  const int64_t chunk = conv_path_chunk(g, x);
+  const int64_t most = std::min(chunk, g.batch);
+  const at::Tensor kern_buf = at::empty({most * N}, x.options()), m_buf = at::empty({most * G * J}, x.options());
   for (int64_t b0 = 0; b0 < g.batch && (want_x || want_params); b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    at::Tensor kern = at::empty({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}, x.options());
-    at::Tensor m = at::empty({n, G * J}, x.options());
+    const at::Tensor kern = kern_buf.narrow(0, 0, n * N).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w});
+    const at::Tensor m = m_buf.narrow(0, 0, n * G * J).view({n, G * J});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_chunk_kernels", [&] {
       build_chunk_kernels<scalar_t>(weight, ch, f, s, a, g, b0, n, kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
     });
@@ -3003,11 +3030,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}), kern, std::nullopt,
         {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, false, {0, 0}, n * G,
         {want_x, want_params, false});
-    if (want_x) grad_x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}).copy_(gx);
+    if (want_x && n == g.batch)
+      grad_x = gx.contiguous().view(x.sizes());
+    else if (want_x)
+      grad_x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}).copy_(gx);
     if (!want_params) continue;
     // per sample, one pass over Q (its gradient w.r.t. Wb) for grad_f, grad_a, grad_m and G, then
     // grad_W += a^T @ G for the chunk
-    at::Tensor gagg = at::empty({n, N}, x.options());  // G, the gradient w.r.t. A
+    // G, the gradient w.r.t. A, in the chunk's kernels' buffer: the convolution is done with them (one
+    // chunk-sized allocation less per chunk; the peak of a training step, inside the convolution, is unchanged)
+    at::Tensor gagg = kern.view({n, N});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_chunk_reductions", [&] {
       reduce_chunk_gradients<scalar_t>(q.contiguous(), weight, ch, f, s, a, m, g, b0, n, gagg.data_ptr<scalar_t>(),
                                        grad_ch, grad_f, grad_s, grad_a);
