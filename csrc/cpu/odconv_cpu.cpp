@@ -1063,6 +1063,37 @@ inline bool aggregate_8_rows_transposed_dispatch(const float* w, int64_t J, int6
 }
 #endif
 
+#if defined(__AVX__)
+// dst[p * ld + j] = src[j * lds + p] for j < n, p < P, floats, for sources whose rows are far apart
+// (transpose_weight_tile: T rows of a tile, J apart, 18 KB on 512->512 3x3): 8 rows at a time over
+// all P columns, each row's line kAhead floats on prefetched. transpose_strided's 32 x 32 blocks
+// read 32 such rows at once, more streams than the prefetchers follow, and rows 18 KB apart fall
+// into two sets of L1. (A whole W of 512->512 3x3, K = 4, in tiles of 32 x 566 on one core of the
+// Zen 3 EPYC: 4.7-5.3 ms in 32 x 32 blocks, 3.2-4.1 in panels of 8 rows, 3.1 with the prefetches;
+// perf put transpose_weight_tile's 8 x 8 transposes at 12.5 % of the B32 512->512 7x7 forward.
+// benchmarks/ab_env.py against the blocks, a temporary switch alternated call by call, 30 rounds,
+// results/ab_env_weight_transpose_panels_avx2_cpu.json: forward 0.93-0.95 on B32 512->512 7x7 in
+// three runs, 0.87-0.93 on B64 256->256 5x5, 0.92-0.95 on B32 256->512 stride 2, 0.96-1.00 on B128
+// 128->256 6x6; 0.995-1.003 on 256->256 8x8, which transposes no W. Every transpose in panels,
+// im2row's and the backward's too, gained nothing more: 0.97-1.04 on six layers' backward.)
+inline void transpose_row_panels(const float* src, int64_t n, int64_t P, int64_t lds, float* dst, int64_t ld) {
+  constexpr int64_t kAhead = 64;  // floats: four lines ahead on each row
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    int64_t p = 0;
+    for (; p + 8 <= P; p += 8) {
+      if (p + kAhead < P)
+        for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(src + (j + i) * lds + p + kAhead), _MM_HINT_T0);
+      transpose_8x8(src + j * lds + p, lds, dst + p * ld + j, ld);
+    }
+    for (int64_t jj = j; jj < j + 8; ++jj)
+      for (int64_t pp = p; pp < P; ++pp) dst[pp * ld + jj] = src[jj * lds + pp];
+  }
+  for (; j < n; ++j)
+    for (int64_t p = 0; p < P; ++p) dst[p * ld + j] = src[j * lds + p];
+}
+#endif
+
 // The K slices of W on one tile, transposed: wt[((gi - t.g0) * K + k) * Jt * T + jj * T + r] =
 // W_k[gi * Cout/G + t.r0 + r, t.j0 + jj]. The transposed float32 forward builds every sample's Wb^T of
 // the tile from these rows (build_tile_kernel_from_transposed), which need no transposes of their own.
@@ -1070,9 +1101,17 @@ template <typename scalar_t>
 void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile& t, scalar_t* wt) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
   for (int64_t gi = t.g0; gi < t.g1; ++gi)
-    for (int64_t k = 0; k < K; ++k)
-      transpose_strided(weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0, T, Jt, J,
-                        wt + ((gi - t.g0) * K + k) * Jt * T, T);
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t* src = weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0;
+      scalar_t* dst = wt + ((gi - t.g0) * K + k) * Jt * T;
+#if defined(__AVX__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        transpose_row_panels(src, T, Jt, J, dst, T);
+        continue;
+      }
+#endif
+      transpose_strided(src, T, Jt, J, dst, T);
+    }
 }
 
 // One row jj of Wb^T on a tile from the transposed slices: out[r] = f[r] * sum_k (a[k] m) wt_k[r], r < T
