@@ -1105,12 +1105,11 @@ void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile
       const scalar_t* src = weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0;
       scalar_t* dst = wt + ((gi - t.g0) * K + k) * Jt * T;
 #if defined(__AVX__)
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (std::is_same_v<scalar_t, float>)
         transpose_row_panels(src, T, Jt, J, dst, T);
-        continue;
-      }
+      else
 #endif
-      transpose_strided(src, T, Jt, J, dst, T);
+        transpose_strided(src, T, Jt, J, dst, T);
     }
 }
 
@@ -2742,6 +2741,9 @@ int64_t samples_per_call(const Geometry& g, int64_t most) {
   return std::clamp<int64_t>((kSampleConvCallMacs + macs - 1) / macs, 1, most);
 }
 
+// Whether one chunk holds the whole (non-empty) batch: its convolution's output and grad_x are then the op's.
+inline bool single_chunk(const Geometry& g, int64_t chunk) { return g.batch > 0 && chunk >= g.batch; }
+
 int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
   const int64_t activations = std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels());
   const int64_t per_sample = std::max<int64_t>(1, std::max(g.kernel_numel(), activations) * (int64_t)x.element_size());
@@ -2998,7 +3000,7 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   // the layers of more than one chunk, whose code did not change but for the buffers below.)
   at::Tensor out;
   const int64_t chunk = conv_path_chunk(g, x);
-  if (g.batch == 0 || chunk < g.batch) out = new_output();
+  if (!single_chunk(g, chunk)) out = new_output();
   // the chunks' kernels and input scales, one buffer each for all chunks
   const int64_t most = std::min(chunk, g.batch);
   const at::Tensor kern_buf = at::empty({most * g.kernel_numel()}, x.options());
@@ -3035,7 +3037,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_x;
   if (!want_x) {
     grad_x = at::zeros_like(x);
-  } else if (by_sample || g.batch == 0 || chunk < g.batch) {
+  } else if (by_sample || !single_chunk(g, chunk)) {
     grad_x = at::empty_like(x);
     advise_huge_pages(grad_x);
   }
