@@ -119,6 +119,20 @@ SUITES = {
         LayerShape(32, 128, 256, 28, 1, 4, 2, 1),     # 1x1 stride-2 projection
         LayerShape(64, 128, 128, 12, 3, 4, 1, 1),     # 12x12 map
     ],
+    # MobileNetV2, the ODConv paper's other backbone, whose official model makes every convolution of
+    # its inverted residual blocks an ODConv: depthwise 3x3 layers from 112x112 down to 7x7 (one
+    # strided), and the 1x1 expansions and projections around them, at batch 32 and 224x224 input.
+    "mobilenetv2": [
+        LayerShape(32, 32, 32, 112, 3, 4, 1, 32),     # first block's depthwise, 112x112
+        LayerShape(32, 96, 96, 112, 3, 4, 2, 96),     # strided depthwise, 112x112 -> 56x56
+        LayerShape(32, 24, 144, 56, 1, 4, 1, 1),      # expansion, 56x56
+        LayerShape(32, 144, 144, 56, 3, 4, 1, 144),   # depthwise, 56x56
+        LayerShape(32, 144, 24, 56, 1, 4, 1, 1),      # projection, 56x56
+        LayerShape(32, 384, 384, 14, 3, 4, 1, 384),   # depthwise, 14x14
+        LayerShape(32, 160, 960, 7, 1, 4, 1, 1),      # expansion, 7x7
+        LayerShape(32, 960, 960, 7, 3, 4, 1, 960),    # depthwise, 7x7
+        LayerShape(32, 960, 160, 7, 1, 4, 1, 1),      # projection, 7x7
+    ],
 }
 
 

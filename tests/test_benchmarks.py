@@ -123,6 +123,9 @@ def test_parse_shapes():
     assert parse_shapes("layer4;2,8,16,10,3,4,2,4")[-1] == LayerShape(2, 8, 16, 10, 3, 4, 2, 4)
     assert len(parse_shapes("default,layer4,extra")) == 7 + 2 + 5
     assert len(parse_shapes("other")) == 14 and len(set(parse_shapes("other"))) == 14
+    mobilenet = parse_shapes("mobilenetv2")
+    assert len(set(mobilenet)) == 9 and {s.out_size for s in mobilenet} == {112, 56, 14, 7}
+    assert sum(s.groups == s.in_channels for s in mobilenet) == 5 and sum(s.kernel == 1 for s in mobilenet) == 4
     unpadded = parse_shapes("2,8,16,6,3,4,1,1,0")[0]  # a 4x4 output with every tap inside the 6x6 map
     assert (unpadded.padding, unpadded.out_size, unpadded.name) == (0, 4, "B2 8->16 6x6 k3 K4 s1 g1 p0")
     assert unpadded.conv_args()[1] == (0, 0) and parse_shapes("2,8,16,6,3,4,1,1,1")[0].name.endswith("g1")
