@@ -489,10 +489,14 @@ TRANSPOSED_FORWARD = [
     # budget.
     (12, 24, 40, 6, 3, 4, 1, 1, 1, 1),     # K = 4, 40 rows
     (12, 16, 24, 7, 3, 5, 1, 1, 1, 2),     # K = 5, two groups
-    (12, 150, 40, 6, 3, 8, 1, 1, 1, 1),    # K = 8, tiles of 20 rows cut in J
+    (12, 150, 40, 6, 3, 8, 1, 1, 1, 1),    # K = 8, tiles of 32 + 8 rows cut in J
     (12, 40, 24, 6, 1, 1, 1, 0, 1, 1),     # K = 1, 1x1
     (11, 20, 9, 7, 3, 3, 1, 1, 1, 1),      # K = 3, 9 rows
     (10, 256, 128, 6, 3, 4, 1, 1, 1, 2),   # two groups of 64 x 1152: 2.4 MB passes
+    # The tiles' rows are the products' columns: ranges of rows in multiples of 16 but for the last
+    # (1x1 160->200 on 7x7: 112 + 88 rows, even cuts would make 100 + 100; 24->150 3x3: 80 + 70).
+    (12, 160, 200, 7, 1, 4, 1, 0, 1, 1),
+    (3, 24, 150, 7, 3, 4, 1, 1, 1, 1),
 ]
 
 
