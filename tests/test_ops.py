@@ -593,12 +593,15 @@ def test_im2col_rows_match_reference(case, split, monkeypatch):
 
 # ---- the backward by columns on maps of at most Cout/2 pixels multiplies gy^T @ Wb for grad_x (no
 # transpose of Wb), and with the parameter gradients builds Wb inside their reduction pass: K up to
-# 4 (registers) and above, stride 2, ragged row tiles; each gradient group alone and both. ---------
+# 4 (registers) and above, stride 2, ragged row tiles, 1x1 kernels without im2col (gcols^T transposed
+# straight into grad_x); each gradient group alone and both. ------------------------------------------
 TRANSPOSED_GRAD_X = [
     (4, 64, 48, 4, 3, 4, 1, 1, 1, 1),      # P = 16, two row tiles of 24
     (3, 70, 40, 4, 3, 6, 1, 1, 1, 1),      # K = 6: the any-K reduction
     (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, P = 4
     (2, 40, 70, 5, 3, 2, 1, 1, 2, 1),      # dilation 2, row tiles of 24 + 24 + 22
+    (3, 200, 72, 4, 1, 3, 1, 0, 1, 1),     # 1x1, P = 16: three row tiles of 24, parts of 66-67 channels
+    (2, 96, 40, 7, 1, 4, 1, 0, 1, 1),      # 1x1, P = 49 > Cout/2: the plain product writes grad_x itself
 ]
 
 
@@ -621,7 +624,8 @@ FOLDED_BACKWARD = [
 # block; a block's tile of W_k stays within 512 KB, so in float64 with K = 8 a block holds at most 256 columns
 # (fewer than 32 rows: 512 KB / (8 K x rows x 8 B)): several blocks per part and a ragged last block, with
 # grad_x by Wb^T @ gy (maps larger than Cout/2 pixels), by gy^T @ Wb on maps of more than 36 pixels (not
-# folded), and on 1x1 kernels without im2col; each gradient group alone and both (in float32 one block). ---
+# folded), on 1x1 kernels without im2col (gy^T @ Wb, each block's gcols^T transposed into its channels
+# of grad_x); each gradient group alone and both (in float32 one block). -------------------------------
 BLOCK_CASES = [
     (3, 150, 20, 8, 3, 8, 1, 1, 1, 1),     # P = 64 > Cout/2: parts of 50 channels in blocks of 32 + 18
     (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps: 32 + 1-2
@@ -637,6 +641,14 @@ def test_backward_by_columns_cases_match_reference(case, monkeypatch, num_thread
     num_threads(3)
     assert_gradient_groups_agree(case, tol=1e-12, check_reference=True)
     assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+def test_transposed_grad_x_of_1x1_kernels_gradcheck(monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(2)
+    inputs = make_inputs(3, 20, 8, 2, 1, 2, 1)  # 1x1 without im2col, P = 4 <= Cout / 2: gcols^T into grad_x
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (0, 0), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
 
 
 @requires_extension

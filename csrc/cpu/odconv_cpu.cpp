@@ -1918,7 +1918,12 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // T x P rows are transposed per tile (and each sample's gcols^T, Jr x P, once), where the product
 // above needs Wb^T, a transpose of every element of every sample's kernel: Cout*J per sample against
 // P*(Cout*(tiles per row block) + Jr). (perf, B64 512->512 4x4: the transposes were 5.5 % of the
-// backward, the aggregation that feeds them, through a scratch, 14 %.)
+// backward, the aggregation that feeds them, through a scratch, 14 %.) So do 1x1 kernels without
+// im2col, whose grad_x the plain product writes directly: the transposed one writes gcols^T, then
+// transposed into grad_x. (They took the plain product until 2026-12-06: building Wb^T was 23 % of the
+// backward of B32 2048->512 1x1 on 7x7, rdtsc around each step. benchmarks/ab_env.py with a temporary
+// switch, 20 rounds: backward 0.76 on that layer, 0.78 on 512->2048, 0.86-0.87 on MobileNetV2's
+// 160->960 and 960->160 on 7x7, 0.89 on 128->256 on 6x6.)
 // The folded backward. When both gradient groups are wanted on such maps of at most
 // kFoldedBackwardMaxPixels pixels, the scales come out of the reduction pass (backward_folded_chunk).
 // With rows' = rows m (each sample's im2row scaled by its input scale once per chunk) the products
@@ -2065,7 +2070,7 @@ struct ColumnPart {
 
 // Whether the backward by columns runs its grad_x product transposed (see above).
 inline bool grad_x_by_transposed_product(const Geometry& g) {
-  return !g.im2col_is_identity() && 2 * g.out_pixels() <= g.out_channels;
+  return 2 * g.out_pixels() <= g.out_channels;
 }
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
@@ -2207,7 +2212,10 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
-  const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
+  const bool folded =
+      want_params && gx_transposed && !direct && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
+  // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
+  const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
   const bool q_in_blocks = backward_q_in_column_blocks();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -2244,7 +2252,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   } else {
     const int64_t bytes_per_sample =
         (want_params ? widest * P * (int64_t)sizeof(scalar_t) + q_slot * (int64_t)sizeof(acc_t) : 0) +
-        (want_x && !direct ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
+        (has_gcols ? widest * P * (int64_t)sizeof(scalar_t) : 0) + panel_slot * (int64_t)sizeof(scalar_t);
     chunk = std::clamp<int64_t>(slice_bytes, kColumnsMinThreadBytes, kColumnsThreadBytes) /
             std::max<int64_t>(1, bytes_per_sample);
   }
@@ -2266,7 +2274,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       pt.gs = at::zeros({B * taps}, acc_opts);
     }
     if (want_x) {
-      if (!direct) pt.gcols = at::empty({chunk * Jr * P}, opts);
+      if (has_gcols) pt.gcols = at::empty({chunk * Jr * P}, opts);
       pt.kern = at::empty({folded ? q_samples * q_slot : (gx_transposed ? max_tile : chunk * panel_slot)}, opts);
       if (gx_transposed) {
         pt.gcols_t = at::empty({Jr * P}, opts);
@@ -2295,7 +2303,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       acc_t* m = pt.m.data_ptr<acc_t>();
       acc_t* scratch = pt.scratch.data_ptr<acc_t>();
       scalar_t* rows = want_params ? pt.rows.data_ptr<scalar_t>() : nullptr;
-      scalar_t* gcols = want_x && !direct ? pt.gcols.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gcols = has_gcols ? pt.gcols.data_ptr<scalar_t>() : nullptr;
       scalar_t* im2row_scratch = want_params && !direct ? pt.im2row_scratch.data_ptr<scalar_t>() : nullptr;
       acc_t* gm = want_params ? pt.gm.data_ptr<acc_t>() : nullptr;
       acc_t* gbuf = want_params ? pt.gbuf.data_ptr<acc_t>() : nullptr;
@@ -2377,6 +2385,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
             if (folded) {  // its grad_x is done
+            } else if (gx_transposed && direct) {  // grad_x's channels are gcols^T's columns
+              transpose_into(gcols + i * Jr * P, P, Jr, gx_ptr + b * x_stride + blk.c0 * P, P);
             } else if (gx_transposed) {
               scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
               transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
