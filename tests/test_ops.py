@@ -617,6 +617,7 @@ FOLDED_BACKWARD = [
     (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20, Q' and A of 8 + 8 + 4 at a time: all add into grad_W
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
     (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
+    (6, 140, 72, 6, 1, 3, 1, 0, 1, 1),     # 1x1 without im2col: gcols = Y m is grad_x itself
 ]
 
 
@@ -660,19 +661,22 @@ def test_folded_backward_gradcheck(monkeypatch, num_threads):
 
 
 @requires_extension
+@pytest.mark.parametrize("kernel", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_folded_backward_with_vanishing_input_scale(dtype, monkeypatch, num_threads):
+def test_folded_backward_with_vanishing_input_scale(dtype, kernel, monkeypatch, num_threads):
     # grad_m is sum_p rows' * Y / m: where m = channel * spatial is below the square root of the smallest normal
-    # number (an attention of exactly 0, or 1e-25 in float32 and 1e-160 in float64) it comes from x instead
+    # number (an attention of exactly 0, or 1e-25 in float32 and 1e-160 in float64) it comes from x instead;
+    # 3x3, and 1x1 without im2col
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
     num_threads(2)
-    inputs = [t.detach() for t in make_inputs(5, 40, 32, 4, 3, 4, 1, dtype=dtype)]
+    inputs = [t.detach() for t in make_inputs(5, 40, 32, 4, kernel, 4, 1, dtype=dtype)]
     inputs[2][:, 0] = 0
     inputs[2][:, 1] = 1e-25 if dtype == torch.float32 else 1e-160
     inputs = [t.requires_grad_() for t in inputs]
-    assert_matches_reference(inputs, (1, 1), (1, 1), (1, 1), 1, dtype)
+    padding = (kernel // 2, kernel // 2)
+    assert_matches_reference(inputs, (1, 1), padding, (1, 1), 1, dtype)
     # those channels' attention gradients are not zero: the divisions would have given inf or nan there
-    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    out = ext(inputs, (1, 1), padding, (1, 1), 1)
     grad_channel = torch.autograd.grad(out, inputs[2], torch.ones_like(out))[0]
     assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
 

@@ -1943,7 +1943,10 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // results/ab_folded_backward_cpu.json: backward 0.91-0.93 on three 4x4 layers, K = 4 and 8, and
 // 0.91-0.92 on two 6x6 layers; on 8x8 maps 0.93-0.99 and on 512->512 7x7 1.03-1.07 in other runs,
 // within the noise: hence kFoldedBackwardMaxPixels. A chunk holds Q' and A of each sample, so fewer
-// samples fit the same budget: peak memory does not change.)
+// samples fit the same budget: peak memory does not change.) 1x1 kernels without im2col are folded
+// too since they take the transposed grad_x product (2026-12-06): gcols = Y m is then grad_x itself.
+// (benchmarks/ab_env.py with a temporary switch, 20 rounds: backward 0.92-0.94 on 512->2048,
+// 2048->512 on 4x4 and 256->1024 on 6x6, 0.98 on B128 128->256 on 6x6.)
 // Blocks. A part works block by block of its channels, and inside a block chunk by chunk of the
 // batch: the buffers below hold the block's columns only (Jr = the block's), so a chunk holds more
 // samples in the same memory, and the block's slices of W_k and grad_W, which every chunk reads (and
@@ -2194,6 +2197,12 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       }
       gmi[jj] = sum;
     }
+    if (g.im2col_is_identity()) {  // grad_x's channels are gcols' rows
+      T* gx = gx_chunk + i * x_stride + blk.c0 * P;
+      transpose_into(yt, P, Jr, gx, P);
+      scale_rows(gx, Jr, P, mi);
+      continue;
+    }
     transpose_into(yt, P, Jr, gcols_t, P);
     scale_rows(gcols_t, Jr, P, mi);
     col2im(gcols_t, g, gx_chunk + i * x_stride, blk.c0, blk.c1);
@@ -2212,8 +2221,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
-  const bool folded =
-      want_params && gx_transposed && !direct && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
+  const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
