@@ -355,6 +355,7 @@ CONV_PATH_CASES = [case for case in GRID if unpack(case)[-1] > 1 and unpack(case
     (3, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense: the grouped-convolution path with groups = n
     (1, 12, 8, 9, 3, 4, 2, 1, 1, 1),       # dense, batch 1: one chunk, whose convolution output is the op's
     (5, 64, 64, 64, 3, 2, 1, 1, 1, 64),    # depthwise on 64x64: chunks of 2 (float64) or 4 samples, the last short
+                                           # (the float32 forward, 5.2 MB of activations: one chunk)
     (0, 8, 8, 6, 3, 4, 1, 1, 1, 8),        # batch 0
 ]
 

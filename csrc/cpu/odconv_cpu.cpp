@@ -2720,6 +2720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // both paths on the same layers).
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
+constexpr int64_t kConvPathForwardOneChunkBytes = 8 * 1024 * 1024;  // see forward_conv_path
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
@@ -3024,7 +3025,16 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   // grad_x is now the convolution's too, 0.42 forward at B8 128->128 16x16 depthwise; 0.95-1.12 on
   // the layers of more than one chunk, whose code did not change but for the buffers below.)
   at::Tensor out;
-  const int64_t chunk = conv_path_chunk(g, x);
+  // The forward takes the whole batch in one chunk where its activations are at most
+  // kConvPathForwardOneChunkBytes: no copy of the chunks' outputs into the op's. (A temporary switch,
+  // benchmarks/ab_env.py, 30 rounds, forward: 0.75-0.78 on B32 960->960 7x7, B64 128->128 16x16 and
+  // B32 256->256 14x14 depthwise, 6-8 MiB. An earlier trial of one chunk for any batch had 12.8 MB
+  // still faster, 16 MB 2.7x and 32 MB 4.3x slower: the 32 MB L3 then holds neither the activations
+  // nor oneDNN's reordered copies. The backward keeps its chunks: one chunk made it 2.0x slower.)
+  int64_t chunk = conv_path_chunk(g, x);
+  const int64_t activations =
+      g.batch * std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels()) * x.element_size();
+  if (activations <= kConvPathForwardOneChunkBytes) chunk = std::max<int64_t>(1, g.batch);
   if (!single_chunk(g, chunk)) out = new_output();
   // the chunks' kernels and input scales, one buffer each for all chunks
   const int64_t most = std::min(chunk, g.batch);
