@@ -385,8 +385,8 @@ def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
 
 # ---- the float32 forward of layers on maps of at least 256 output pixels runs the convolution primitive on each
 # thread's run of samples, c samples per call (about 32 M multiply-adds; with fewer than 8 input channels per group
-# one per call, and only when a sample's im2col matrix reaches 1.5 MB). Runs end with a shorter call; 3 threads
-# give uneven runs. -------------------------------------------------------------------------------------------------
+# one per call, and only when a sample's im2col matrix reaches 1.5 MB; 1x1 kernels without im2col with 512 input
+# channels or more on maps of 144-1024 pixels). Runs end with a shorter call; 3 threads give uneven runs. ------------
 SAMPLE_CONVOLUTIONS = [
     (5, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # several samples per call
     (3, 48, 8, 64, 3, 2, 2, 1, 1, 1),      # stride 2
@@ -394,6 +394,7 @@ SAMPLE_CONVOLUTIONS = [
     (1, 64, 8, 32, 3, 2, 1, 1, 1, 1),      # batch 1: one convolution call spread over the threads
     (3, 3, 4, 128, 3, 2, 1, 1, 1, 1),      # 3 input channels, im2col 1.7 MB: one sample per call
     (9, 16, 16, 32, 3, 2, 1, 1, 1, 1),     # small layer: up to 9 samples per call
+    (3, 520, 24, 12, 1, 3, 1, 0, 1, 1),    # 1x1 without im2col, 512+ input channels on 144-1024 pixels
 ]
 
 

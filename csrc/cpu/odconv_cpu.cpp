@@ -2683,7 +2683,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // B64 16->16 32x32 0.80, B128 64->64 24x24 0.88, B128 32->64 24x24 0.91, B64 128->128 16x16 0.97,
 // and 0.93-1.01 on the layers that took pairs before. On maps of
 // 14x14 and less, where each sample's kernel is large next to its products, it was slower:
-// 1.04-1.66.) A batch smaller than the thread count (one image in the GUI) takes one convolution
+// 1.04-1.66.) 1x1 kernels without im2col, whose GEMM path multiplies x itself, take it on maps of
+// kSampleConvMinDirectPixels to kSampleConvMaxDirectPixels pixels with at least
+// kSampleConvMinDirectChannels input channels: there the products' long inner dimension (Wb @ x_b in
+// blocks of 24 columns, each block reading Cin rows of x_b P floats apart) ran at 11 flop per TSC
+// cycle on B32 1024->256 14x14, and oneDNN's 1x1 convolution was faster. (benchmarks/ab_env.py,
+// ODCONV_CPU_CONV_PATH=always against the GEMM path, 8-15 rounds, forward: 0.68-0.70 on 1024->256 and
+// 1024->512 on 14x14 (ResNet-50) and 768->192 on 17x17, 0.81 on 1024->256 12x12, 0.88 on 640->160
+// 16x16, 0.91-0.95 on 512->512 16x16, 512->128 28x28 (B32 and B64) and 512->256 14x14; with fewer input
+// channels 1.02-1.10 (256->256 and 128->512 on 28x28, 256->1024 on 14x14; but 256->128 32x32 0.56),
+// on 56x56 maps 0.95-1.13, on 7x7 1.40.) A batch smaller than the thread count (one image in the GUI) takes one convolution
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
@@ -2729,6 +2738,9 @@ constexpr int64_t kSampleConvCallMacs = 32 * 1000 * 1000;
 constexpr int64_t kSampleConvMinCallChannels = 8;
 constexpr int64_t kSampleConvMaxGroupedCall = 2;
 constexpr int64_t kSampleConvShareFraction = 4;
+constexpr int64_t kSampleConvMinDirectChannels = 512;  // 1x1 forward: see the header above
+constexpr int64_t kSampleConvMinDirectPixels = 144;
+constexpr int64_t kSampleConvMaxDirectPixels = 1024;
 
 bool depthwise_like(const Geometry& g) {
   return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
@@ -2742,7 +2754,10 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (backward)
     return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
            (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
-  return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity() &&
+  if (dtype == at::kFloat && g.im2col_is_identity())
+    return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels && g.out_pixels() >= kSampleConvMinDirectPixels &&
+           g.out_pixels() <= kSampleConvMaxDirectPixels;
+  return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
          ((g.groups == 1 && g.in_per_group >= kSampleConvMinCallChannels) ||
           im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes);
 }
