@@ -133,6 +133,22 @@ SUITES = {
         LayerShape(32, 960, 960, 7, 3, 4, 1, 960),    # depthwise, 7x7
         LayerShape(32, 960, 160, 7, 1, 4, 1, 1),      # projection, 7x7
     ],
+    # ResNet-50's bottleneck 1x1 layers (its 3x3 layers are those of `other` and layer4), at batch 32 and
+    # 224x224 input: per stage the reduction and the expansion, the first block's 64->64, and the
+    # strided 1x1 projections that open layer3 and layer4.
+    "resnet50": [
+        LayerShape(32, 64, 64, 56, 1, 4, 1, 1),       # layer1, first block's reduction
+        LayerShape(32, 256, 64, 56, 1, 4, 1, 1),      # layer1 reduction
+        LayerShape(32, 64, 256, 56, 1, 4, 1, 1),      # layer1 expansion
+        LayerShape(32, 512, 128, 28, 1, 4, 1, 1),     # layer2 reduction
+        LayerShape(32, 128, 512, 28, 1, 4, 1, 1),     # layer2 expansion
+        LayerShape(32, 512, 1024, 28, 1, 4, 2, 1),    # layer3 projection, stride 2
+        LayerShape(32, 1024, 256, 14, 1, 4, 1, 1),    # layer3 reduction
+        LayerShape(32, 256, 1024, 14, 1, 4, 1, 1),    # layer3 expansion
+        LayerShape(32, 1024, 2048, 14, 1, 4, 2, 1),   # layer4 projection, stride 2
+        LayerShape(32, 2048, 512, 7, 1, 4, 1, 1),     # layer4 reduction
+        LayerShape(32, 512, 2048, 7, 1, 4, 1, 1),     # layer4 expansion
+    ],
 }
 
 
