@@ -2692,7 +2692,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 1024->512 on 14x14 (ResNet-50) and 768->192 on 17x17, 0.81 on 1024->256 12x12, 0.88 on 640->160
 // 16x16, 0.91-0.95 on 512->512 16x16, 512->128 28x28 (B32 and B64) and 512->256 14x14; with fewer input
 // channels 1.02-1.10 (256->256 and 128->512 on 28x28, 256->1024 on 14x14; but 256->128 32x32 0.56),
-// on 56x56 maps 0.95-1.13, on 7x7 1.40.) A batch smaller than the thread count (one image in the GUI) takes one convolution
+// on 56x56 maps 0.95-1.13, on 7x7 1.40.)
+// A batch smaller than the thread count (one image in the GUI) takes one convolution
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
@@ -2755,8 +2756,8 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
     return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
            (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
   if (dtype == at::kFloat && g.im2col_is_identity())
-    return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels && g.out_pixels() >= kSampleConvMinDirectPixels &&
-           g.out_pixels() <= kSampleConvMaxDirectPixels;
+    return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
+           g.out_pixels() >= kSampleConvMinDirectPixels && g.out_pixels() <= kSampleConvMaxDirectPixels;
   return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
          ((g.groups == 1 && g.in_per_group >= kSampleConvMinCallChannels) ||
           im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes);
@@ -3044,8 +3045,9 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   // kConvPathForwardOneChunkBytes: no copy of the chunks' outputs into the op's. (A temporary switch,
   // benchmarks/ab_env.py, 30 rounds, forward: 0.75-0.78 on B32 960->960 7x7, B64 128->128 16x16 and
   // B32 256->256 14x14 depthwise, 6-8 MiB. An earlier trial of one chunk for any batch had 12.8 MB
-  // still faster, 16 MB 2.7x and 32 MB 4.3x slower: the 32 MB L3 then holds neither the activations
-  // nor oneDNN's reordered copies. The backward keeps its chunks: one chunk made it 2.0x slower.)
+  // still faster, 16 MB 2.7x and 32 MB 4.3x slower, presumably once the activations and oneDNN's
+  // reordered copies no longer fit the 32 MB L3. The backward keeps its chunks: one chunk made it
+  // 2.0x slower.)
   int64_t chunk = conv_path_chunk(g, x);
   const int64_t activations =
       g.batch * std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels()) * x.element_size();
