@@ -2197,15 +2197,12 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       }
       gmi[jj] = sum;
     }
-    if (g.im2col_is_identity()) {  // grad_x's channels are gcols' rows
-      T* gx = gx_chunk + i * x_stride + blk.c0 * P;
-      transpose_into(yt, P, Jr, gx, P);
-      scale_rows(gx, Jr, P, mi);
-      continue;
-    }
-    transpose_into(yt, P, Jr, gcols_t, P);
-    scale_rows(gcols_t, Jr, P, mi);
-    col2im(gcols_t, g, gx_chunk + i * x_stride, blk.c0, blk.c1);
+    // without im2col (1x1 kernels) grad_x's channels are gcols itself
+    const bool direct = g.im2col_is_identity();
+    T* gc = direct ? gx_chunk + i * x_stride + blk.c0 * P : gcols_t;
+    transpose_into(yt, P, Jr, gc, P);
+    scale_rows(gc, Jr, P, mi);
+    if (!direct) col2im(gc, g, gx_chunk + i * x_stride, blk.c0, blk.c1);
   }
 }
 
@@ -2393,12 +2390,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
           for (int64_t i = 0; i < n; ++i) {
             const int64_t b = c0 + i;
             if (folded) {  // its grad_x is done
-            } else if (gx_transposed && direct) {  // grad_x's channels are gcols^T's columns
-              transpose_into(gcols + i * Jr * P, P, Jr, gx_ptr + b * x_stride + blk.c0 * P, P);
             } else if (gx_transposed) {
-              scalar_t* gcols_t = pt.gcols_t.data_ptr<scalar_t>();
-              transpose_into(gcols + i * Jr * P, P, Jr, gcols_t, P);
-              col2im(gcols_t, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
+              // without im2col (1x1 kernels) grad_x's channels are gcols itself
+              scalar_t* gc = direct ? gx_ptr + b * x_stride + blk.c0 * P : pt.gcols_t.data_ptr<scalar_t>();
+              transpose_into(gcols + i * Jr * P, P, Jr, gc, P);
+              if (!direct) col2im(gc, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
             } else if (want_x && !direct) {
               col2im(gcols + i * Jr * P, g, gx_ptr + b * x_stride, blk.c0, blk.c1);
             }
@@ -2786,8 +2782,12 @@ int64_t samples_per_call(const Geometry& g, int64_t most) {
 // Whether one chunk holds the whole (non-empty) batch: its convolution's output and grad_x are then the op's.
 inline bool single_chunk(const Geometry& g, int64_t chunk) { return g.batch > 0 && chunk >= g.batch; }
 
-int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x) {
+// Samples per chunk of the convolution path: kConvPathChunkBytes of activations or kernels; the
+// forward takes the whole batch up to kConvPathForwardOneChunkBytes of activations (see forward_conv_path).
+int64_t conv_path_chunk(const Geometry& g, const at::Tensor& x, bool forward) {
   const int64_t activations = std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels());
+  if (forward && g.batch * activations * x.element_size() <= kConvPathForwardOneChunkBytes)
+    return std::max<int64_t>(1, g.batch);
   const int64_t per_sample = std::max<int64_t>(1, std::max(g.kernel_numel(), activations) * (int64_t)x.element_size());
   return std::max<int64_t>(1, std::min(g.batch, kConvPathChunkBytes / per_sample));
 }
@@ -3048,10 +3048,7 @@ at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in
   // still faster, 16 MB 2.7x and 32 MB 4.3x slower, presumably once the activations and oneDNN's
   // reordered copies no longer fit the 32 MB L3. The backward keeps its chunks: one chunk made it
   // 2.0x slower.)
-  int64_t chunk = conv_path_chunk(g, x);
-  const int64_t activations =
-      g.batch * std::max(g.in_channels * g.height * g.width, g.out_channels * g.out_pixels()) * x.element_size();
-  if (activations <= kConvPathForwardOneChunkBytes) chunk = std::max<int64_t>(1, g.batch);
+  const int64_t chunk = conv_path_chunk(g, x, /*forward=*/true);
   if (!single_chunk(g, chunk)) out = new_output();
   // the chunks' kernels and input scales, one buffer each for all chunks
   const int64_t most = std::min(chunk, g.batch);
@@ -3084,7 +3081,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t G = g.groups, J = g.cols_per_group(), K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), Cin = g.in_channels, Cout = g.out_channels;
   const bool by_sample = backward_by_samples(g, x.element_size());
-  const int64_t chunk = conv_path_chunk(g, x);
+  const int64_t chunk = conv_path_chunk(g, x, /*forward=*/false);
   // One chunk's grad_x is the convolution's (below): no buffer then (see forward_conv_path).
   at::Tensor grad_x;
   if (!want_x) {
