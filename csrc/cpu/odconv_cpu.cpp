@@ -246,9 +246,10 @@ inline int64_t even_step(int64_t n, int64_t most) {
 // two runs on the 512->512 7x7 forward, whose alternated timings were 33.3-34.9 ms either way). The
 // last piece loses at most 15 columns per piece before it.
 constexpr int64_t kMinVectorStep = 128;
+inline int64_t round_up_16(int64_t step, int64_t n) { return std::min(n, (step + 15) / 16 * 16); }
 inline int64_t vector_step(int64_t n, int64_t most) {
   const int64_t step = even_step(n, most);
-  return step >= kMinVectorStep ? std::min(n, (step + 15) / 16 * 16) : step;
+  return step >= kMinVectorStep ? round_up_16(step, n) : step;
 }
 
 // The budget of a folded tile's K slices of W (see kFoldedPassBytes): per column of a tile cut in J
@@ -300,7 +301,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
             : rows_wanted;
     const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
     int64_t row_step = even_step(g.out_channels, rows);
-    if (rows_are_columns) row_step = std::min(g.out_channels, (row_step + 15) / 16 * 16);
+    if (rows_are_columns) row_step = round_up_16(row_step, g.out_channels);
     const int64_t col_step = vector_step(J, cols);
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
@@ -2166,7 +2167,8 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   // Per sample: grad_m[j] = sum_p rows[p, j] Y^T[p, j], from rows' as (sum_p rows'[p, j] Y^T[p, j]) / m[j]
   // where m[j] is at least the square root of the smallest normal number (rows' m loses nothing to
   // underflow there), otherwise from x itself; then gcols = (Y^T)^T m into grad_x.
-  T* gcols_t = pt.gcols_t.data_ptr<T>();
+  const bool direct = g.im2col_is_identity();
+  T* gcols_t = direct ? nullptr : pt.gcols_t.data_ptr<T>();  // col2im's input; none without im2col
   const T smallest = std::sqrt(std::numeric_limits<T>::min());
   for (int64_t i = 0; i < n; ++i) {
     const T* yt = gcols + i * Jr * P;
@@ -2198,7 +2200,6 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       gmi[jj] = sum;
     }
     // without im2col (1x1 kernels) grad_x's channels are gcols itself
-    const bool direct = g.im2col_is_identity();
     T* gc = direct ? gx_chunk + i * x_stride + blk.c0 * P : gcols_t;
     transpose_into(yt, P, Jr, gc, P);
     scale_rows(gc, Jr, P, mi);
@@ -2282,7 +2283,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       if (has_gcols) pt.gcols = at::empty({chunk * Jr * P}, opts);
       pt.kern = at::empty({folded ? q_samples * q_slot : (gx_transposed ? max_tile : chunk * panel_slot)}, opts);
       if (gx_transposed) {
-        pt.gcols_t = at::empty({Jr * P}, opts);
+        if (!direct) pt.gcols_t = at::empty({Jr * P}, opts);  // for col2im: 1x1 kernels write grad_x itself
         pt.gy_t = at::empty({P * std::min(kMinTileRows, Cout)}, opts);
       } else {
         pt.kern_rows = at::empty({max_tile}, opts);
