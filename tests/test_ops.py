@@ -604,11 +604,12 @@ TRANSPOSED_GRAD_X = [
     (2, 40, 70, 5, 3, 2, 1, 1, 2, 1),      # dilation 2, row tiles of 24 + 24 + 22
     (3, 200, 72, 4, 1, 3, 1, 0, 1, 1),     # 1x1, P = 16: three row tiles of 24, parts of 66-67 channels
     (2, 96, 40, 7, 1, 4, 1, 0, 1, 1),      # 1x1, P = 49 > Cout/2: the plain product writes grad_x itself
+    (2, 30, 170, 9, 1, 3, 1, 0, 1, 1),     # 1x1, P = 81: above the folded maps, gcols^T transposed into grad_x
 ]
 
 
-# ---- the folded backward: both gradient groups on maps of at most 36 pixels that take the transposed grad_x
-# product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
+# ---- the folded backward: both gradient groups on maps of at most 36 pixels (64 with 1x1 kernels without
+# im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
 # W_k, grad_W comes from Q' and grad_m from the grad_x product. Batches that leave 1-3 samples for the last
 # pass, K from 1 to 8, two chunks, stride 2; blocks of a part's channels (in float64 with K = 8, 32 channels
 # of 3x3 and a ragged block) worked through chunk by chunk; and input scales too small to divide by. ------
@@ -620,6 +621,8 @@ FOLDED_BACKWARD = [
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
     (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
     (6, 140, 72, 6, 1, 3, 1, 0, 1, 1),     # 1x1 without im2col: gcols = Y m is grad_x itself
+    (5, 40, 100, 7, 1, 4, 1, 0, 1, 1),     # 1x1 on 7x7 (P = 49 > 36): folded without im2col only
+    (3, 24, 128, 8, 1, 2, 1, 0, 1, 1),     # 1x1 on 8x8, the largest folded map without im2col
 ]
 
 

@@ -1926,9 +1926,9 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // switch, 20 rounds: backward 0.76 on that layer, 0.78 on 512->2048, 0.86-0.87 on MobileNetV2's
 // 160->960 and 960->160 on 7x7, 0.89 on 128->256 on 6x6.)
 // The folded backward. When both gradient groups are wanted on such maps of at most
-// kFoldedBackwardMaxPixels pixels, the scales come out of the reduction pass (backward_folded_chunk).
-// With rows' = rows m (each sample's im2row scaled by its input scale once per chunk) the products
-// give Q' = gy @ rows' = Q m, and
+// kFoldedBackwardMaxPixels pixels (folded_backward_max_pixels), the scales come out of the reduction
+// pass (backward_folded_chunk). With rows' = rows m (each sample's im2row scaled by its input scale
+// once per chunk) the products give Q' = gy @ rows' = Q m, and
 //   A        = sum_k a[k] W_k              the grad_x product's kernel: Y^T (+)= (f gy)^T @ A
 //   grad_f[o] = sum_j Q'[o,j] A[o,j]        grad_a[k] = sum_o f[o] sum_j Q'[o,j] W_k[o,j]
 //   grad_W_k[o, :] (+)= sum_i a_i[k] f_i[o] Q'_i[o, :]     a (K x n) @ (n x Jt) product per row,
@@ -1947,7 +1947,14 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // samples fit the same budget: peak memory does not change.) 1x1 kernels without im2col are folded
 // too since they take the transposed grad_x product (2026-12-06): gcols = Y m is then grad_x itself.
 // (benchmarks/ab_env.py with a temporary switch, 20 rounds: backward 0.92-0.94 on 512->2048,
-// 2048->512 on 4x4 and 256->1024 on 6x6, 0.98 on B128 128->256 on 6x6.)
+// 2048->512 on 4x4 and 256->1024 on 6x6, 0.98 on B128 128->256 on 6x6.) They fold on maps of up to
+// kFoldedBackwardMaxPixelsDirect pixels: with no im2row to scale and no col2im, their 7x7 and 8x8 maps
+// gain from the one-store reduction where 3x3 kernels' did not (ab_env.py with a temporary switch, 30
+// and 20 rounds, results/ab_folded_backward_1x1_avx2_cpu*.json: backward 0.94-0.98 on ResNet-50's
+// 2048->512 and 512->2048 and MobileNetV2's 960->160 and 160->960 on 7x7, 0.95 on B32 512->512 8x8,
+// 0.98-0.99 on B64 256->256 8x8 and the stride-2 1024->2048 onto 7x7; a run of 14 rounds before read
+// 0.93-0.99 on the 7x7 layers; peak memory of the training step 0.95-1.1x what it was, at most
+// 1.04x the static convolution's. On 10x10 and 12x12 maps a 14-round run read 0.94-1.06: unfolded.)
 // Blocks. A part works block by block of its channels, and inside a block chunk by chunk of the
 // batch: the buffers below hold the block's columns only (Jr = the block's), so a chunk holds more
 // samples in the same memory, and the block's slices of W_k and grad_W, which every chunk reads (and
@@ -2016,10 +2023,15 @@ constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
+constexpr int64_t kFoldedBackwardMaxPixelsDirect = 64;  // 1x1 kernels without im2col
 constexpr int64_t kBlockBytes = 8 * 1024 * 1024;  // a block's slices of W_k and grad_W, at most
 constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;     // the folded backward's budget (see above)
 constexpr int64_t kFoldedMaxThreadBytesBackward = 4 * 1024 * 1024;  // and its most, for parts of > 16 MB of kernels
 constexpr int64_t kFoldedSubSamples = 8;  // samples whose Q' and A the folded backward holds at a time
+
+inline int64_t folded_backward_max_pixels(const Geometry& g) {
+  return g.im2col_is_identity() ? kFoldedBackwardMaxPixelsDirect : kFoldedBackwardMaxPixels;
+}
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
 // columns (and one input channel); 0 when the backward splits the samples instead.
@@ -2219,7 +2231,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
-  const bool folded = want_params && gx_transposed && P <= kFoldedBackwardMaxPixels && std::is_same_v<scalar_t, acc_t>;
+  const bool folded = want_params && gx_transposed && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
