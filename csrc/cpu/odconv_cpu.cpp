@@ -1953,8 +1953,12 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // and 20 rounds, results/ab_folded_backward_1x1_avx2_cpu*.json: backward 0.94-0.98 on ResNet-50's
 // 2048->512 and 512->2048 and MobileNetV2's 960->160 and 160->960 on 7x7, 0.95 on B32 512->512 8x8,
 // 0.98-0.99 on B64 256->256 8x8 and the stride-2 1024->2048 onto 7x7; a run of 14 rounds before read
-// 0.93-0.99 on the 7x7 layers; peak memory of the training step 0.95-1.1x what it was, at most
-// 1.04x the static convolution's. On 10x10 and 12x12 maps a 14-round run read 0.94-1.06: unfolded.)
+// 0.93-0.99 on the 7x7 layers; ab_builds.py --paired, 6 rounds,
+// results/ab_folded_backward_1x1_paired_avx2_cpu.json: 0.90-1.00 on the four 7x7 layers and 0.95 on
+// 8x8, the GTSRB 6x6 control 1.00. Peak memory of the training step 0.95-1.1x what it was, at most
+// 1.04x the static convolution's. On 10x10 and 12x12 maps a 14-round run read 0.94-1.06: unfolded.
+// A session before had read 0.95-1.03 for 1x1 on 7x7 and 3x3 on 7x7 and 8x8 together, and left them
+// unfolded.)
 // Blocks. A part works block by block of its channels, and inside a block chunk by chunk of the
 // batch: the buffers below hold the block's columns only (Jr = the block's), so a chunk holds more
 // samples in the same memory, and the block's slices of W_k and grad_W, which every chunk reads (and
