@@ -503,12 +503,19 @@ TRANSPOSED_FORWARD = [
 
 
 @requires_extension
+@pytest.mark.parametrize("split", ["samples", "tiles"])
 @pytest.mark.parametrize("tap_major", ["always", "never"])
 @pytest.mark.parametrize("case", TRANSPOSED_FORWARD, ids=case_id)
-def test_transposed_forward_matches_reference(case, tap_major, monkeypatch):
+def test_transposed_forward_matches_reference(case, tap_major, split, monkeypatch, num_threads):
     # with the columns in (tap, channel) order (im2row by channels-last copies, W permuted once per
-    # call; the default below 16 MB of W) and in im2col's order (above)
+    # call; the default below 16 MB of W) and in im2col's order (above); the batch split between the
+    # threads, or the ranges of tile rows split between them for every sample of a chunk (W's slices
+    # transposed once per chunk, A^T folded; the default for batches under 5 samples per thread): at
+    # 3 threads the cases' 1-2 ranges leave threads idle, 70 samples go in two chunks of 35, and the
+    # smaller batches fold in one chunk (3 and 4 samples too)
     monkeypatch.setenv("ODCONV_CPU_TAP_MAJOR", tap_major)
+    monkeypatch.setenv("ODCONV_CPU_FORWARD_SPLIT", split)
+    num_threads(3)
     assert_case_matches_reference(case, (torch.float32,))
 
 
@@ -536,11 +543,14 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
 
 
 @requires_extension
-@pytest.mark.parametrize("variable,value", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes"), ("ODCONV_CPU_TAP_MAJOR", "sometimes")])
-def test_forward_path_overrides_are_checked(variable, value, monkeypatch):
+@pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
+                                                    ("ODCONV_CPU_TAP_MAJOR", "sometimes", "auto, always or never"),
+                                                    ("ODCONV_CPU_FORWARD_SPLIT", "rows", "auto, samples or tiles")])
+def test_forward_path_overrides_are_checked(variable, value, choices, monkeypatch, num_threads):
     monkeypatch.setenv(variable, value)
+    num_threads(1)  # a batch smaller than the thread count splits rows and never asks for the tap-major columns
     x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 1, dtype=torch.float32, requires_grad=False)
-    with pytest.raises(RuntimeError, match=f"{variable}.*auto, always or never.*'{value}'"):
+    with pytest.raises(RuntimeError, match=f"{variable}.*{choices}.*'{value}'"):
         torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
 
 

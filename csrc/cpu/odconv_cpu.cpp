@@ -198,7 +198,8 @@ void advise_huge_pages(const at::Tensor& t) {
 
 // The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
 // (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
-// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD) that tests and A/B runs use.
+// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD,
+// ODCONV_CPU_FORWARD_SPLIT) that tests and A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
   const char* env = std::getenv(name);
   const std::string mode = env == nullptr ? "auto" : env;
@@ -1324,6 +1325,7 @@ at::Tensor forward_kernel(
   // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
   // ODCONV_CPU_TRANSPOSED_FORWARD=auto (default) | always | never overrides the choice (tests run both).
   const std::string transposed_mode = path_override("ODCONV_CPU_TRANSPOSED_FORWARD", {"auto", "always", "never"});
+  const std::string split_mode = path_override("ODCONV_CPU_FORWARD_SPLIT", {"auto", "samples", "tiles"});  // below
   const bool transposed = uses_brgemm<scalar_t>() && (transposed_mode == "auto" ? (P + 15) / 16 * 16 * 4 > 5 * P
                                                                                 : transposed_mode == "always");
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
@@ -1438,6 +1440,93 @@ at::Tensor forward_kernel(
                  : (folded ? std::clamp<int64_t>(K * Cout * J * static_cast<int64_t>(sizeof(scalar_t)),
                                                  kForwardThreadBytes, kFoldedThreadBytes)
                            : kForwardThreadBytes));
+  // Tiles between threads, for small batches. A thread's run transposes W's slices only when it has
+  // at least kMinSamplesPerWeightTranspose samples; with a smaller share of the batch (B < 10 on 2
+  // threads, B < 80 on 16) each thread built every sample's Wb^T from the K kernels, and folded
+  // nothing. Here the threads share the tiles instead: they build the chunk's rows' = rows m sample by
+  // sample, then take ranges of tile rows (all of a range's column blocks, which accumulate into the
+  // same columns of out^T) through every sample of the chunk, W's slices transposed once per call
+  // and A^T built for four samples per pass, and transpose and scale those rows of the outputs.
+  // (benchmarks/ab_env.py, 24 rounds, results/ab_forward_split_tiles_avx2_cpu.json: forward 0.67-0.87
+  // on B2-B8 512->512 7x7 and B4-B8 2048->512 1x1 on 7x7, 0.91-0.94 on B8 128->256 6x6, B6 256->256
+  // 5x5 and B8 256->512 stride 2 onto 7x7; B10 and B32 512->512 7x7, which keep the runs, 1.00-1.01.)
+  // Larger batches keep the threads' runs: sharing tiles there transposes W once per chunk instead of
+  // once per thread, and read 0.90-0.96 on B32 512->512 7x7 and 0.96-1.00 on the GTSRB 6x6 and
+  // 256->256 5x5 layers in four runs, but 1.04-1.15 on those three in two others
+  // (results/ab_forward_split_tiles_avx2_cpu_slow_period.json), in periods when the machine ran
+  // everything slower: it has two parallel regions per chunk where the runs have one per call. It takes layers whose ranges of rows the threads share evenly: a
+  // multiple of the thread count, or at least four per thread (160 rows in five ranges of 32 would
+  // leave a thread idle for a fifth of the time). ODCONV_CPU_FORWARD_SPLIT=auto (default) | samples |
+  // tiles overrides the choice (tiles: every float32 transposed forward of a batch of at least the
+  // thread count, in chunks of up to threads x per_run samples; tests run both).
+  if constexpr (is_float) {
+    std::vector<std::pair<size_t, size_t>> ranges;  // [first, last) tiles of one range of rows
+    for (size_t ti = 0; ti < tiles.size(); ++ti) {
+      if (ti > 0 && tiles[ti].g0 == tiles[ti - 1].g0 && tiles[ti].r0 == tiles[ti - 1].r0)
+        ranges.back().second = ti + 1;
+      else
+        ranges.emplace_back(ti, ti + 1);
+    }
+    const int64_t n_ranges = ranges.size(), most = threads * per_run;
+    const int64_t chunk = even_step(g.batch, most), share = (g.batch + threads - 1) / threads;
+    const bool even_ranges = n_ranges % threads == 0 || n_ranges >= 4 * threads;
+    if (folded_transposed && threads > 1 && split_mode != "samples" &&
+        (split_mode == "tiles" || (share < kMinSamplesPerWeightTranspose && even_ranges))) {
+      at::Tensor rows_buf = at::empty({chunk * GJ * P}, opts), m_buf = at::empty({chunk * GJ}, acc_opts);
+      at::Tensor out_t = at::empty({chunk * P * Cout}, opts);
+      float *rows = rows_buf.data_ptr<float>(), *m = m_buf.data_ptr<float>(), *ot = out_t.data_ptr<float>();
+      const float *x_ptr = x.const_data_ptr<float>(), *a_ptr = a.const_data_ptr<float>();
+      const float *ch_ptr = ch.const_data_ptr<float>(), *s_ptr = s.const_data_ptr<float>();
+      const float* f_ptr = f.const_data_ptr<float>();
+      for (int64_t s0 = 0; s0 < g.batch; s0 += chunk) {
+        const int64_t n = std::min(chunk, g.batch - s0);
+        at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {  // rows' = rows m, sample by sample
+          const int64_t scratch_elems = tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g);
+          at::Tensor scratch = direct ? at::Tensor() : at::empty({scratch_elems}, opts);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t b = s0 + i;
+            if (tap_major) {
+              im2row_tap_major(x_ptr + b * x_stride, g, scratch.data_ptr<float>(), rows + i * GJ * P, GJ);
+              input_scale_tap_major(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m + i * GJ);
+            } else {
+              im2row(x_ptr + b * x_stride, g, direct ? nullptr : scratch.data_ptr<float>(), rows + i * GJ * P);
+              input_scale(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m + i * GJ);
+            }
+            scale_columns(rows + i * GJ * P, P, GJ, m + i * GJ);
+          }
+        });
+        at::parallel_for(0, n_ranges, 1, [&](int64_t r0, int64_t r1) {  // out^T's columns, range by range
+          at::Tensor wt_buf = at::empty({K * max_tile}, opts), kern_buf = at::empty({kFoldedSamples * max_tile}, opts);
+          float *wt = wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
+          for (int64_t r = r0; r < r1; ++r) {
+            for (size_t ti = ranges[r].first; ti < ranges[r].second; ++ti) {
+              const Tile& t = tiles[ti];
+              const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
+              transpose_weight_tile(w_ptr, g, t, wt);
+              for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
+                const int64_t S = std::min(kFoldedSamples, n - i0);
+                build_folded_tile_transposed(wt, a_ptr + (s0 + i0) * K, S, g, t, kern);
+                for (int64_t q = 0; q < S; ++q)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
+                  grouped_gemm<float>(nG, P, T, Jt, rows + (i0 + q) * GJ * P + t.g0 * J + t.j0, GJ, J,
+                                      kern + q * elems, T, Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog,
+                                      /*accumulate=*/t.j0 > 0, opts);
+              }
+            }
+            // the range's rows of each output: out_b[rows] = f[rows] (out_b^T[:, rows])^T
+            const Tile& t = tiles[ranges[r].first];
+            const int64_t row0 = t.first_row(Cog), R = t.groups() * t.rows();
+            for (int64_t i = 0; i < n; ++i) {
+              float* y_rows = y + (s0 + i) * Cout * P + row0 * P;
+              transpose_strided(ot + i * P * Cout + row0, P, R, Cout, y_rows, P);
+              scale_rows(y_rows, R, P, f_ptr + (s0 + i) * Cout + row0);
+            }
+          }
+          if constexpr (uses_brgemm<scalar_t>()) at::native::cpublas::brgemm_release(false);
+        });
+      }
+      return out;
+    }
+  }
   for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     const int64_t step = even_step(b_end - b_begin, per_run);
     at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
