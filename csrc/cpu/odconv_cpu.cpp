@@ -34,7 +34,9 @@
 // samples, and its runs are sized by kTransposedForwardThreadBytes. The float32 forward on 4x4 and
 // 8x8 maps builds A instead of Wb, the scales m and f applied to cols_b and out_b, for four samples
 // per pass over a tile: build_folded_tile; and so do those runs, with A^T from the transposed
-// slices and m on rows_b: build_folded_tile_transposed.) A forward with fewer samples
+// slices and m on rows_b: build_folded_tile_transposed; with fewer than
+// kMinSamplesPerWeightTranspose samples per thread that forward shares the ranges of tile rows
+// between threads for every sample instead: "Tiles between threads".) A forward with fewer samples
 // than threads (one image in the GUI) splits each sample's output rows between threads instead:
 // im2col by input channels, then the (sample, row range) pairs in parallel. The backward of layers
 // without groups gives each thread a range of input channels for every sample instead of a run of
