@@ -1447,8 +1447,9 @@ at::Tensor forward_kernel(
   // threads, B < 80 on 16) each thread built every sample's Wb^T from the K kernels, and folded
   // nothing. Here the threads share the tiles instead: they build the chunk's rows' = rows m sample by
   // sample, then take ranges of tile rows (all of a range's column blocks, which accumulate into the
-  // same columns of out^T) through every sample of the chunk, W's slices transposed once per call
-  // and A^T built for four samples per pass, and transpose and scale those rows of the outputs.
+  // same columns of out^T) through every sample of the chunk, W's slices transposed once per chunk
+  // (the whole batch, unless its im2row exceeds the threads' budgets) and A^T built for four samples
+  // per pass, and transpose and scale those rows of the outputs.
   // (benchmarks/ab_env.py, 24 rounds, results/ab_forward_split_tiles_avx2_cpu.json: forward 0.67-0.87
   // on B2-B8 512->512 7x7 and B4-B8 2048->512 1x1 on 7x7, 0.91-0.94 on B8 128->256 6x6, B6 256->256
   // 5x5 and B8 256->512 stride 2 onto 7x7; B10 and B32 512->512 7x7, which keep the runs, 1.00-1.01.)
@@ -1456,9 +1457,10 @@ at::Tensor forward_kernel(
   // once per thread, and read 0.90-0.96 on B32 512->512 7x7 and 0.96-1.00 on the GTSRB 6x6 and
   // 256->256 5x5 layers in four runs, but 1.04-1.15 on those three in two others
   // (results/ab_forward_split_tiles_avx2_cpu_slow_period.json), in periods when the machine ran
-  // everything slower: it has two parallel regions per chunk where the runs have one per call. It takes layers whose ranges of rows the threads share evenly: a
-  // multiple of the thread count, or at least four per thread (160 rows in five ranges of 32 would
-  // leave a thread idle for a fifth of the time). ODCONV_CPU_FORWARD_SPLIT=auto (default) | samples |
+  // everything slower: it has two parallel regions per chunk where the runs have one per call.
+  // It takes layers whose ranges of rows the threads share evenly: a multiple of the thread count,
+  // or at least four per thread (160 rows in five ranges of 32 would leave a thread idle for a
+  // fifth of the time). ODCONV_CPU_FORWARD_SPLIT=auto (default) | samples |
   // tiles overrides the choice (tiles: every float32 transposed forward of a batch of at least the
   // thread count, in chunks of up to threads x per_run samples; tests run both).
   if constexpr (is_float) {
@@ -2326,7 +2328,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
-  const bool folded = want_params && gx_transposed && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
+  const bool folded =
+      want_params && gx_transposed && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
