@@ -619,10 +619,11 @@ TRANSPOSED_GRAD_X = [
 
 
 # ---- the folded backward: both gradient groups on maps of at most 36 pixels (64 with 1x1 kernels without
-# im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction runs over 4 samples per pass along a row of
-# W_k, grad_W comes from Q' and grad_m from the grad_x product. Batches that leave 1-3 samples for the last
-# pass, K from 1 to 8, two chunks, stride 2; blocks of a part's channels (in float64 with K = 8, 32 channels
-# of 3x3 and a ragged block) worked through chunk by chunk; and input scales too small to divide by. ------
+# im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction
+# runs over 4 samples per pass along a row of W_k, grad_W comes from Q' and grad_m from the grad_x product.
+# Batches that leave 1-3 samples for the last pass, K from 1 to 8, two chunks, stride 2; blocks of a part's
+# channels (in float64 with K = 8, 32 channels of 3x3 and a ragged block) worked through chunk by chunk;
+# and input scales too small to divide by. ---------------------------------------------------------------
 FOLDED_BACKWARD = [
     (5, 40, 32, 4, 3, 4, 1, 1, 1, 1),      # P = 16: a pass of 4 samples, then 1
     (6, 24, 72, 6, 3, 3, 1, 1, 1, 1),      # P = 36, the largest folded map; passes of 4 + 2
