@@ -357,6 +357,19 @@ std::vector<Panel> make_panels(const std::vector<Tile>& tiles, bool gather, std:
   return panels;
 }
 
+// Ranges of rows: [first, last) of consecutive tiles with the same groups and first row (a range's
+// column blocks, which accumulate into the same outputs, so one thread takes all of them).
+std::vector<std::pair<size_t, size_t>> row_ranges(const std::vector<Tile>& tiles) {
+  std::vector<std::pair<size_t, size_t>> ranges;
+  for (size_t ti = 0; ti < tiles.size(); ++ti) {
+    if (ti > 0 && tiles[ti].g0 == tiles[ti - 1].g0 && tiles[ti].r0 == tiles[ti - 1].r0)
+      ranges.back().second = ti + 1;
+    else
+      ranges.emplace_back(ti, ti + 1);
+  }
+  return ranges;
+}
+
 int64_t max_tile_elems(const std::vector<Tile>& tiles) {
   int64_t m = 0;
   for (const Tile& t : tiles) m = std::max(m, t.groups() * t.rows() * t.cols());
@@ -1385,14 +1398,7 @@ at::Tensor forward_kernel(
     for (int64_t b = 0; b < B; ++b)
       input_scale(ch.const_data_ptr<acc_t>() + b * Cin, s.const_data_ptr<acc_t>() + b * taps, g,
                   m_buf.data_ptr<acc_t>() + b * GJ);
-    // row ranges: consecutive tiles with the same groups and first row (a range's column blocks)
-    std::vector<std::pair<size_t, size_t>> ranges;
-    for (size_t ti = 0; ti < tiles.size(); ++ti) {
-      if (ti > 0 && tiles[ti].g0 == tiles[ti - 1].g0 && tiles[ti].r0 == tiles[ti - 1].r0)
-        ranges.back().second = ti + 1;
-      else
-        ranges.emplace_back(ti, ti + 1);
-    }
+    const std::vector<std::pair<size_t, size_t>> ranges = row_ranges(tiles);
     const int64_t n_ranges = ranges.size();
     at::parallel_for(0, B * n_ranges, 1, [&](int64_t u0, int64_t u1) {
       at::Tensor kern_buf = at::empty({max_tile}, opts);
@@ -1436,6 +1442,46 @@ at::Tensor forward_kernel(
     grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
                            /*accumulate=*/t.j0 > 0, opts);
   };
+  // The transposed product's rows_b (im2row, or over tap-major columns) and input scale m_b of sample b;
+  // scratch: a channels-last copy of x_b (tap-major) or im2row's blocks, none without im2col.
+  const auto transposed_rows = [&](int64_t b, scalar_t* scratch, scalar_t* rows_b, acc_t* m_b) {
+    const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
+    const acc_t *ch_b = ch.const_data_ptr<acc_t>() + b * g.in_channels, *s_b = s.const_data_ptr<acc_t>() + b * g.taps();
+    if (tap_major) {
+      im2row_tap_major(x_b, g, scratch, rows_b, GJ);
+      input_scale_tap_major(ch_b, s_b, g, m_b);
+    } else {
+      im2row(x_b, g, scratch, rows_b);
+      input_scale(ch_b, s_b, g, m_b);
+    }
+  };
+  // The folded products of tile t (float32) for the samples [s0, s0 + n), whose scaled cols matrices
+  // (with wt: rows matrices) lie cols_stride apart from cols: A of the tile for up to kFoldedSamples
+  // samples per pass, then out_b (+)= A @ (m cols_b) into out; with wt, W's slices of the tile first
+  // transposed into wt, A^T built from them, and out_b^T (+)= (rows_b m) @ A^T into ot, P x Cout per
+  // sample from the run's first.
+  const auto multiply_tile_folded = [&](const Tile& t, int64_t s0, int64_t n, const float* w, const float* cols,
+                                        int64_t cols_stride, float* wt, float* kern, float* out, float* ot) {
+    const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
+    if (wt != nullptr) transpose_weight_tile(w, g, t, wt);
+    for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
+      const int64_t S = std::min(kFoldedSamples, n - i0);
+      const float* a_pass = a.const_data_ptr<float>() + (s0 + i0) * K;
+      if (wt != nullptr)
+        build_folded_tile_transposed(wt, a_pass, S, g, t, kern);
+      else
+        build_folded_tile(w, a_pass, S, g, t, kern);
+      for (int64_t q = 0; q < S; ++q) {
+        const float* cols_q = cols + (i0 + q) * cols_stride;
+        if (wt != nullptr)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
+          grouped_gemm<float>(nG, P, T, Jt, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T, Jt * T,
+                              ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+        else  // out_q[rows of t] (+)= A @ (m cols_q)[cols of t]
+          grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt, cols_q + t.g0 * J * P + t.j0 * P, P, J * P,
+                              out + (s0 + i0 + q) * Cout * P + row0 * P, P, Cog * P, /*accumulate=*/t.j0 > 0, opts);
+      }
+    }
+  };
   const int64_t per_run = samples_per_run(
       reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)),
       transposed ? kTransposedForwardThreadBytes
@@ -1464,13 +1510,7 @@ at::Tensor forward_kernel(
   // tiles overrides the choice (tiles: every float32 transposed forward of a batch of at least the
   // thread count, in chunks of up to threads x per_run samples; tests run both).
   if constexpr (is_float) {
-    std::vector<std::pair<size_t, size_t>> ranges;  // [first, last) tiles of one range of rows
-    for (size_t ti = 0; ti < tiles.size(); ++ti) {
-      if (ti > 0 && tiles[ti].g0 == tiles[ti - 1].g0 && tiles[ti].r0 == tiles[ti - 1].r0)
-        ranges.back().second = ti + 1;
-      else
-        ranges.emplace_back(ti, ti + 1);
-    }
+    const std::vector<std::pair<size_t, size_t>> ranges = row_ranges(tiles);
     const int64_t n_ranges = ranges.size(), most = threads * per_run;
     const int64_t chunk = even_step(g.batch, most), share = (g.batch + threads - 1) / threads;
     const bool even_ranges = n_ranges % threads == 0 || n_ranges >= 4 * threads;
@@ -1479,8 +1519,6 @@ at::Tensor forward_kernel(
       at::Tensor rows_buf = at::empty({chunk * GJ * P}, opts), m_buf = at::empty({chunk * GJ}, acc_opts);
       at::Tensor out_t = at::empty({chunk * P * Cout}, opts);
       float *rows = rows_buf.data_ptr<float>(), *m = m_buf.data_ptr<float>(), *ot = out_t.data_ptr<float>();
-      const float *x_ptr = x.const_data_ptr<float>(), *a_ptr = a.const_data_ptr<float>();
-      const float *ch_ptr = ch.const_data_ptr<float>(), *s_ptr = s.const_data_ptr<float>();
       const float* f_ptr = f.const_data_ptr<float>();
       for (int64_t s0 = 0; s0 < g.batch; s0 += chunk) {
         const int64_t n = std::min(chunk, g.batch - s0);
@@ -1488,14 +1526,7 @@ at::Tensor forward_kernel(
           const int64_t scratch_elems = tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g);
           at::Tensor scratch = direct ? at::Tensor() : at::empty({scratch_elems}, opts);
           for (int64_t i = i0; i < i1; ++i) {
-            const int64_t b = s0 + i;
-            if (tap_major) {
-              im2row_tap_major(x_ptr + b * x_stride, g, scratch.data_ptr<float>(), rows + i * GJ * P, GJ);
-              input_scale_tap_major(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m + i * GJ);
-            } else {
-              im2row(x_ptr + b * x_stride, g, direct ? nullptr : scratch.data_ptr<float>(), rows + i * GJ * P);
-              input_scale(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m + i * GJ);
-            }
+            transposed_rows(s0 + i, direct ? nullptr : scratch.data_ptr<float>(), rows + i * GJ * P, m + i * GJ);
             scale_columns(rows + i * GJ * P, P, GJ, m + i * GJ);
           }
         });
@@ -1503,19 +1534,8 @@ at::Tensor forward_kernel(
           at::Tensor wt_buf = at::empty({K * max_tile}, opts), kern_buf = at::empty({kFoldedSamples * max_tile}, opts);
           float *wt = wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
           for (int64_t r = r0; r < r1; ++r) {
-            for (size_t ti = ranges[r].first; ti < ranges[r].second; ++ti) {
-              const Tile& t = tiles[ti];
-              const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
-              transpose_weight_tile(w_ptr, g, t, wt);
-              for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
-                const int64_t S = std::min(kFoldedSamples, n - i0);
-                build_folded_tile_transposed(wt, a_ptr + (s0 + i0) * K, S, g, t, kern);
-                for (int64_t q = 0; q < S; ++q)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
-                  grouped_gemm<float>(nG, P, T, Jt, rows + (i0 + q) * GJ * P + t.g0 * J + t.j0, GJ, J,
-                                      kern + q * elems, T, Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog,
-                                      /*accumulate=*/t.j0 > 0, opts);
-              }
-            }
+            for (size_t ti = ranges[r].first; ti < ranges[r].second; ++ti)
+              multiply_tile_folded(tiles[ti], s0, n, w_ptr, rows, GJ * P, wt, kern, y, ot);
             // the range's rows of each output: out_b[rows] = f[rows] (out_b^T[:, rows])^T
             const Tile& t = tiles[ranges[r].first];
             const int64_t row0 = t.first_row(Cog), R = t.groups() * t.rows();
@@ -1559,19 +1579,13 @@ at::Tensor forward_kernel(
       const bool fold_run = folded_transposed && n >= kMinSamplesPerWeightTranspose;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = s0 + i;
-        const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
-        if (tap_major)
-          im2row_tap_major(x_b, g, im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P, GJ);
-        else if (transposed)
-          im2row(x_b, g, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P);
-        else if (!direct)
-          im2col(x_b, g, buf + i * GJ * P);
-        if (tap_major)
-          input_scale_tap_major(ch.const_data_ptr<acc_t>() + b * g.in_channels,
-                                s.const_data_ptr<acc_t>() + b * g.taps(), g, m + i * GJ);
-        else
+        if (transposed) {
+          transposed_rows(b, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P, m + i * GJ);
+        } else {
+          if (!direct) im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, buf + i * GJ * P);
           input_scale(ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * g.taps(), g,
                       m + i * GJ);
+        }
         if constexpr (is_float) {
           if (folded) scale_rows(buf + i * GJ * P, GJ, P, m + i * GJ);  // m * cols_b
           if (fold_run) scale_columns(buf + i * GJ * P, P, GJ, m + i * GJ);  // rows_b * m
@@ -1580,30 +1594,8 @@ at::Tensor forward_kernel(
       for (const Tile& t : tiles) {
         if constexpr (is_float) {
           if (folded || fold_run) {
-            // A of the tile (A^T from W's transposed slices in runs of the transposed product) for up
-            // to kFoldedSamples samples per pass, then their products
-            const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
-            float* kern = folded_kern.data_ptr<float>();
-            float* wt = fold_run ? wt_buf.data_ptr<float>() : nullptr;
-            if (fold_run) transpose_weight_tile(w_ptr, g, t, wt);
-            for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
-              const int64_t S = std::min(kFoldedSamples, n - i0);
-              const float* a_pass = a.const_data_ptr<float>() + (s0 + i0) * K;
-              if (fold_run)
-                build_folded_tile_transposed(wt, a_pass, S, g, t, kern);
-              else
-                build_folded_tile(w_ptr, a_pass, S, g, t, kern);
-              for (int64_t q = 0; q < S; ++q) {
-                const float* cols_q = cols + (i0 + q) * cols_stride;
-                if (fold_run)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
-                  grouped_gemm<float>(nG, P, T, Jt, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T, Jt * T,
-                                      ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
-                else  // out_q[rows of t] (+)= A @ (m cols_q)[cols of t]
-                  grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt, cols_q + t.g0 * J * P + t.j0 * P, P,
-                                      J * P, y + (s0 + i0 + q) * Cout * P + row0 * P, P, Cog * P,
-                                      /*accumulate=*/t.j0 > 0, opts);
-              }
-            }
+            multiply_tile_folded(t, s0, n, w_ptr, cols, cols_stride, fold_run ? wt_buf.data_ptr<float>() : nullptr,
+                                 folded_kern.data_ptr<float>(), y, ot);
             continue;
           }
         }
