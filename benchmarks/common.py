@@ -149,6 +149,17 @@ SUITES = {
         LayerShape(32, 2048, 512, 7, 1, 4, 1, 1),     # layer4 reduction
         LayerShape(32, 512, 2048, 7, 1, 4, 1, 1),     # layer4 expansion
     ],
+    # ResNeXt-50 (32x4d)'s grouped 3x3 layers, 32 groups of 4 to 32 channels, at batch 32 and 224x224 input:
+    # per stage the stride-1 layer and the strided one that opens it (layer1 has none).
+    "resnext50": [
+        LayerShape(32, 128, 128, 56, 3, 4, 1, 32),    # layer1
+        LayerShape(32, 256, 256, 56, 3, 4, 2, 32),    # layer2 downsampling, 28x28 out
+        LayerShape(32, 256, 256, 28, 3, 4, 1, 32),    # layer2
+        LayerShape(32, 512, 512, 28, 3, 4, 2, 32),    # layer3 downsampling, 14x14 out
+        LayerShape(32, 512, 512, 14, 3, 4, 1, 32),    # layer3
+        LayerShape(32, 1024, 1024, 14, 3, 4, 2, 32),  # layer4 downsampling, 7x7 out
+        LayerShape(32, 1024, 1024, 7, 3, 4, 1, 32),   # layer4
+    ],
 }
 
 

@@ -424,14 +424,46 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
     (6, 16, 1, 20, 3, 3, 1, 1, 1, 1),      # one output channel, 20x20 map (400 pixels)
 ]
 
+# ---- float32 grouped layers of narrow groups (at most 32 output channels per group, widths multiples of 8) run
+# both directions through grouped convolutions on maps of any size: the backward at stride 1, the forward with 16+
+# groups or 5x5+ kernels, at most 24 rows per group, 1 M multiply-adds per sample and a sample per thread. ------
+NARROW_GROUP_PATHS = {  # case: (forward, backward) path that auto takes
+    (4, 128, 128, 14, 3, 2, 1, 1, 1, 16): ("always", "always"),  # 16 groups of 8 channels
+    (5, 64, 64, 9, 5, 3, 1, 2, 1, 8): ("always", "always"),      # 5x5 kernels, 8 groups; 3 threads: uneven runs
+    (6, 64, 64, 7, 3, 2, 1, 1, 1, 8): ("never", "always"),       # 7x7 map: 0.2 M multiply-adds per sample
+    (4, 256, 256, 12, 3, 2, 2, 1, 1, 16): ("always", "never"),   # stride 2, 12x12 -> 6x6
+    (4, 96, 96, 8, 3, 2, 1, 1, 1, 8): ("never", "never"),        # groups of 12 channels
+}
+NARROW_GROUPS = list(NARROW_GROUP_PATHS)
+
 
 @requires_extension
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("case", SAMPLE_CONVOLUTIONS + SAMPLE_CONVOLUTION_BACKWARDS, ids=case_id)
+@pytest.mark.parametrize("case", SAMPLE_CONVOLUTIONS + SAMPLE_CONVOLUTION_BACKWARDS + NARROW_GROUPS, ids=case_id)
 def test_sample_convolutions_match_reference(case, threads, num_threads):
     # output and all six gradients; most cases run per-sample convolutions in both directions
     num_threads(threads)
     assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+@pytest.mark.parametrize("case", NARROW_GROUPS, ids=case_id)
+def test_narrow_groups_take_the_convolution_path(case, monkeypatch, num_threads):
+    # each direction's auto result is bit for bit that of the path named in NARROW_GROUP_PATHS, not the other's
+    num_threads(2)
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    x, w, ch, f, s, a = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
+    conv = (list(stride), list(padding), list(dilation), groups)
+    grad_out = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv))
+    results = {}
+    for path in ("auto", "always", "never"):
+        monkeypatch.setenv("ODCONV_CPU_CONV_PATH", path)
+        results[path] = ([torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv)],
+                         torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True]))
+    for direction, want in enumerate(NARROW_GROUP_PATHS[case]):
+        other = "never" if want == "always" else "always"
+        assert all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[want][direction]))
+        assert not all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[other][direction]))
 
 
 @requires_extension

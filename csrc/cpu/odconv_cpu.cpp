@@ -2792,6 +2792,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 16x16, 0.91-0.95 on 512->512 16x16, 512->128 28x28 (B32 and B64) and 512->256 14x14; with fewer input
 // channels 1.02-1.10 (256->256 and 128->512 on 28x28, 256->1024 on 14x14; but 256->128 32x32 0.56),
 // on 56x56 maps 0.95-1.13, on 7x7 1.40.)
+// Grouped layers of narrow groups (narrow_groups: at most kNarrowGroupMaxRows output channels per
+// group, and both group widths multiples of kNarrowGroupChannelStep, oneDNN's channel block on AVX2;
+// ResNeXt's 32 groups, RegNet's group widths of 8-32) take the path on any map, in float32: the GEMM
+// path multiplies each group's Cog x J kernel on its own, products of 8-32 rows whose per-call
+// overhead dominates, where oneDNN's grouped convolution blocks the groups' channels. The backward
+// takes it at stride 1, the forward with at least kNarrowGroupMinGroupsForward groups or
+// kNarrowGroupMinTapsForward taps, at most kNarrowGroupMaxRowsForward rows per group and
+// kNarrowGroupMinSampleMacs multiply-adds per sample, on batches of at least a sample per thread.
+// (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=always against never, 8 rounds, 2 threads, AVX2 (Zen 3),
+// results/ab_narrow_groups_paths*_avx2_cpu.json: backward 0.31-0.84 on layers of 8-32 channel groups
+// on 7x7-28x28 maps (B32 256->256 14x14 with 32 groups 0.33-0.39, 512->512 14x14 0.45, 1024->1024
+// 7x7 0.75, 384->384 7x7 with 24 groups 0.53, 128->128 8x8 with 16 groups 0.42, two groups of 32
+// 0.66-1.02, 5x5 and 7x7 kernels 0.29-0.50); but 1.05-1.47 where a group's width is not a multiple
+// of 8 (12 or 20 channels), 0.81-1.62 with 64 or 128 rows per group, 0.97-1.31 at stride 2 (0.52-0.56
+// with 8 rows per group), 1.30-2.06 with 4 input channels per group (one sample per call) and
+// 1.67-1.85 on 1x1 kernels. Forward 0.64-0.93 with 16-32 groups (0.73-0.97 at stride 2), 0.51-0.70
+// with 5x5 and 7x7 kernels and 8-16 groups; but 0.85-1.38 with 2-14 groups of 3x3 kernels, 1.05-1.11
+// with 20-32 rows per group, 1.19-1.39 on samples of 0.6 M multiply-adds, 1.19 at batch 1. Held out
+// of the choice of these bounds, auto against never (results/ab_narrow_groups_held_out_avx2_cpu.json):
+// B64 256->256 14x14 with 16 groups forward 0.87 and backward 0.51, B32 384->384 14x14 with 16
+// groups 0.84 and 0.63, B2 512->512 14x14 with 32 groups 0.84 and 0.55; backward of B32 512->512 7x7
+// with 16 groups 0.77, of B128 64->64 12x12 with 4 groups 0.57, of B64 128->128 7x7 with 16 groups
+// 0.44.)
 // A batch smaller than the thread count (one image in the GUI) takes one convolution
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
@@ -2841,9 +2864,23 @@ constexpr int64_t kSampleConvShareFraction = 4;
 constexpr int64_t kSampleConvMinDirectChannels = 512;  // 1x1 forward: see the header above
 constexpr int64_t kSampleConvMinDirectPixels = 144;
 constexpr int64_t kSampleConvMaxDirectPixels = 1024;
+constexpr int64_t kNarrowGroupChannelStep = 8;      // narrow groups: see the header above
+constexpr int64_t kNarrowGroupMaxRows = 32;
+constexpr int64_t kNarrowGroupMinGroupsForward = 16;
+constexpr int64_t kNarrowGroupMinTapsForward = 25;
+constexpr int64_t kNarrowGroupMaxRowsForward = 24;
+constexpr int64_t kNarrowGroupMinSampleMacs = 1000 * 1000;
 
 bool depthwise_like(const Geometry& g) {
   return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
+}
+
+// Grouped layers (not 1x1, not dilated) of narrow groups whose widths are multiples of
+// kNarrowGroupChannelStep (ResNeXt, RegNet): see the header above.
+bool narrow_groups(const Geometry& g) {
+  return g.groups > 1 && !depthwise_like(g) && g.taps() > 1 && g.dil_h == 1 && g.dil_w == 1 &&
+         g.in_per_group % kNarrowGroupChannelStep == 0 &&
+         g.out_per_group % kNarrowGroupChannelStep == 0 && g.out_per_group <= kNarrowGroupMaxRows;
 }
 
 bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
@@ -2851,6 +2888,14 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   const std::string mode = path_override("ODCONV_CPU_CONV_PATH", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   if (depthwise_like(g)) return true;
+  if (dtype == at::kFloat && narrow_groups(g)) {
+    if (backward && g.stride_h == 1 && g.stride_w == 1) return true;
+    if (!backward && (g.groups >= kNarrowGroupMinGroupsForward || g.taps() >= kNarrowGroupMinTapsForward) &&
+        g.out_per_group <= kNarrowGroupMaxRowsForward &&
+        g.batch >= at::get_num_threads() &&
+        g.out_channels * g.cols_per_group() * g.out_pixels() >= kNarrowGroupMinSampleMacs)
+      return true;
+  }
   if (backward)
     return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
            (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
