@@ -574,6 +574,24 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# On 7x7 maps grouped layers of at most 8 rows per group keep the plain product (the transposed one would have
+# fewer columns than a vector); 12 rows and more transpose it.
+@requires_extension
+@pytest.mark.parametrize("case,want", [((4, 64, 64, 7, 3, 2, 1, 1, 1, 16), "never"),
+                                       ((4, 96, 96, 7, 3, 2, 1, 1, 1, 8), "always")], ids=["4_rows", "12_rows"])
+def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
+    num_threads(2)
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
+    conv = (list(stride), list(padding), list(dilation), groups)
+    results = {}
+    for mode in ("auto", "always", "never"):
+        monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", mode)
+        results[mode] = torch.ops.odconv.odconv2d(*inputs, *conv)
+    other = "never" if want == "always" else "always"
+    assert torch.equal(results["auto"], results[want]) and not torch.equal(results["auto"], results[other])
+
+
 @requires_extension
 @pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
                                                     ("ODCONV_CPU_TAP_MAJOR", "sometimes", "auto, always or never"),

@@ -163,6 +163,7 @@ constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // (3.4 MB) timed 2.3-2.7 and 14.8-15.2 ms folded against 2.4-3.0 and 15.6-16.0 unfolded, alternated.
 constexpr int64_t kMaxFoldedPixels = 64;
 constexpr int64_t kFoldedSamples = 4;
+constexpr int64_t kTransposedForwardMinGroupRows = 12;  // see forward_kernel
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kFoldedPassBytes = 1024 * 1024;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
@@ -1338,11 +1339,21 @@ at::Tensor forward_kernel(
   // end. (2 cores, benchmarks/ab_builds.py, results/ab_transposed_forward_cpu.json: forward 0.75 on
   // B128 128->256 6x6, 0.89 on B32 512->512 7x7, 0.85 on a 7x7 layer with groups, 1.00 on 5x5; on
   // 10x10 and 14x14, where the ragged block is a small part of N, a trial showed no change.)
+  // Grouped layers of at most kTransposedForwardMinGroupRows - 1 rows per group keep the plain product:
+  // their transposed products have N = the group's rows, less than one AVX2 vector of columns.
+  // (benchmarks/ab_env.py, ODCONV_CPU_TRANSPOSED_FORWARD=never against auto on the GEMM path, 10 rounds,
+  // results/ab_transposed_forward_small_groups_avx2_cpu.json: forward 0.21-0.37 with 4 rows per group
+  // (B32 256->256 7x7 with 64 groups, 128->128 7x7 with 32), 0.36-0.40 with 8 rows and 4 input
+  // channels (B128 128->256 6x6 with 32 groups), 0.56-0.99 with 8 rows and 8 channels; with 12-64
+  // rows the transposed product stays faster: 1.06-1.39 for never.)
   // ODCONV_CPU_TRANSPOSED_FORWARD=auto (default) | always | never overrides the choice (tests run both).
   const std::string transposed_mode = path_override("ODCONV_CPU_TRANSPOSED_FORWARD", {"auto", "always", "never"});
   const std::string split_mode = path_override("ODCONV_CPU_FORWARD_SPLIT", {"auto", "samples", "tiles"});  // below
-  const bool transposed = uses_brgemm<scalar_t>() && (transposed_mode == "auto" ? (P + 15) / 16 * 16 * 4 > 5 * P
-                                                                                : transposed_mode == "always");
+  const bool transposed =
+      uses_brgemm<scalar_t>() &&
+      (transposed_mode == "auto"
+           ? (P + 15) / 16 * 16 * 4 > 5 * P && (g.groups == 1 || g.out_per_group >= kTransposedForwardMinGroupRows)
+           : transposed_mode == "always");
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
   // the folded build (see build_folded_tile): float32 on maps of at most kMaxFoldedPixels pixels, with
   // an im2col matrix to scale
