@@ -24,7 +24,8 @@
 // whole batch. The forward gives each thread (at::parallel_for) a contiguous range of the batch,
 // which it works through n <= kMaxSamplesPerThread samples at a time, n sized so its im2col buffers
 // stay within kForwardThreadBytes; the backward processes the batch in chunks, and in a chunk each
-// thread takes a run of n samples within kBackwardThreadBytes. The kernel matrix is cut into
+// thread takes a run of n samples within kBackwardThreadBytes (less for small layers: see
+// backward_kernel's run_bytes). The kernel matrix is cut into
 // tiles: whole groups (G > 1) or ranges of output channels (G == 1) whose K slices of W_k fit in
 // kTileBytes, for deep layers with small maps a range of rows and a range of J (make_tiles). A
 // thread handles a tile for all of its samples before the next tile, so a tile of W_k is read from
@@ -167,6 +168,7 @@ constexpr int64_t kTransposedForwardMinGroupRows = 12;  // see forward_kernel
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kFoldedPassBytes = 1024 * 1024;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
+constexpr int64_t kBackwardThreadMinBytes = 1024 * 1024;
 constexpr int64_t kMaxSamplesPerThread = 16;
 constexpr int64_t kGradWAddGrain = 16384;          // columns of a grad_W tile per thread, at least
 // Groups whose products are smaller than this many multiply-adds (depthwise, ...) are multiplied
@@ -2603,7 +2605,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t bytes_per_sample =
       (want_params ? cols_bytes + max_tile * (int64_t)(sizeof(acc_t) + sizeof(scalar_t)) : 0) +
       (want_x ? (direct ? 0 : cols_bytes) + kern_elems * (int64_t)sizeof(scalar_t) : 0);
-  const int64_t chunk = chunk_size(g.batch, bytes_per_sample, kBackwardThreadBytes);
+  // A run's buffers get at most a thread's share of the batch's activations (x and out), within
+  // [kBackwardThreadMinBytes, kBackwardThreadBytes]: small layers (grouped ones on 7x7 maps: 0.6-2 MB of
+  // activations) had runs of 16 samples whose im2row and gcols took 8 MB per thread, a training step
+  // 2.4-8.2x the static one's peak memory, and buffers beyond L2. (benchmarks/ab_env.py, 12 rounds,
+  // results/ab_backward_runs_by_activations_avx2_cpu.json: backward 0.44 on B32 128->128 7x7 with 32
+  // groups, 0.87-0.94 on three other grouped 6x6-7x7 layers, 0.99-1.03 on five layers up to 14x14 whose
+  // runs changed less or not; peak memory of the training step 8.2 -> 1.9x static on the first, 2.4-4.2
+  // -> 1.15-1.6x on three others, 3.2 -> 2.1x on B8 256->256 14x14 with 4 groups, bench_op.py --modes
+  // mem, results/bench_op_cpu_mem_backward_runs_*_avx2.json.)
+  const int64_t activation_bytes =
+      g.batch * (g.in_channels * g.height * g.width + g.out_channels * P) * (int64_t)sizeof(scalar_t);
+  const int64_t run_bytes =
+      std::clamp<int64_t>(activation_bytes / threads, kBackwardThreadMinBytes, kBackwardThreadBytes);
+  const int64_t chunk = chunk_size(g.batch, bytes_per_sample, run_bytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
 
