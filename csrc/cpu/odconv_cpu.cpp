@@ -226,6 +226,11 @@ inline int64_t im2col_bytes(const Geometry& g, int64_t elem_size) {
   return g.groups * g.cols_per_group() * g.out_pixels() * elem_size;
 }
 
+// Bytes of the batch's activations, x and out.
+inline int64_t activation_bytes(const Geometry& g, int64_t elem_size) {
+  return g.batch * (g.in_channels * g.height * g.width + g.out_channels * g.out_pixels()) * elem_size;
+}
+
 // Part of the kernel matrix handled together: groups [g0, g1) and, within each, rows [r0, r1) and
 // columns [j0, j1) of the group's J.
 struct Tile {
@@ -2614,10 +2619,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // runs changed less or not; peak memory of the training step 8.2 -> 1.9x static on the first, 2.4-4.2
   // -> 1.15-1.6x on three others, 3.2 -> 2.1x on B8 256->256 14x14 with 4 groups, bench_op.py --modes
   // mem, results/bench_op_cpu_mem_backward_runs_*_avx2.json.)
-  const int64_t activation_bytes =
-      g.batch * (g.in_channels * g.height * g.width + g.out_channels * P) * (int64_t)sizeof(scalar_t);
-  const int64_t run_bytes =
-      std::clamp<int64_t>(activation_bytes / threads, kBackwardThreadMinBytes, kBackwardThreadBytes);
+  const int64_t run_bytes = std::clamp<int64_t>(activation_bytes(g, sizeof(scalar_t)) / threads,
+                                                kBackwardThreadMinBytes, kBackwardThreadBytes);
   const int64_t chunk = chunk_size(g.batch, bytes_per_sample, run_bytes);
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   acc_t* grad_w_ptr = grad_w.data_ptr<acc_t>();
@@ -2939,9 +2942,7 @@ bool backward_by_samples(const Geometry& g, int64_t elem_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (depthwise_like(g) || g.batch < threads) return false;
   const int64_t shares = (threads - 1) * g.kernel_num * g.kernel_numel() * elem_size;
-  const int64_t activations =
-      g.batch * (g.in_channels * g.height * g.width + g.out_channels * g.out_pixels()) * elem_size;
-  return shares * kSampleConvShareFraction <= activations;
+  return shares * kSampleConvShareFraction <= activation_bytes(g, elem_size);
 }
 
 // Samples per convolution call of a thread (forward_by_sample_convolutions and
