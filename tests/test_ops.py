@@ -446,24 +446,30 @@ def test_sample_convolutions_match_reference(case, threads, num_threads):
     assert_case_matches_reference(case, (torch.float32,))
 
 
-@requires_extension
-@pytest.mark.parametrize("case", NARROW_GROUPS, ids=case_id)
-def test_narrow_groups_take_the_convolution_path(case, monkeypatch, num_threads):
-    # each direction's auto result is bit for bit that of the path named in NARROW_GROUP_PATHS, not the other's
-    num_threads(2)
+def assert_auto_takes(case, variable, wants, monkeypatch):
+    """The float32 forward (wants[0]) and, if named, backward (wants[1]) of a GRID-style case with `variable` at
+    auto are bit for bit those with it at the wanted value ("always" or "never"), and not those with the other."""
     batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
     x, w, ch, f, s, a = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
     conv = (list(stride), list(padding), list(dilation), groups)
     grad_out = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv))
     results = {}
-    for path in ("auto", "always", "never"):
-        monkeypatch.setenv("ODCONV_CPU_CONV_PATH", path)
-        results[path] = ([torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv)],
+    for mode in ("auto", "always", "never"):
+        monkeypatch.setenv(variable, mode)
+        results[mode] = ([torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv)],
                          torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True]))
-    for direction, want in enumerate(NARROW_GROUP_PATHS[case]):
+    for direction, want in enumerate(wants):
         other = "never" if want == "always" else "always"
         assert all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[want][direction]))
         assert not all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[other][direction]))
+
+
+@requires_extension
+@pytest.mark.parametrize("case", NARROW_GROUPS, ids=case_id)
+def test_narrow_groups_take_the_convolution_path(case, monkeypatch, num_threads):
+    # each direction takes the path named in NARROW_GROUP_PATHS
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", NARROW_GROUP_PATHS[case], monkeypatch)
 
 
 @requires_extension
@@ -581,15 +587,7 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
                                        ((4, 96, 96, 7, 3, 2, 1, 1, 1, 8), "always")], ids=["4_rows", "12_rows"])
 def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
     num_threads(2)
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
-    conv = (list(stride), list(padding), list(dilation), groups)
-    results = {}
-    for mode in ("auto", "always", "never"):
-        monkeypatch.setenv("ODCONV_CPU_TRANSPOSED_FORWARD", mode)
-        results[mode] = torch.ops.odconv.odconv2d(*inputs, *conv)
-    other = "never" if want == "always" else "always"
-    assert torch.equal(results["auto"], results[want]) and not torch.equal(results["auto"], results[other])
+    assert_auto_takes(case, "ODCONV_CPU_TRANSPOSED_FORWARD", (want,), monkeypatch)
 
 
 @requires_extension
