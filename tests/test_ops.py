@@ -65,9 +65,12 @@ def num_threads():
 @pytest.mark.parametrize("threads", [1, 16], ids=["1_thread", "16_threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("size", [6, 17], ids=["float32_forward", "16bit_forward"])
-def test_extension_low_precision(dtype, size, threads, num_threads):
+@pytest.mark.parametrize("masked", ["auto", "always"])
+def test_extension_low_precision(dtype, size, threads, masked, num_threads, monkeypatch):
     # maps of at most 16x16 run the forward through the float32 kernels, larger ones in 16 bit; with
-    # 16 threads the 4 samples' output rows are split between threads as well
+    # 16 threads the 4 samples' output rows are split between threads as well; the 16-bit im2col
+    # by masked taps only when forced (on 17x17 auto copies runs)
+    monkeypatch.setenv("ODCONV_CPU_MASKED_TAPS", masked)
     num_threads(threads)
     inputs64 = make_inputs(4, 8, 8, size, 3, 4, 1)
     inputs = [t.detach().to(dtype).requires_grad_() for t in inputs64]
@@ -593,7 +596,8 @@ def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
 @requires_extension
 @pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
                                                     ("ODCONV_CPU_TAP_MAJOR", "sometimes", "auto, always or never"),
-                                                    ("ODCONV_CPU_FORWARD_SPLIT", "rows", "auto, samples or tiles")])
+                                                    ("ODCONV_CPU_FORWARD_SPLIT", "rows", "auto, samples or tiles"),
+                                                    ("ODCONV_CPU_MASKED_TAPS", "maybe", "auto, always or never")])
 def test_forward_path_overrides_are_checked(variable, value, choices, monkeypatch, num_threads):
     monkeypatch.setenv(variable, value)
     num_threads(1)  # a batch smaller than the thread count splits rows and never asks for the tap-major columns
@@ -642,12 +646,17 @@ CONTIGUOUS_TAPS = [
 ]
 
 
+# Contiguous taps (stride 1, and stride 2 in phases) on maps of at most 256 output pixels copy and add
+# each tap's row in one masked loop over a zero-bordered copy of the plane (ODCONV_CPU_MASKED_TAPS=auto);
+# "always" and "never" force either way on every case.
 @requires_extension
+@pytest.mark.parametrize("masked", ["always", "never"])
 @pytest.mark.parametrize("split", ["samples", "columns"])
 @pytest.mark.parametrize("case", STRIDE2_ROWS + STRIDE2_PHASES + CONTIGUOUS_TAPS, ids=case_id)
-def test_im2col_rows_match_reference(case, split, monkeypatch):
+def test_im2col_rows_match_reference(case, split, masked, monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "never")
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    monkeypatch.setenv("ODCONV_CPU_MASKED_TAPS", masked)
     assert_case_matches_reference(case)
 
 

@@ -97,6 +97,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -652,13 +653,15 @@ inline ContiguousTap contiguous_tap(const Geometry& g, TapLayout layout, int64_t
 inline int64_t tap_plane_elems(const Geometry& g) { return ((g.height + 1) / 2) * ((g.width + 1) / 2); }
 
 // planes[(p*2 + q)*Hp*Wp + i*Wp + j] = xc[(2i + p)*W + 2j + q], 0 past the map.
+// (plane_stride: elements from one phase's plane to the next, Hp*Wp by default.)
 template <typename scalar_t>
-void split_phases(const scalar_t* xc, int64_t H, int64_t W, scalar_t* planes) {
+void split_phases(const scalar_t* xc, int64_t H, int64_t W, scalar_t* planes, int64_t plane_stride = -1) {
   const int64_t Hp = (H + 1) / 2, Wp = (W + 1) / 2;
+  if (plane_stride < 0) plane_stride = Hp * Wp;
   for (int64_t p = 0; p < 2; ++p) {
     for (int64_t i = 0; i < Hp; ++i) {
-      scalar_t* even = planes + ((p * 2) * Hp + i) * Wp;
-      scalar_t* odd = planes + ((p * 2 + 1) * Hp + i) * Wp;
+      scalar_t* even = planes + (p * 2) * plane_stride + i * Wp;
+      scalar_t* odd = planes + (p * 2 + 1) * plane_stride + i * Wp;
       const int64_t ih = 2 * i + p;
       if (ih >= H) {
         std::fill(even, even + Wp, scalar_t(0));
@@ -680,18 +683,163 @@ void split_phases(const scalar_t* xc, int64_t H, int64_t W, scalar_t* planes) {
 
 // The adjoint: gxc[(2i + p)*W + 2j + q] = planes[(p*2 + q)*Hp*Wp + i*Wp + j] inside the map.
 template <typename scalar_t>
-void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
+void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc, int64_t plane_stride = -1) {
   const int64_t Hp = (H + 1) / 2, Wp = (W + 1) / 2;
+  if (plane_stride < 0) plane_stride = Hp * Wp;
   for (int64_t ih = 0; ih < H; ++ih) {
     const int64_t p = ih % 2, i = ih / 2;
-    const scalar_t* even = planes + ((p * 2) * Hp + i) * Wp;
-    const scalar_t* odd = planes + ((p * 2 + 1) * Hp + i) * Wp;
+    const scalar_t* even = planes + (p * 2) * plane_stride + i * Wp;
+    const scalar_t* odd = planes + (p * 2 + 1) * plane_stride + i * Wp;
     scalar_t* out = gxc + ih * W;
     for (int64_t j = 0; j < W / 2; ++j) {
       out[2 * j] = even[j];
       out[2 * j + 1] = odd[j];
     }
     if (W % 2 == 1) out[W - 1] = even[Wp - 1];
+  }
+}
+
+// ---- Masked taps (small maps) -------------------------------------------------------------------
+// With contiguous taps every tap's row of im2col is src[p + d] for all P output pixels, where src is
+// the channel's plane (or phase plane) and d the tap's constant offset, except at the pixels whose input
+// lies past the map, which are 0. On small maps the per-tap work of copy_tap (the tap's bounds, a fill,
+// a memcpy and a fill per tap, a fix per row: 2-5 library calls for runs of 16-64 floats) cost more than
+// the copies: im2col was 15 % of a one-thread forward of B64 64->64 4x4 and im2col + col2im 15 % of its
+// backward, as much as the reduction (perf, 2026-12-07). Here the plane is copied once per channel into
+// a buffer with zeros around it, so that src[p + d] exists for every pixel and tap, and each tap's row is
+// one branch-free loop: row[p] = valid[p] ? ext[p + d] : 0, with the taps' offsets and validity masks
+// (taps x P bytes) computed once per geometry and thread (masked_taps). col2im adds the rows into the
+// buffer the same way (tap by tap, in the same order as add_tap) and copies the plane out.
+// Layouts of the buffer ext: planes() planes of ext_elems each (the phase planes for stride 2); plane i's
+// element e is at ext[i * ext_elems + lead + e]; a tap's row reads ext[offset[tap] + p].
+struct MaskedTaps {
+  std::vector<int64_t> key;       // the geometry they were computed for (masked_taps compares it)
+  std::vector<int64_t> offset;    // per tap: phase * ext_elems + lead + d
+  std::vector<uint8_t> valid;     // taps x P: 1 where the tap's input pixel lies inside the map
+  int64_t lead = 0, ext_elems = 0, plane_elems = 0, planes = 1;
+};
+
+// Masked taps on maps of at most this many output pixels. (benchmarks/ab_env.py, never against auto, 16
+// rounds, results/ab_masked_taps_avx2_cpu.json: forward 0.70-0.87 and backward 0.76-0.91 on layers of
+// 1-8 ms on 4x4-8x8 maps; 0.90-0.97 on B64 512->512 4x4, 256->256 8x8, 128->128 12x12, 512->512 7x7,
+// 256->256 14x14 and stride 2 onto 10x10, 0.96-1.01 elsewhere (6x6, whose forward builds tap-major rows;
+// stride 2 onto 7x7; 16x16). Forced on 24x24 and 32x32 maps the backward read 1.03-1.05.)
+constexpr int64_t kMaskedTapsMaxPixels = 256;
+
+// ODCONV_CPU_MASKED_TAPS=auto (default) | always | never overrides the choice (tests run all three). It
+// is read at each op call's entry (read_masked_taps_override), not in im2col, which runs once per
+// sample or per few channels: getenv and the check cost ~0.1 us a time.
+enum class MaskedTapsMode { kAuto, kAlways, kNever };
+std::atomic<MaskedTapsMode> masked_taps_mode{MaskedTapsMode::kAuto};
+
+void read_masked_taps_override() {
+  const std::string mode = path_override("ODCONV_CPU_MASKED_TAPS", {"auto", "always", "never"});
+  masked_taps_mode.store(mode == "always" ? MaskedTapsMode::kAlways
+                                          : (mode == "never" ? MaskedTapsMode::kNever : MaskedTapsMode::kAuto),
+                         std::memory_order_relaxed);
+}
+
+inline bool use_masked_taps(const Geometry& g, TapLayout layout) {
+  if (layout == TapLayout::kRows) return false;
+  switch (masked_taps_mode.load(std::memory_order_relaxed)) {
+    case MaskedTapsMode::kAlways:
+      return true;
+    case MaskedTapsMode::kNever:
+      return false;
+    default:
+      return g.out_pixels() <= kMaskedTapsMaxPixels;
+  }
+}
+
+// The masked taps of g (layout kContiguous or kPhases), computed on a thread's first call for the
+// geometry and kept for its next calls.
+inline const MaskedTaps& masked_taps(const Geometry& g, TapLayout layout) {
+  thread_local MaskedTaps cache;
+  const std::vector<int64_t> key = {g.height, g.width, g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h,
+                                    g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w};
+  if (cache.key == key) return cache;
+  MaskedTaps mt;
+  const int64_t P = g.out_pixels(), taps = g.taps();
+  mt.planes = layout == TapLayout::kPhases ? 4 : 1;
+  mt.plane_elems = layout == TapLayout::kPhases ? tap_plane_elems(g) : g.height * g.width;
+  std::vector<ContiguousTap> ct(taps);
+  int64_t d_min = 0, d_max = 0;
+  for (int64_t u = 0; u < g.kernel_h; ++u)
+    for (int64_t v = 0; v < g.kernel_w; ++v) {
+      ct[u * g.kernel_w + v] = contiguous_tap(g, layout, u, v);
+      d_min = std::min(d_min, ct[u * g.kernel_w + v].d);
+      d_max = std::max(d_max, ct[u * g.kernel_w + v].d);
+    }
+  mt.lead = -d_min;  // ext[lead + p + d] for p in [0, P) and every tap: from index 0 to lead + P - 1 + d_max
+  mt.ext_elems = mt.lead + std::max(mt.plane_elems, P + d_max);
+  mt.offset.resize(taps);
+  mt.valid.assign(taps * P, 0);
+  for (int64_t u = 0; u < g.kernel_h; ++u)
+    for (int64_t v = 0; v < g.kernel_w; ++v) {
+      const int64_t tap = u * g.kernel_w + v;
+      mt.offset[tap] = ct[tap].phase * mt.ext_elems + mt.lead + ct[tap].d;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w;
+          mt.valid[tap * P + oh * g.out_w + ow] = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+        }
+      }
+    }
+  mt.key = key;
+  cache = std::move(mt);
+  return cache;
+}
+
+// Channel xc's plane (or phase planes) into ext, whose elements around them are zeros.
+template <typename scalar_t>
+inline void fill_masked_planes(const scalar_t* xc, const Geometry& g, const MaskedTaps& mt, scalar_t* ext) {
+  if (mt.planes == 4)
+    split_phases(xc, g.height, g.width, ext + mt.lead, mt.ext_elems);
+  else
+    std::memcpy(ext + mt.lead, xc, mt.plane_elems * sizeof(scalar_t));
+}
+
+// im2col of the input channels [c0, c1) by masked taps.
+template <typename scalar_t>
+void im2col_masked(const scalar_t* x, const Geometry& g, const MaskedTaps& mt, scalar_t* cols, int64_t c0,
+                   int64_t c1) {
+  const int64_t HW = g.height * g.width, P = g.out_pixels(), taps = g.taps();
+  std::vector<scalar_t> ext(mt.planes * mt.ext_elems, scalar_t(0));
+  for (int64_t c = c0; c < c1; ++c) {
+    fill_masked_planes(x + c * HW, g, mt, ext.data());
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const scalar_t* __restrict__ src = ext.data() + mt.offset[tap];
+      const uint8_t* __restrict__ valid = mt.valid.data() + tap * P;
+      scalar_t* __restrict__ row = cols + ((c - c0) * taps + tap) * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) row[p] = valid[p] ? src[p] : scalar_t(0);
+    }
+  }
+}
+
+// col2im of the input channels [c_begin, c_end) by masked taps: gx's planes of those channels are
+// written, the taps' rows added in tap order.
+template <typename scalar_t>
+void col2im_masked(const scalar_t* gcols, const Geometry& g, const MaskedTaps& mt, scalar_t* gx, int64_t c_begin,
+                   int64_t c_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = g.height * g.width, P = g.out_pixels(), taps = g.taps();
+  std::vector<scalar_t> ext(mt.planes * mt.ext_elems);
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    std::fill(ext.begin(), ext.end(), scalar_t(0));
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      scalar_t* __restrict__ dst = ext.data() + mt.offset[tap];
+      const uint8_t* __restrict__ valid = mt.valid.data() + tap * P;
+      const scalar_t* __restrict__ row = gcols + ((c - c_begin) * taps + tap) * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p)
+        dst[p] = static_cast<scalar_t>(static_cast<acc_t>(dst[p]) + (valid[p] ? static_cast<acc_t>(row[p]) : acc_t(0)));
+    }
+    if (mt.planes == 4)
+      merge_phases(ext.data() + mt.lead, g.height, g.width, gx + c * HW, mt.ext_elems);
+    else
+      std::memcpy(gx + c * HW, ext.data() + mt.lead, HW * sizeof(scalar_t));
   }
 }
 
@@ -743,6 +891,10 @@ void im2col(const scalar_t* x, const Geometry& g, scalar_t* cols, int64_t c0 = 0
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
   if (c1 < 0) c1 = g.in_channels;
   const TapLayout layout = tap_layout(g);
+  if (use_masked_taps(g, layout)) {
+    im2col_masked(x, g, masked_taps(g, layout), cols, c0, c1);
+    return;
+  }
   std::vector<scalar_t> planes(layout == TapLayout::kPhases ? 4 * tap_plane_elems(g) : 0);
   for (int64_t c = c0; c < c1; ++c) {
     const scalar_t* xc = x + c * H * W;
@@ -882,6 +1034,10 @@ void col2im(scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 
   const int64_t H = g.height, W = g.width, Ho = g.out_h, Wo = g.out_w, P = Ho * Wo;
   if (c_end < 0) c_end = g.in_channels;
   const TapLayout layout = tap_layout(g);
+  if (use_masked_taps(g, layout)) {
+    col2im_masked(gcols, g, masked_taps(g, layout), gx, c_begin, c_end);
+    return;
+  }
   std::vector<scalar_t> planes(layout == TapLayout::kPhases ? 4 * tap_plane_elems(g) : 0);
   if (layout != TapLayout::kPhases) std::fill(gx + c_begin * H * W, gx + c_end * H * W, scalar_t(0));
   for (int64_t c = c_begin; c < c_end; ++c) {
@@ -3327,6 +3483,7 @@ at::Tensor odconv2d_cpu(
       "odconv2d", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride, padding,
       dilation, groups);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
+  read_masked_taps_override();
   // the products below run on views of working buffers: keep autograd out of them
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (use_conv_path(g, x.scalar_type(), /*backward=*/false)) {
@@ -3376,6 +3533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       padding, dilation, groups);
   check_grad_out("odconv2d_backward", grad_out, x, g);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
+  read_masked_taps_override();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (!is_16bit(x)) {
     return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
