@@ -683,13 +683,12 @@ void split_phases(const scalar_t* xc, int64_t H, int64_t W, scalar_t* planes, in
 
 // The adjoint: gxc[(2i + p)*W + 2j + q] = planes[(p*2 + q)*Hp*Wp + i*Wp + j] inside the map.
 template <typename scalar_t>
-void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc, int64_t plane_stride = -1) {
+void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
   const int64_t Hp = (H + 1) / 2, Wp = (W + 1) / 2;
-  if (plane_stride < 0) plane_stride = Hp * Wp;
   for (int64_t ih = 0; ih < H; ++ih) {
     const int64_t p = ih % 2, i = ih / 2;
-    const scalar_t* even = planes + (p * 2) * plane_stride + i * Wp;
-    const scalar_t* odd = planes + (p * 2 + 1) * plane_stride + i * Wp;
+    const scalar_t* even = planes + ((p * 2) * Hp + i) * Wp;
+    const scalar_t* odd = planes + ((p * 2 + 1) * Hp + i) * Wp;
     scalar_t* out = gxc + ih * W;
     for (int64_t j = 0; j < W / 2; ++j) {
       out[2 * j] = even[j];
@@ -705,25 +704,33 @@ void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc, i
 // lies past the map, which are 0. On small maps the per-tap work of copy_tap (the tap's bounds, a fill,
 // a memcpy and a fill per tap, a fix per row: 2-5 library calls for runs of 16-64 floats) cost more than
 // the copies: im2col was 15 % of a one-thread forward of B64 64->64 4x4 and im2col + col2im 15 % of its
-// backward, as much as the reduction (perf, 2026-12-07). Here the plane is copied once per channel into
-// a buffer with zeros around it, so that src[p + d] exists for every pixel and tap, and each tap's row is
-// one branch-free loop: row[p] = valid[p] ? ext[p + d] : 0, with the taps' offsets and validity masks
-// (taps x P bytes) computed once per geometry and thread (masked_taps). col2im adds the rows into the
-// buffer the same way (tap by tap, in the same order as add_tap) and copies the plane out.
-// Layouts of the buffer ext: planes() planes of ext_elems each (the phase planes for stride 2); plane i's
-// element e is at ext[i * ext_elems + lead + e]; a tap's row reads ext[offset[tap] + p].
+// backward, as much as the reduction (perf, 2026-12-07). Here im2col copies the channel's plane once
+// into a buffer ext with zeros around it, so that src[p + d] exists for every pixel and tap, and each
+// tap's row is one loop, row[p] = valid[p] ? ext[p + d] : 0, whose loads are plain vector loads (masked
+// loads from the plane itself, vmaskmovps, took im2col from 5 to 7.5 % of that forward's cycles). The
+// taps' offsets and masks are computed once per geometry and thread (masked_taps). col2im gathers per
+// element of the plane instead, gx[e] += valid'[e] ? row[e - d] : 0 tap by tap (in add_tap's order), so
+// that no tap's loads read what the tap before it stored a few elements away: added as a scatter into
+// ext (ext[p + d] += row[p]) every vector load waited on a store forward that could not be made (82 % of
+// col2im's cycles on one store in perf); the gather's masked loads cost less than that.
+// ext: planes planes of ext_elems each (the phase planes for stride 2); plane i's element e is at
+// ext[i * ext_elems + lead + e], and a tap's row reads ext[offset[tap] + p].
 struct MaskedTaps {
-  std::vector<int64_t> key;       // the geometry they were computed for (masked_taps compares it)
-  std::vector<int64_t> offset;    // per tap: phase * ext_elems + lead + d
-  std::vector<uint8_t> valid;     // taps x P: 1 where the tap's input pixel lies inside the map
-  int64_t lead = 0, ext_elems = 0, plane_elems = 0, planes = 1;
+  std::vector<int64_t> key;          // the geometry they were computed for (masked_taps compares it)
+  std::vector<int64_t> d, phase;     // per tap: its offset in the source plane, and which plane (stride 2)
+  std::vector<int32_t> valid;        // taps x P: 1 where the tap's input pixel lies inside the map
+  std::vector<int32_t> plane_valid;  // taps x plane_elems: 1 where plane element e is read by pixel e - d
+  std::vector<int64_t> offset;       // per tap: phase * ext_elems + lead + d
+  int64_t plane_elems = 0, planes = 1, lead = 0, ext_elems = 0;
 };
+// (The masks are 32-bit, as float: the loops then vectorise 8 pixels wide, not 32 with epilogues.)
 
 // Masked taps on maps of at most this many output pixels. (benchmarks/ab_env.py, never against auto, 16
-// rounds, results/ab_masked_taps_avx2_cpu.json: forward 0.70-0.87 and backward 0.76-0.91 on layers of
-// 1-8 ms on 4x4-8x8 maps; 0.90-0.97 on B64 512->512 4x4, 256->256 8x8, 128->128 12x12, 512->512 7x7,
-// 256->256 14x14 and stride 2 onto 10x10, 0.96-1.01 elsewhere (6x6, whose forward builds tap-major rows;
-// stride 2 onto 7x7; 16x16). Forced on 24x24 and 32x32 maps the backward read 1.03-1.05.)
+// rounds, results/ab_masked_taps_avx2_cpu.json: forward 0.69-0.86 and backward 0.78-0.90 on layers of
+// 1-8 ms on 4x4-8x8 maps; 0.87-0.90 with stride 2 onto 10x10; 0.92-0.99 on B64 512->512 4x4, 256->256
+// 8x8, 128->128 12x12, 512->512 7x7, 256->256 14x14 and stride 2 onto 7x7; 0.99-1.00 on 6x6, whose
+// forward builds tap-major rows, and on 16x16. An earlier version forced on 24x24 and 32x32 maps read
+// 0.97-1.05.)
 constexpr int64_t kMaskedTapsMaxPixels = 256;
 
 // ODCONV_CPU_MASKED_TAPS=auto (default) | always | never overrides the choice (tests run all three). It
@@ -762,27 +769,34 @@ inline const MaskedTaps& masked_taps(const Geometry& g, TapLayout layout) {
   const int64_t P = g.out_pixels(), taps = g.taps();
   mt.planes = layout == TapLayout::kPhases ? 4 : 1;
   mt.plane_elems = layout == TapLayout::kPhases ? tap_plane_elems(g) : g.height * g.width;
-  std::vector<ContiguousTap> ct(taps);
-  int64_t d_min = 0, d_max = 0;
+  mt.d.resize(taps);
+  mt.phase.resize(taps);
+  mt.valid.assign(taps * P, 0);
+  mt.plane_valid.assign(taps * mt.plane_elems, 0);
   for (int64_t u = 0; u < g.kernel_h; ++u)
     for (int64_t v = 0; v < g.kernel_w; ++v) {
-      ct[u * g.kernel_w + v] = contiguous_tap(g, layout, u, v);
-      d_min = std::min(d_min, ct[u * g.kernel_w + v].d);
-      d_max = std::max(d_max, ct[u * g.kernel_w + v].d);
+      const ContiguousTap t = contiguous_tap(g, layout, u, v);
+      mt.d[u * g.kernel_w + v] = t.d;
+      mt.phase[u * g.kernel_w + v] = t.phase;
     }
-  mt.lead = -d_min;  // ext[lead + p + d] for p in [0, P) and every tap: from index 0 to lead + P - 1 + d_max
+  const int64_t d_min = std::min<int64_t>(0, *std::min_element(mt.d.begin(), mt.d.end()));
+  const int64_t d_max = std::max<int64_t>(0, *std::max_element(mt.d.begin(), mt.d.end()));
+  mt.lead = -d_min;  // ext[lead + p + d] for p in [0, P) and every tap: indices 0 to lead + P - 1 + d_max
   mt.ext_elems = mt.lead + std::max(mt.plane_elems, P + d_max);
   mt.offset.resize(taps);
-  mt.valid.assign(taps * P, 0);
   for (int64_t u = 0; u < g.kernel_h; ++u)
     for (int64_t v = 0; v < g.kernel_w; ++v) {
       const int64_t tap = u * g.kernel_w + v;
-      mt.offset[tap] = ct[tap].phase * mt.ext_elems + mt.lead + ct[tap].d;
+      const ContiguousTap t = contiguous_tap(g, layout, u, v);
+      mt.offset[tap] = t.phase * mt.ext_elems + mt.lead + t.d;
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
         const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w;
-          mt.valid[tap * P + oh * g.out_w + ow] = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, p = oh * g.out_w + ow;
+          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) continue;
+          TORCH_INTERNAL_ASSERT(p + t.d >= 0 && p + t.d < mt.plane_elems, "masked tap outside its plane");
+          mt.valid[tap * P + p] = 1;
+          mt.plane_valid[tap * mt.plane_elems + p + t.d] = 1;
         }
       }
     }
@@ -791,29 +805,27 @@ inline const MaskedTaps& masked_taps(const Geometry& g, TapLayout layout) {
   return cache;
 }
 
-// Channel xc's plane (or phase planes) into ext, whose elements around them are zeros.
-template <typename scalar_t>
-inline void fill_masked_planes(const scalar_t* xc, const Geometry& g, const MaskedTaps& mt, scalar_t* ext) {
-  if (mt.planes == 4)
-    split_phases(xc, g.height, g.width, ext + mt.lead, mt.ext_elems);
-  else
-    std::memcpy(ext + mt.lead, xc, mt.plane_elems * sizeof(scalar_t));
-}
-
 // im2col of the input channels [c0, c1) by masked taps.
 template <typename scalar_t>
 void im2col_masked(const scalar_t* x, const Geometry& g, const MaskedTaps& mt, scalar_t* cols, int64_t c0,
                    int64_t c1) {
   const int64_t HW = g.height * g.width, P = g.out_pixels(), taps = g.taps();
-  std::vector<scalar_t> ext(mt.planes * mt.ext_elems, scalar_t(0));
+  std::vector<scalar_t> ext(mt.planes * mt.ext_elems, scalar_t(0));  // zeros around the planes, kept
   for (int64_t c = c0; c < c1; ++c) {
-    fill_masked_planes(x + c * HW, g, mt, ext.data());
+    const scalar_t* xc = x + c * HW;
+    if (mt.planes == 4)
+      split_phases(xc, g.height, g.width, ext.data() + mt.lead, mt.ext_elems);
+    else
+      std::memcpy(ext.data() + mt.lead, xc, HW * sizeof(scalar_t));
     for (int64_t tap = 0; tap < taps; ++tap) {
       const scalar_t* __restrict__ src = ext.data() + mt.offset[tap];
-      const uint8_t* __restrict__ valid = mt.valid.data() + tap * P;
+      const int32_t* __restrict__ valid = mt.valid.data() + tap * P;
       scalar_t* __restrict__ row = cols + ((c - c0) * taps + tap) * P;
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p) row[p] = valid[p] ? src[p] : scalar_t(0);
+      for (int64_t p = 0; p < P; ++p) {
+        const scalar_t v = src[p];  // loaded whatever valid[p] (ext has every src[p]): a plain vector load
+        row[p] = valid[p] != 0 ? v : scalar_t(0);
+      }
     }
   }
 }
@@ -824,22 +836,23 @@ template <typename scalar_t>
 void col2im_masked(const scalar_t* gcols, const Geometry& g, const MaskedTaps& mt, scalar_t* gx, int64_t c_begin,
                    int64_t c_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = g.height * g.width, P = g.out_pixels(), taps = g.taps();
-  std::vector<scalar_t> ext(mt.planes * mt.ext_elems);
+  const int64_t HW = g.height * g.width, P = g.out_pixels(), taps = g.taps(), n = mt.plane_elems;
+  std::vector<scalar_t> planes(mt.planes == 4 ? 4 * n : 0);
   for (int64_t c = c_begin; c < c_end; ++c) {
-    std::fill(ext.begin(), ext.end(), scalar_t(0));
+    scalar_t* gxc = gx + c * HW;
+    scalar_t* sums = mt.planes == 4 ? planes.data() : gxc;
+    std::fill(sums, sums + mt.planes * n, scalar_t(0));
     for (int64_t tap = 0; tap < taps; ++tap) {
-      scalar_t* __restrict__ dst = ext.data() + mt.offset[tap];
-      const uint8_t* __restrict__ valid = mt.valid.data() + tap * P;
+      scalar_t* __restrict__ dst = sums + mt.phase[tap] * n;
+      const int32_t* __restrict__ valid = mt.plane_valid.data() + tap * n;
       const scalar_t* __restrict__ row = gcols + ((c - c_begin) * taps + tap) * P;
+      const int64_t d = mt.d[tap];
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p)
-        dst[p] = static_cast<scalar_t>(static_cast<acc_t>(dst[p]) + (valid[p] ? static_cast<acc_t>(row[p]) : acc_t(0)));
+      for (int64_t e = 0; e < n; ++e)
+        dst[e] = static_cast<scalar_t>(static_cast<acc_t>(dst[e]) +
+                                       (valid[e] != 0 ? static_cast<acc_t>(row[e - d]) : acc_t(0)));
     }
-    if (mt.planes == 4)
-      merge_phases(ext.data() + mt.lead, g.height, g.width, gx + c * HW, mt.ext_elems);
-    else
-      std::memcpy(gx + c * HW, ext.data() + mt.lead, HW * sizeof(scalar_t));
+    if (mt.planes == 4) merge_phases(planes.data(), g.height, g.width, gxc);
   }
 }
 
