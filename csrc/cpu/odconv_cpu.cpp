@@ -97,6 +97,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -707,7 +708,7 @@ void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
 // backward, as much as the reduction (perf, 2026-12-07). Here im2col copies the channel's plane once
 // into a buffer ext with zeros around it, so that src[p + d] exists for every pixel and tap, and each
 // tap's row is one loop, row[p] = valid[p] ? ext[p + d] : 0, whose loads are plain vector loads (masked
-// loads from the plane itself, vmaskmovps, took im2col from 5 to 7.5 % of that forward's cycles). The
+// loads from the plane itself, vmaskmovps, took im2col from 4.4 to 7.5 % of that forward's cycles). The
 // taps' offsets and masks are computed once per geometry and thread (masked_taps). col2im gathers per
 // element of the plane instead, gx[e] += valid'[e] ? row[e - d] : 0 tap by tap (in add_tap's order), so
 // that no tap's loads read what the tap before it stored a few elements away: added as a scatter into
@@ -716,7 +717,7 @@ void merge_phases(const scalar_t* planes, int64_t H, int64_t W, scalar_t* gxc) {
 // ext: planes planes of ext_elems each (the phase planes for stride 2); plane i's element e is at
 // ext[i * ext_elems + lead + e], and a tap's row reads ext[offset[tap] + p].
 struct MaskedTaps {
-  std::vector<int64_t> key;          // the geometry they were computed for (masked_taps compares it)
+  std::array<int64_t, 12> key{};     // the geometry they were computed for (masked_taps compares it)
   std::vector<int64_t> d, phase;     // per tap: its offset in the source plane, and which plane (stride 2)
   std::vector<int32_t> valid;        // taps x P: 1 where the tap's input pixel lies inside the map
   std::vector<int32_t> plane_valid;  // taps x plane_elems: 1 where plane element e is read by pixel e - d
@@ -728,7 +729,7 @@ struct MaskedTaps {
 // Masked taps on maps of at most this many output pixels. (benchmarks/ab_env.py, never against auto, 16
 // rounds, results/ab_masked_taps_avx2_cpu.json: forward 0.69-0.86 and backward 0.78-0.90 on layers of
 // 1-8 ms on 4x4-8x8 maps; 0.87-0.90 with stride 2 onto 10x10; 0.92-0.99 on B64 512->512 4x4, 256->256
-// 8x8, 128->128 12x12, 512->512 7x7, 256->256 14x14 and stride 2 onto 7x7; 0.99-1.00 on 6x6, whose
+// 8x8, 128->128 12x12, 512->512 7x7, 256->256 14x14 and stride 2 onto 7x7; 0.98-1.00 on 6x6, whose
 // forward builds tap-major rows, and on 16x16. An earlier version forced on 24x24 and 32x32 maps read
 // 0.97-1.05.)
 constexpr int64_t kMaskedTapsMaxPixels = 256;
@@ -762,9 +763,9 @@ inline bool use_masked_taps(const Geometry& g, TapLayout layout) {
 // geometry and kept for its next calls.
 inline const MaskedTaps& masked_taps(const Geometry& g, TapLayout layout) {
   thread_local MaskedTaps cache;
-  const std::vector<int64_t> key = {g.height, g.width, g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h,
-                                    g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w};
-  if (cache.key == key) return cache;
+  const std::array<int64_t, 12> key = {g.height,   g.width,    g.out_h, g.out_w, g.kernel_h, g.kernel_w,
+                                       g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h,    g.dil_w};
+  if (cache.key == key) return cache;  // (the empty cache's key, all zeros, is no geometry's)
   MaskedTaps mt;
   const int64_t P = g.out_pixels(), taps = g.taps();
   mt.planes = layout == TapLayout::kPhases ? 4 : 1;
