@@ -776,31 +776,24 @@ inline const MaskedTaps& masked_taps(const Geometry& g, TapLayout layout) {
   mt.plane_valid.assign(taps * mt.plane_elems, 0);
   for (int64_t u = 0; u < g.kernel_h; ++u)
     for (int64_t v = 0; v < g.kernel_w; ++v) {
+      // the tap's valid pixels are copy_tap's: rows [oh0, oh1), columns [lo, hi)
+      const int64_t tap = u * g.kernel_w + v;
       const ContiguousTap t = contiguous_tap(g, layout, u, v);
-      mt.d[u * g.kernel_w + v] = t.d;
-      mt.phase[u * g.kernel_w + v] = t.phase;
+      mt.d[tap] = t.d;
+      mt.phase[tap] = t.phase;
+      for (int64_t oh = t.oh0; oh < t.oh1; ++oh)
+        for (int64_t p = oh * g.out_w + t.lo; p < oh * g.out_w + t.hi; ++p) {
+          TORCH_INTERNAL_ASSERT(p + t.d >= 0 && p + t.d < mt.plane_elems, "masked tap outside its plane");
+          mt.valid[tap * P + p] = 1;
+          mt.plane_valid[tap * mt.plane_elems + p + t.d] = 1;
+        }
     }
   const int64_t d_min = std::min<int64_t>(0, *std::min_element(mt.d.begin(), mt.d.end()));
   const int64_t d_max = std::max<int64_t>(0, *std::max_element(mt.d.begin(), mt.d.end()));
   mt.lead = -d_min;  // ext[lead + p + d] for p in [0, P) and every tap: indices 0 to lead + P - 1 + d_max
   mt.ext_elems = mt.lead + std::max(mt.plane_elems, P + d_max);
   mt.offset.resize(taps);
-  for (int64_t u = 0; u < g.kernel_h; ++u)
-    for (int64_t v = 0; v < g.kernel_w; ++v) {
-      const int64_t tap = u * g.kernel_w + v;
-      const ContiguousTap t = contiguous_tap(g, layout, u, v);
-      mt.offset[tap] = t.phase * mt.ext_elems + mt.lead + t.d;
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, p = oh * g.out_w + ow;
-          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) continue;
-          TORCH_INTERNAL_ASSERT(p + t.d >= 0 && p + t.d < mt.plane_elems, "masked tap outside its plane");
-          mt.valid[tap * P + p] = 1;
-          mt.plane_valid[tap * mt.plane_elems + p + t.d] = 1;
-        }
-      }
-    }
+  for (int64_t tap = 0; tap < taps; ++tap) mt.offset[tap] = mt.phase[tap] * mt.ext_elems + mt.lead + mt.d[tap];
   mt.key = key;
   cache = std::move(mt);
   return cache;
