@@ -540,6 +540,16 @@ TRANSPOSED_FORWARD = [
     # (1x1 160->200 on 7x7: 112 + 88 rows, even cuts would make 100 + 100; 24->150 3x3: 80 + 70).
     (12, 160, 200, 7, 1, 4, 1, 0, 1, 1),
     (3, 24, 150, 7, 3, 4, 1, 1, 1, 1),
+    # Tap-major products skip the padded kernel rows of the first and last output rows, class by
+    # class: stride 2 (two classes), dilation 2 (three classes of two, three and two rows), padding 0
+    # (one class: one product), and tiles cut in J of 900 columns where a kernel row has 1200 (the
+    # first row's class has no column in the first tile, which must zero its rows of out^T; the last
+    # row's none in the last, which must leave them).
+    (4, 16, 24, 12, 3, 4, 2, 1, 1, 1),
+    (3, 16, 24, 7, 3, 4, 1, 2, 2, 1),
+    (3, 16, 24, 8, 3, 4, 1, 0, 1, 1),
+    (3, 400, 40, 6, 3, 4, 1, 1, 1, 1),
+    (12, 400, 40, 6, 3, 4, 1, 1, 1, 1),
 ]
 
 
@@ -597,7 +607,8 @@ def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
 @pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
                                                     ("ODCONV_CPU_TAP_MAJOR", "sometimes", "auto, always or never"),
                                                     ("ODCONV_CPU_FORWARD_SPLIT", "rows", "auto, samples or tiles"),
-                                                    ("ODCONV_CPU_MASKED_TAPS", "maybe", "auto, always or never")])
+                                                    ("ODCONV_CPU_MASKED_TAPS", "maybe", "auto, always or never"),
+                                                    ("ODCONV_CPU_SKIP_PADDED_ROWS", "always", "auto or never")])
 def test_forward_path_overrides_are_checked(variable, value, choices, monkeypatch, num_threads):
     monkeypatch.setenv(variable, value)
     num_threads(1)  # a batch smaller than the thread count splits rows and never asks for the tap-major columns

@@ -204,7 +204,7 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 // The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
-// (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
+// (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR, ODCONV_CPU_SKIP_PADDED_ROWS,
 // ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD,
 // ODCONV_CPU_FORWARD_SPLIT) that tests and A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
@@ -1151,6 +1151,58 @@ void im2row_tap_major(const scalar_t* x, const Geometry& g, scalar_t* x_t, scala
     }
 }
 
+// ---- Padded rows skipped (the tap-major products) ---------------------------------------------------
+// In tap-major order a kernel row u owns the columns [u*kw*Cin/G, (u+1)*kw*Cin/G) of a group's J, and
+// the output rows oh whose input row oh*stride - pad + u*dil lies in the padding hold zeros there. Output
+// rows with the same range [u0, u1) of kernel rows inside the map form a row class (3x3 with padding 1:
+// the first row, the middle rows, the last row); the transposed product of a class, out^T[its pixels]
+// = rows[its pixels, columns of u0..u1] @ B[those columns], skips the zeros the single product would
+// multiply: 1/6 of a 3x3 product's multiply-adds on 4x4 maps, 1/9 on 6x6, 1/12 on 8x8 (oneDNN's direct
+// convolution skips every padded tap, rows and columns; columns stay, as their taps are not contiguous).
+// ODCONV_CPU_SKIP_PADDED_ROWS=auto (default) | never overrides it (A/B runs).
+struct RowClass {
+  int64_t oh0, oh1, u0, u1;  // output rows [oh0, oh1), kernel rows [u0, u1) inside the map
+};
+
+std::vector<RowClass> row_classes(const Geometry& g) {
+  std::vector<RowClass> out;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const int64_t top = oh * g.stride_h - g.pad_h;  // input row of u = 0
+    // u0: the first u with top + u*dil >= 0; u1: the first with top + u*dil >= H
+    const int64_t u0 = std::min(g.kernel_h, top >= 0 ? 0 : (-top + g.dil_h - 1) / g.dil_h);
+    const int64_t u1 = std::clamp<int64_t>(g.height - top <= 0 ? 0 : (g.height - top + g.dil_h - 1) / g.dil_h, u0,
+                                           g.kernel_h);
+    if (!out.empty() && out.back().u0 == u0 && out.back().u1 == u1)
+      out.back().oh1 = oh + 1;
+    else
+      out.push_back({oh, oh + 1, u0, u1});
+  }
+  return out;
+}
+
+// The transposed product of tile t over tap-major columns, class by class: for each group i < nG,
+// C_i[pixels of the class] (+)= A_i[those pixels, the class's columns of t] @ B_i[those columns], with
+// A (P x t.cols(), row p at A + p*lda) the tile's columns of rows_b, B (t.cols() x N) and C (P x N).
+// A class none of whose columns lie in the tile gets zeros (or keeps C, accumulating).
+template <typename scalar_t>
+void tap_major_product(const std::vector<RowClass>& classes, const Geometry& g, const Tile& t, int64_t nG, int64_t N,
+                       const scalar_t* A, int64_t lda, int64_t sa, const scalar_t* B, int64_t ldb, int64_t sb,
+                       scalar_t* C, int64_t ldc, int64_t sc, bool accumulate, const at::TensorOptions& opts) {
+  const int64_t row_cols = g.kernel_w * g.in_per_group, Wo = g.out_w;
+  for (const RowClass& rc : classes) {
+    const int64_t lo = std::max(t.j0, rc.u0 * row_cols), hi = std::min(t.j1, rc.u1 * row_cols);
+    const int64_t p0 = rc.oh0 * Wo, M = (rc.oh1 - rc.oh0) * Wo;
+    if (hi <= lo) {
+      if (!accumulate)
+        for (int64_t i = 0; i < nG; ++i)
+          for (int64_t p = p0; p < p0 + M; ++p) std::fill_n(C + i * sc + p * ldc, N, scalar_t(0));
+      continue;
+    }
+    grouped_gemm<scalar_t>(nG, M, N, hi - lo, A + p0 * lda + (lo - t.j0), lda, sa, B + (lo - t.j0) * ldb, ldb, sb,
+                           C + p0 * ldc, ldc, sc, accumulate, opts);
+  }
+}
+
 // One kernel row: out[j] = f * m[j] * sum_k a[k] * w[k*k_stride + j], in one pass over the K rows
 // (K fixed at compile time so the k loop unrolls and the j loop vectorises).
 template <int K, typename scalar_t, typename acc_t>
@@ -1519,6 +1571,7 @@ at::Tensor forward_kernel(
   // ODCONV_CPU_TRANSPOSED_FORWARD=auto (default) | always | never overrides the choice (tests run both).
   const std::string transposed_mode = path_override("ODCONV_CPU_TRANSPOSED_FORWARD", {"auto", "always", "never"});
   const std::string split_mode = path_override("ODCONV_CPU_FORWARD_SPLIT", {"auto", "samples", "tiles"});  // below
+  const std::string skip_rows_mode = path_override("ODCONV_CPU_SKIP_PADDED_ROWS", {"auto", "never"});  // below
   const bool transposed =
       uses_brgemm<scalar_t>() &&
       (transposed_mode == "auto"
@@ -1535,6 +1588,10 @@ at::Tensor forward_kernel(
   // the transposed products over tap-major columns (see "Tap-major columns"); not with im2col-free
   // kernels, whose rows are x itself transposed, nor for the split of rows, which multiplies Wb @ cols
   const bool tap_major = transposed && !split_rows && !direct && use_tap_major(g, sizeof(scalar_t));
+  // the tap-major products skip the padded kernel rows of the first and last output rows (see
+  // "Padded rows skipped")
+  const std::vector<RowClass> classes = tap_major ? row_classes(g) : std::vector<RowClass>();
+  const bool skip_rows = tap_major && classes.size() > 1 && skip_rows_mode == "auto";
   const std::vector<Tile> tiles =
       make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
                  folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes,
@@ -1620,8 +1677,12 @@ at::Tensor forward_kernel(
     if (!built)
       build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
                         /*transposed=*/true, kern, kern_rows, scratch, /*ld=*/T, /*col0=*/0);
-    grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
-                           /*accumulate=*/t.j0 > 0, opts);
+    if (skip_rows)
+      tap_major_product<scalar_t>(classes, g, t, nG, T, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T,
+                                  out_t_b + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+    else
+      grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout,
+                             Cog, /*accumulate=*/t.j0 > 0, opts);
   };
   // The transposed product's rows_b (im2row, or over tap-major columns) and input scale m_b of sample b;
   // scratch: a channels-last copy of x_b (tap-major) or im2row's blocks, none without im2col.
@@ -1654,7 +1715,10 @@ at::Tensor forward_kernel(
         build_folded_tile(w, a_pass, S, g, t, kern);
       for (int64_t q = 0; q < S; ++q) {
         const float* cols_q = cols + (i0 + q) * cols_stride;
-        if (wt != nullptr)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
+        if (wt != nullptr && skip_rows)  // as below, class by class
+          tap_major_product<float>(classes, g, t, nG, T, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T,
+                                   Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+        else if (wt != nullptr)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
           grouped_gemm<float>(nG, P, T, Jt, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T, Jt * T,
                               ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
         else  // out_q[rows of t] (+)= A @ (m cols_q)[cols of t]
