@@ -3054,7 +3054,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // path multiplies each group's Cog x J kernel on its own, products of 8-32 rows whose per-call
 // overhead dominates, where oneDNN's grouped convolution blocks the groups' channels. The backward
 // takes it at stride 1, the forward with at least kNarrowGroupMinGroupsForward groups or
-// kNarrowGroupMinTapsForward taps, at most kNarrowGroupMaxRowsForward rows per group and
+// kNarrowGroupMinTapsForward taps, at most kNarrowGroupMaxRowsForwardAvx2 rows per group (AVX2; see below) and
 // kNarrowGroupMinSampleMacs multiply-adds per sample, on batches of at least a sample per thread.
 // (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=always against never, 8 rounds, 2 threads, AVX2 (Zen 3),
 // results/ab_narrow_groups_paths*_avx2_cpu.json: backward 0.31-0.84 on layers of 8-32 channel groups
@@ -3070,7 +3070,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // B64 256->256 14x14 with 16 groups forward 0.87 and backward 0.51, B32 384->384 14x14 with 16
 // groups 0.84 and 0.63, B2 512->512 14x14 with 32 groups 0.84 and 0.55; backward of B32 512->512 7x7
 // with 16 groups 0.77, of B128 64->64 12x12 with 4 groups 0.57, of B64 128->128 7x7 with 16 groups
-// 0.44.)
+// 0.44.) On AVX-512, where oneDNN's channel block is 16, the forward takes groups of 32 rows too
+// (narrow_group_max_rows_forward; ODCONV_CPU_CONV_PATH=always against auto, 12 rounds, Zen 4 EPYC,
+// results/ab_narrow_groups_32_rows_avx512_cpu.json: forward 0.64-0.73 on 1024->1024 7x7 with 32 groups
+// at B8 and B32 (ResNeXt-50's last stage) and on B64 512->512 7x7 with 16, 0.78 on its stride-2 layer
+// onto 7x7, 0.91-0.96 on 14x14 with 8 and 16 groups, 1.00 on 28x28; the other choices held there,
+// results/ab_narrow_groups_avx512_cpu.json).
 // A batch smaller than the thread count (one image in the GUI) takes one convolution
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
@@ -3124,7 +3129,11 @@ constexpr int64_t kNarrowGroupChannelStep = 8;      // narrow groups: see the he
 constexpr int64_t kNarrowGroupMaxRows = 32;
 constexpr int64_t kNarrowGroupMinGroupsForward = 16;
 constexpr int64_t kNarrowGroupMinTapsForward = 25;
-constexpr int64_t kNarrowGroupMaxRowsForward = 24;
+constexpr int64_t kNarrowGroupMaxRowsForwardAvx2 = 24;  // without AVX-512 (oneDNN's channel block of 8)
+
+inline int64_t narrow_group_max_rows_forward() {
+  return cpu_has_avx512() ? kNarrowGroupMaxRows : kNarrowGroupMaxRowsForwardAvx2;
+}
 constexpr int64_t kNarrowGroupMinSampleMacs = 1000 * 1000;
 
 bool depthwise_like(const Geometry& g) {
@@ -3147,7 +3156,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype == at::kFloat && narrow_groups(g)) {
     if (backward && g.stride_h == 1 && g.stride_w == 1) return true;
     if (!backward && (g.groups >= kNarrowGroupMinGroupsForward || g.taps() >= kNarrowGroupMinTapsForward) &&
-        g.out_per_group <= kNarrowGroupMaxRowsForward &&
+        g.out_per_group <= narrow_group_max_rows_forward() &&
         g.batch >= at::get_num_threads() &&
         g.out_channels * g.cols_per_group() * g.out_pixels() >= kNarrowGroupMinSampleMacs)
       return true;
