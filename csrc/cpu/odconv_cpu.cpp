@@ -166,7 +166,7 @@ constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 // (3.4 MB) timed 2.3-2.7 and 14.8-15.2 ms folded against 2.4-3.0 and 15.6-16.0 unfolded, alternated.
 constexpr int64_t kMaxFoldedPixels = 64;
 constexpr int64_t kFoldedSamples = 4;
-constexpr int64_t kTransposedForwardMinGroupRows = 12;  // see forward_kernel
+constexpr int64_t kTransposedForwardMinGroupRows = 12;  // without AVX-512: see forward_kernel
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kFoldedPassBytes = 1024 * 1024;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
@@ -1568,6 +1568,11 @@ at::Tensor forward_kernel(
   // (B32 256->256 7x7 with 64 groups, 128->128 7x7 with 32), 0.36-0.40 with 8 rows and 4 input
   // channels (B128 128->256 6x6 with 32 groups), 0.56-0.99 with 8 rows and 8 channels; with 12-64
   // rows the transposed product stays faster: 1.06-1.39 for never.)
+  // On AVX-512 (brgemm's 16-column blocks, a vector each) grouped layers keep the plain product whatever
+  // their rows per group: ODCONV_CPU_TRANSPOSED_FORWARD=never against auto, Zen 4 EPYC, 10 rounds,
+  // results/ab_transposed_forward_groups_avx512_cpu.json and ..._dense_avx512_cpu.json: forward 0.35-0.46
+  // with 12-16 rows per group on 7x7 maps, 0.68 with 24, 0.80 with 32, 0.85-0.86 with 64, 0.96 with 128
+  // (B32 256->256 7x7, two groups); dense layers stay transposed (never: 1.11-1.37 on 6x6, 7x7, 5x5).
   // ODCONV_CPU_TRANSPOSED_FORWARD=auto (default) | always | never overrides the choice (tests run both).
   const std::string transposed_mode = path_override("ODCONV_CPU_TRANSPOSED_FORWARD", {"auto", "always", "never"});
   const std::string split_mode = path_override("ODCONV_CPU_FORWARD_SPLIT", {"auto", "samples", "tiles"});  // below
@@ -1575,7 +1580,8 @@ at::Tensor forward_kernel(
   const bool transposed =
       uses_brgemm<scalar_t>() &&
       (transposed_mode == "auto"
-           ? (P + 15) / 16 * 16 * 4 > 5 * P && (g.groups == 1 || g.out_per_group >= kTransposedForwardMinGroupRows)
+           ? (P + 15) / 16 * 16 * 4 > 5 * P &&
+                 (g.groups == 1 || (!cpu_has_avx512() && g.out_per_group >= kTransposedForwardMinGroupRows))
            : transposed_mode == "always");
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
   // the folded build (see build_folded_tile): float32 on maps of at most kMaxFoldedPixels pixels, with
