@@ -478,6 +478,17 @@ def test_narrow_groups_take_the_convolution_path(case, monkeypatch, num_threads)
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", NARROW_GROUP_PATHS[case], monkeypatch)
 
 
+# Dense layers on 16x16 maps: the forward takes the convolution path; the backward too without AVX-512, on
+# AVX-512 it stays on the GEMM path (from 17x17 on it takes the convolution path there too).
+@requires_extension
+@pytest.mark.parametrize("case,wants", [((4, 32, 32, 16, 3, 2, 1, 1, 1, 1), ("always", "never" if AVX512 else "always")),
+                                        ((4, 32, 32, 18, 3, 2, 1, 1, 1, 1), ("always", "always"))],
+                         ids=["16x16", "18x18"])
+def test_dense_backward_path_by_map_size(case, wants, monkeypatch, num_threads):
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
+
+
 @requires_extension
 @pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS[1:4], ids=case_id)
 def test_backward_by_sample_convolutions_gradient_groups(case, monkeypatch):

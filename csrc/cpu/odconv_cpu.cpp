@@ -3087,7 +3087,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
 // The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels
-// output pixels (and im2col is not x itself, 1x1 unpadded kernels), and that of any layer whose im2col
+// output pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1
+// unpadded kernels), and that of any layer whose im2col
 // matrix reaches kConvPathBackwardIm2colBytes: the GEMM path streams im2row and gcols, kh*kw times
 // the activations, through memory for every sample, where the convolution's backward reads and
 // writes the activations only. There each thread takes a run of samples (backward_by_sample_convolutions,
@@ -3123,6 +3124,15 @@ constexpr int64_t kConvPathForwardOneChunkBytes = 8 * 1024 * 1024;  // see forwa
 constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
+// On AVX-512 the backward of 16x16 maps stays on the GEMM path: ODCONV_CPU_CONV_PATH=never against
+// auto, Zen 4 EPYC, 12 rounds (results/ab_conv_path_backward_16x16_avx512_cpu*.json): backward 0.78-0.80
+// on B32 256->256 and 192->192 16x16, 0.93-0.94 on B64 128->128 16x16 (two runs), 1.02 on B128
+// 64->64 16x16; but 1.12 on 18x18, 1.00 on 20x20, 1.08-1.12 on 24x24, 1.03 on 32x32.
+constexpr int64_t kSampleConvMinPixelsBackwardAvx512 = 257;
+
+inline int64_t sample_conv_min_pixels_backward() {
+  return cpu_has_avx512() ? kSampleConvMinPixelsBackwardAvx512 : kSampleConvMinPixels;
+}
 constexpr int64_t kSampleConvGradBytes = 2 * 1024 * 1024;
 constexpr int64_t kSampleConvCallMacs = 32 * 1000 * 1000;
 constexpr int64_t kSampleConvMinCallChannels = 8;
@@ -3169,7 +3179,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   }
   if (backward)
     return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
-           (dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels && !g.im2col_is_identity());
+           (dtype == at::kFloat && g.out_pixels() >= sample_conv_min_pixels_backward() && !g.im2col_is_identity());
   if (dtype == at::kFloat && g.im2col_is_identity())
     return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
            g.out_pixels() >= kSampleConvMinDirectPixels && g.out_pixels() <= kSampleConvMaxDirectPixels;
