@@ -818,6 +818,56 @@ def test_both_backward_splits_gradcheck(split, monkeypatch, num_threads):
     assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
 
 
+# The backward's runs of samples (grouped layers; dense ones when forced) multiply grad_x transposed,
+# gcols^T = gy^T @ Wb, on maps like 7x7, 6x6 and 5x5 with at least 64 rows per group
+# (ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto), as gcols = Wb^T @ gy otherwise: both ways against the reference
+# in float64 and float32, with groups, a dense layer whose J = 1350 is cut in tiles (row blocks accumulate
+# into gcols^T), stride 2 onto 5x5, and 3 threads (uneven runs).
+BACKWARD_TRANSPOSED_GX = [
+    (3, 128, 128, 7, 3, 2, 1, 1, 1, 2),   # two groups of 64 rows: transposed by default
+    (4, 24, 36, 6, 3, 3, 1, 1, 1, 3),     # three groups of 12 rows: plain by default
+    (3, 150, 40, 6, 3, 4, 1, 1, 1, 1),    # dense, tiles cut in J
+    (5, 16, 64, 10, 3, 2, 2, 1, 1, 1),    # stride 2 onto 5x5
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("case", BACKWARD_TRANSPOSED_GX, ids=case_id)
+def test_backward_transposed_grad_x_matches_reference(case, mode, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", mode)
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "samples")
+    num_threads(3)
+    assert_case_matches_reference(case)
+
+
+@requires_extension
+@pytest.mark.parametrize("case,want", [(BACKWARD_TRANSPOSED_GX[0], "always"), (BACKWARD_TRANSPOSED_GX[1], "never")],
+                         ids=["64_rows", "12_rows"])
+def test_backward_transposed_grad_x_choice(case, want, monkeypatch):
+    # auto gives bit for bit the wanted variant's grad_x, and not the other's
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
+    x, w, ch, f, s, a = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
+    conv = (list(stride), list(padding), list(dilation), groups)
+    grad_out = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv))
+    grad_x = {}
+    for mode in ("auto", "always", "never"):
+        monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", mode)
+        grad_x[mode] = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, False])[0]
+    assert torch.equal(grad_x["auto"], grad_x[want])
+    assert not torch.equal(grad_x["auto"], grad_x["never" if want == "always" else "always"])
+
+
+@requires_extension
+def test_bad_backward_transposed_grad_x_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", "sometimes")
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "samples")  # the runs of samples read it
+    inputs = make_inputs(2, 4, 4, 5, 3, 2, 1)
+    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_BACKWARD_TRANSPOSED_GX.*auto, always or never.*'sometimes'"):
+        out.sum().backward()
+
+
 @requires_extension
 def test_bad_backward_split_names_the_variable(monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "rows")

@@ -167,6 +167,7 @@ constexpr int64_t kMinSamplesPerWeightTranspose = 5;
 constexpr int64_t kMaxFoldedPixels = 64;
 constexpr int64_t kFoldedSamples = 4;
 constexpr int64_t kTransposedForwardMinGroupRows = 12;  // without AVX-512: see forward_kernel
+constexpr int64_t kTransposedGradXMinGroupRows = 64;    // see backward_kernel
 constexpr int64_t kFoldedThreadBytes = 8 * 1024 * 1024;
 constexpr int64_t kFoldedPassBytes = 1024 * 1024;
 constexpr int64_t kBackwardThreadBytes = 8 * 1024 * 1024;
@@ -2775,6 +2776,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
 struct BackwardRun {
   int64_t s0 = 0, n = 0;
   at::Tensor rows, cols_scratch, gcols, kern, q, gbuf, rows_scratch, scratch, m, gm, a_t, gw;
+  at::Tensor gy_t, gcols_t;  // the transposed grad_x product's gy^T of a tile and col2im's input
 };
 
 template <typename scalar_t>
@@ -2831,9 +2833,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return results();
   }
 
+  // The grad_x product transposed, gcols^T[:, tile cols] (+)= gy[tile rows]^T @ Wb[tile] (P x T) @ (T x Jt),
+  // where brgemm's last block of 16 columns would be ragged in gcols = Wb^T @ gy (N = P: maps like 7x7,
+  // 6x6 and 5x5, the forward's rule) and a group has at least kTransposedGradXMinGroupRows rows (the
+  // inner dimension T): then Wb is built row-major (no transposes in the build) and each sample's gcols^T
+  // transposed once before col2im. The runs of samples take grouped layers (the backward by columns
+  // takes dense ones); B32 256->256 7x7 with 4 groups took 3.1x the static convolution's forward +
+  // backward on the Zen 4 EPYC, against 1.65x without groups, 14 % of its one-thread backward in the
+  // transposed build of Wb. (benchmarks/ab_env.py, never against auto, 10 rounds, Zen 4 EPYC,
+  // results/ab_backward_transposed_gx_groups_avx512_cpu.json: backward 0.92 on B32 256->256 7x7 with two
+  // groups, 0.95 with four, 0.94 on B64 256->256 5x5 with four; with 12 rows per group it was 1.07, with
+  // 8 rows and 4 input channels 1.58, so those keep the plain product; narrow groups of 8-32 multiples
+  // of 8 take the convolution path.) ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto (default) | always | never
+  // overrides the choice (tests and A/B runs).
+  const std::string gx_mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
+  const bool gx_transposed =
+      want_x && !direct &&
+      (gx_mode == "auto" ? (P + 15) / 16 * 16 * 4 > 5 * P && Cog >= kTransposedGradXMinGroupRows : gx_mode == "always");
   std::vector<size_t> panel_of;
   const std::vector<Panel> panels = make_panels(
-      tiles, /*gather=*/g.groups == 1 && im2col_bytes(g, sizeof(scalar_t)) > kSmallIm2colBytes, panel_of);
+      tiles, /*gather=*/!gx_transposed && g.groups == 1 && im2col_bytes(g, sizeof(scalar_t)) > kSmallIm2colBytes,
+      panel_of);
   // per sample, when grad_x is wanted: Wb of a tile (transposed), or of a whole panel
   int64_t kern_elems = max_tile;
   if (want_x)
@@ -2896,6 +2916,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           run.kern = at::empty({max_n * kern_elems}, opts);
           run.rows_scratch = at::empty({max_tile}, opts);  // one group's rows of a tile: rows x Jt <= max_tile
         }
+        if (gx_transposed) {
+          run.gy_t = at::empty({Cout * P}, opts);
+          run.gcols_t = at::empty({GJ * P}, opts);
+        }
         run.scratch = at::empty({J}, acc_opts);
         run.m = at::empty({max_n * GJ}, acc_opts);
         run.gm = at::empty({max_n * GJ}, acc_opts);
@@ -2934,13 +2958,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* gy_i = gy_s + i * Cout * P + row0 * P;
           // Wb is only an operand of the grad_x product (the parameter gradients recompute A)
-          if (want_x) {
+          if (gx_transposed) {
+            // gcols^T[g][:, tile cols] (+)= gy[g][tile rows]^T @ Wb[g][tile rows, tile cols]; the row
+            // blocks of one group (G == 1) accumulate
+            scalar_t* kern_i = kern + i * kern_elems;
+            scalar_t* gy_t = run.gy_t.data_ptr<scalar_t>();
+            build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K,
+                              f.const_data_ptr<acc_t>() + (s0 + i) * Cout, m + i * GJ, g, t, /*transposed=*/false,
+                              kern_i, static_cast<scalar_t*>(nullptr), run.scratch.data_ptr<acc_t>());
+            for (int64_t gi = 0; gi < nG; ++gi)
+              transpose_into(gy_s + i * Cout * P + ((t.g0 + gi) * Cog + t.r0) * P, T, P, gy_t + gi * P * T, T);
+            grouped_gemm<scalar_t>(nG, P, Jt, T, gy_t, T, P * T, kern_i, Jt, T * Jt,
+                                   gcols + i * gcols_stride + t.g0 * J + t.j0, GJ, J, /*accumulate=*/t.r0 > 0, opts);
+          } else if (want_x) {
             build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + (s0 + i) * K,
                               f.const_data_ptr<acc_t>() + (s0 + i) * Cout, m + i * GJ, g, t, /*transposed=*/true,
                               kern + i * kern_elems, run.rows_scratch.data_ptr<scalar_t>(),
                               run.scratch.data_ptr<acc_t>(), /*ld=*/pn.rows, /*col0=*/t.r0 - pn.r0);
           }
-          if (want_x && ti == pn.last_tile) {
+          if (want_x && !gx_transposed && ti == pn.last_tile) {
             // gcols[g][panel cols] (+)= Wb[g][panel rows, cols]^T @ gy[g][panel rows]; the panels of
             // later rows of one group (G == 1) accumulate.
             grouped_gemm<scalar_t>(nG, Jt, P, pn.rows, kern + i * kern_elems, pn.rows, Jt * pn.rows,
@@ -3001,8 +3037,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for_each_run([&](BackwardRun& run) {
       for (int64_t i = 0; i < run.n; ++i) {
         const int64_t b = run.s0 + i;
-        if (want_x && !direct)
+        if (gx_transposed) {  // gcols = (gcols^T)^T
+          transpose_into(run.gcols.data_ptr<scalar_t>() + i * GJ * P, P, GJ, run.gcols_t.data_ptr<scalar_t>(), P);
+          col2im(run.gcols_t.data_ptr<scalar_t>(), g, grad_x.data_ptr<scalar_t>() + b * x_stride);
+        } else if (want_x && !direct) {
           col2im(run.gcols.data_ptr<scalar_t>() + i * GJ * P, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
+        }
         if (want_params)
           reduce_scale_gradient(g, run.gm.const_data_ptr<acc_t>() + i * GJ, ch.const_data_ptr<acc_t>() + b * g.in_channels,
                                 s.const_data_ptr<acc_t>() + b * taps, grad_ch.data_ptr<acc_t>() + b * g.in_channels,
