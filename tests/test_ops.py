@@ -856,6 +856,10 @@ def test_backward_transposed_grad_x_choice(case, want, monkeypatch):
         grad_x[mode] = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, False])[0]
     assert torch.equal(grad_x["auto"], grad_x[want])
     assert not torch.equal(grad_x["auto"], grad_x["never" if want == "always" else "always"])
+    # grad_x alone (no im2row buffer: col2im's input has its own) is grad_x computed with the other gradients
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", "always")
+    with_params = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True])[0]
+    assert torch.equal(grad_x["always"], with_params)
 
 
 @requires_extension

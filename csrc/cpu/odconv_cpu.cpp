@@ -2776,7 +2776,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
 struct BackwardRun {
   int64_t s0 = 0, n = 0;
   at::Tensor rows, cols_scratch, gcols, kern, q, gbuf, rows_scratch, scratch, m, gm, a_t, gw;
-  at::Tensor gy_t, gcols_t;  // the transposed grad_x product's gy^T of a tile and col2im's input
+  at::Tensor gy_t, gcols_t;  // the transposed grad_x product's gy^T of a tile, col2im's input (see below)
 };
 
 template <typename scalar_t>
@@ -2918,7 +2918,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         if (gx_transposed) {
           run.gy_t = at::empty({Cout * P}, opts);
-          run.gcols_t = at::empty({GJ * P}, opts);
+          // col2im's input: im2row's buffer where there is one (free once the tiles are done)
+          if (!want_params) run.gcols_t = at::empty({GJ * P}, opts);
         }
         run.scratch = at::empty({J}, acc_opts);
         run.m = at::empty({max_n * GJ}, acc_opts);
@@ -3037,9 +3038,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for_each_run([&](BackwardRun& run) {
       for (int64_t i = 0; i < run.n; ++i) {
         const int64_t b = run.s0 + i;
-        if (gx_transposed) {  // gcols = (gcols^T)^T
-          transpose_into(run.gcols.data_ptr<scalar_t>() + i * GJ * P, P, GJ, run.gcols_t.data_ptr<scalar_t>(), P);
-          col2im(run.gcols_t.data_ptr<scalar_t>(), g, grad_x.data_ptr<scalar_t>() + b * x_stride);
+        if (gx_transposed) {  // gcols = (gcols^T)^T, into a sample's slot of im2row's buffer when it has one
+          scalar_t* gc = (want_params ? run.rows : run.gcols_t).data_ptr<scalar_t>();
+          transpose_into(run.gcols.data_ptr<scalar_t>() + i * GJ * P, P, GJ, gc, P);
+          col2im(gc, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
         } else if (want_x && !direct) {
           col2im(run.gcols.data_ptr<scalar_t>() + i * GJ * P, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
         }
