@@ -205,9 +205,10 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 // The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
-// (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR, ODCONV_CPU_SKIP_PADDED_ROWS,
-// ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD,
-// ODCONV_CPU_FORWARD_SPLIT) that tests and A/B runs use.
+// (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
+// ODCONV_CPU_SKIP_PADDED_ROWS, ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_BACKWARD_TRANSPOSED_GX,
+// ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS)
+// that tests and A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
   const char* env = std::getenv(name);
   const std::string mode = env == nullptr ? "auto" : env;
@@ -1523,6 +1524,10 @@ void build_tile_kernel(const scalar_t* weight, const acc_t* a, const acc_t* f, c
   }
 }
 
+// Whether rounding n columns up to brgemm's 16-column blocks wastes more than a fifth of them (maps
+// like 7x7, 6x6 and 5x5: the last block is ragged and runs slowly; see forward_kernel).
+inline bool ragged_column_blocks(int64_t n) { return (n + 15) / 16 * 16 * 4 > 5 * n; }
+
 template <typename scalar_t>
 constexpr bool uses_brgemm() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
@@ -1581,7 +1586,7 @@ at::Tensor forward_kernel(
   const bool transposed =
       uses_brgemm<scalar_t>() &&
       (transposed_mode == "auto"
-           ? (P + 15) / 16 * 16 * 4 > 5 * P &&
+           ? ragged_column_blocks(P) &&
                  (g.groups == 1 || (!cpu_has_avx512() && g.out_per_group >= kTransposedForwardMinGroupRows))
            : transposed_mode == "always");
   const bool reads_x = direct && !transposed;  // the products read x itself: no cols buffer
@@ -2849,7 +2854,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::string gx_mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
   const bool gx_transposed =
       want_x && !direct &&
-      (gx_mode == "auto" ? (P + 15) / 16 * 16 * 4 > 5 * P && Cog >= kTransposedGradXMinGroupRows : gx_mode == "always");
+      (gx_mode == "auto" ? ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows : gx_mode == "always");
   std::vector<size_t> panel_of;
   const std::vector<Panel> panels = make_panels(
       tiles, /*gather=*/!gx_transposed && g.groups == 1 && im2col_bytes(g, sizeof(scalar_t)) > kSmallIm2colBytes,
@@ -3102,8 +3107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // path multiplies each group's Cog x J kernel on its own, products of 8-32 rows whose per-call
 // overhead dominates, where oneDNN's grouped convolution blocks the groups' channels. The backward
 // takes it at stride 1, the forward with at least kNarrowGroupMinGroupsForward groups or
-// kNarrowGroupMinTapsForward taps, at most kNarrowGroupMaxRowsForwardAvx2 rows per group (AVX2; see below) and
-// kNarrowGroupMinSampleMacs multiply-adds per sample, on batches of at least a sample per thread.
+// kNarrowGroupMinTapsForward taps, at most kNarrowGroupMaxRowsForwardAvx2 rows per group (without
+// AVX-512; see below) and kNarrowGroupMinSampleMacs multiply-adds per sample, on batches of at least a
+// sample per thread.
 // (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=always against never, 8 rounds, 2 threads, AVX2 (Zen 3),
 // results/ab_narrow_groups_paths*_avx2_cpu.json: backward 0.31-0.84 on layers of 8-32 channel groups
 // on 7x7-28x28 maps (B32 256->256 14x14 with 32 groups 0.33-0.39, 512->512 14x14 0.45, 1024->1024
@@ -3130,11 +3136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
 // The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels
 // output pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1
-// unpadded kernels), and that of any layer whose im2col
-// matrix reaches kConvPathBackwardIm2colBytes: the GEMM path streams im2row and gcols, kh*kw times
-// the activations, through memory for every sample, where the convolution's backward reads and
-// writes the activations only. There each thread takes a run of samples (backward_by_sample_convolutions,
-// below), and a call covers as many samples as make kSampleConvCallMacs multiply-adds (small layers:
+// unpadded kernels), and that of any layer whose im2col matrix reaches kConvPathBackwardIm2colBytes:
+// the GEMM path streams im2row and gcols, kh*kw times the activations, through memory for every
+// sample, where the convolution's backward reads and writes the activations only. There each thread
+// takes a run of samples (backward_by_sample_convolutions, below), and a call covers as many samples as make kSampleConvCallMacs multiply-adds (small layers:
 // fewer calls), one at a time when a group has fewer than kSampleConvMinCallChannels input channels
 // (oneDNN's grouped convolution with 3 channels per group ran the stem-like layer 1.6x slower than
 // one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
