@@ -3139,10 +3139,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // unpadded kernels), and that of any layer whose im2col matrix reaches kConvPathBackwardIm2colBytes:
 // the GEMM path streams im2row and gcols, kh*kw times the activations, through memory for every
 // sample, where the convolution's backward reads and writes the activations only. There each thread
-// takes a run of samples (backward_by_sample_convolutions, below), and a call covers as many samples as make kSampleConvCallMacs multiply-adds (small layers:
-// fewer calls), one at a time when a group has fewer than kSampleConvMinCallChannels input channels
-// (oneDNN's grouped convolution with 3 channels per group ran the stem-like layer 1.6x slower than
-// one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
+// takes a run of samples (backward_by_sample_convolutions, below), and a call covers as many samples
+// as make kSampleConvCallMacs multiply-adds (small layers: fewer calls), one at a time when a group
+// has fewer than kSampleConvMinCallChannels input channels (oneDNN's grouped convolution with 3
+// channels per group ran the stem-like layer 1.6x slower than one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
 // those would exceed a kSampleConvShareFraction-th of the batch's activations (x and out; deep layers:
 // 9 MiB per thread for 256->256 3x3), or the batch is smaller than the thread count, the backward runs
 // the chunks below instead. (With every share allowed, B16 256->256 28x28 took 0.87x the chunks' time,
