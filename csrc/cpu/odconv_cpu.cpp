@@ -3134,27 +3134,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
-// The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels
-// output pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1
-// unpadded kernels), and that of any layer whose im2col matrix reaches kConvPathBackwardIm2colBytes:
-// the GEMM path streams im2row and gcols, kh*kw times the activations, through memory for every
-// sample, where the convolution's backward reads and writes the activations only. There each thread
-// takes a run of samples (backward_by_sample_convolutions, below), and a call covers as many samples
-// as make kSampleConvCallMacs multiply-adds (small layers: fewer calls), one at a time when a group
-// has fewer than kSampleConvMinCallChannels input channels (oneDNN's grouped convolution with 3
-// channels per group ran the stem-like layer 1.6x slower than one sample per call). The run's share of grad_W is a (K, N) buffer per thread beyond the first: when
-// those would exceed a kSampleConvShareFraction-th of the batch's activations (x and out; deep layers:
-// 9 MiB per thread for 256->256 3x3), or the batch is smaller than the thread count, the backward runs
-// the chunks below instead. (With every share allowed, B16 256->256 28x28 took 0.87x the chunks' time,
-// but its training step's peak memory rose from 0.93x to 1.15x the static convolution's, above the
-// 1.1x this project holds to; bench_op.py --modes mem.) (2 cores, float32, ODCONV_CPU_CONV_PATH=never (GEMM path) against always,
-// alternated in one process, fastest of 3 rounds, new/GEMM: B32 32->32 112x112 0.45 (the chunks
-// 0.50), B32 64->64 56x56 0.66 (0.75), B16 256->256 28x28 0.83 (0.97), B64 96->96 24x24 5x5 0.79
-// (0.93), B128 32->32 48x48 0.81-0.86, B128 64->64 24x24 0.85-0.90, B64 64->64 32x32 0.89-0.97,
-// B16 64->64 56x56 stride 2 0.88, B128 32->64 32x32 two groups 0.71, B64 16->16 32x32 0.71 (one
-// sample per call 1.19-1.26), B128 32->64 24x24 0.89 (1.12-1.13), B32 3->32 64x64 0.62-0.71, B64
-// 128->128 16x16 0.94-1.01, B64 64->128 32x32 stride 2 0.97-1.02; on smaller maps it was slower: 1.09
-// at 128->128 and 64->128 12x12 and 256->256 14x14, 1.32 at 6x6, 1.59 at 8x8; and at 1x1 on 32x32 1.47.)
+// The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels output
+// pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1 unpadded
+// kernels), and that of any layer whose im2col matrix reaches kConvPathBackwardIm2colBytes: the GEMM
+// path streams im2row and gcols, kh*kw times the activations, through memory for every sample, where
+// the convolution's backward reads and writes the activations only. There each thread takes a run of
+// samples (backward_by_sample_convolutions, below), and a call covers as many samples as make
+// kSampleConvCallMacs multiply-adds (small layers: fewer calls), one at a time when a group has fewer
+// than kSampleConvMinCallChannels input channels (oneDNN's grouped convolution with 3 channels per
+// group ran the stem-like layer 1.6x slower than one sample per call). The run's share of grad_W is a
+// (K, N) buffer per thread beyond the first: when those would exceed a kSampleConvShareFraction-th of
+// the batch's activations (x and out; deep layers: 9 MiB per thread for 256->256 3x3), or the batch is
+// smaller than the thread count, the backward runs the chunks below instead. (With every share
+// allowed, B16 256->256 28x28 took 0.87x the chunks' time, but its training step's peak memory rose
+// from 0.93x to 1.15x the static convolution's, above the 1.1x this project holds to; bench_op.py
+// --modes mem.) (2 cores, float32, ODCONV_CPU_CONV_PATH=never (GEMM path) against always, alternated
+// in one process, fastest of 3 rounds, new/GEMM: B32 32->32 112x112 0.45 (the chunks 0.50), B32 64->64
+// 56x56 0.66 (0.75), B16 256->256 28x28 0.83 (0.97), B64 96->96 24x24 5x5 0.79 (0.93), B128 32->32
+// 48x48 0.81-0.86, B128 64->64 24x24 0.85-0.90, B64 64->64 32x32 0.89-0.97, B16 64->64 56x56 stride 2
+// 0.88, B128 32->64 32x32 two groups 0.71, B64 16->16 32x32 0.71 (one sample per call 1.19-1.26), B128
+// 32->64 24x24 0.89 (1.12-1.13), B32 3->32 64x64 0.62-0.71, B64 128->128 16x16 0.94-1.01, B64 64->128
+// 32x32 stride 2 0.97-1.02; on smaller maps it was slower: 1.09 at 128->128 and 64->128 12x12 and
+// 256->256 14x14, 1.32 at 6x6, 1.59 at 8x8; and at 1x1 on 32x32 1.47.)
 // Buffers of the chunks, per chunk:
 //   m     (n, G*J)         channel * spatial attention of each column
 //   kern  (n*Cout, Cin/G, kh, kw) = f * m * A, the per-sample kernels (build_chunk_kernels)
