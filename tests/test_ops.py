@@ -704,8 +704,8 @@ TRANSPOSED_GRAD_X = [
 ]
 
 
-# ---- the folded backward: both gradient groups on maps of at most 36 pixels (64 with 1x1 kernels without
-# im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction
+# ---- the folded backward: both gradient groups on maps of at most 36 pixels (49 on AVX-512; 64 with 1x1 kernels
+# without im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction
 # runs over 4 samples per pass along a row of W_k, grad_W comes from Q' and grad_m from the grad_x product.
 # Batches that leave 1-3 samples for the last pass, K from 1 to 8, two chunks, stride 2; blocks of a part's
 # channels (in float64 with K = 8, 32 channels of 3x3 and a ragged block) worked through chunk by chunk;
@@ -720,6 +720,7 @@ FOLDED_BACKWARD = [
     (6, 140, 72, 6, 1, 3, 1, 0, 1, 1),     # 1x1 without im2col: gcols = Y m is grad_x itself
     (5, 40, 100, 7, 1, 4, 1, 0, 1, 1),     # 1x1 on 7x7 (P = 49 > 36): folded without im2col only
     (3, 24, 128, 8, 1, 2, 1, 0, 1, 1),     # 1x1 on 8x8, the largest folded map without im2col
+    (5, 24, 100, 7, 3, 4, 1, 1, 1, 1),     # 3x3 on 7x7: folded on AVX-512, passes of 4 + 1
 ]
 
 
@@ -731,7 +732,7 @@ FOLDED_BACKWARD = [
 # of grad_x); each gradient group alone and both (in float32 one block). -------------------------------
 BLOCK_CASES = [
     (3, 150, 20, 8, 3, 8, 1, 1, 1, 1),     # P = 64 > Cout/2: parts of 50 channels in blocks of 32 + 18
-    (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps: 32 + 1-2
+    (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps (folded on AVX-512): 32 + 1-2
     (2, 3300, 8, 2, 1, 8, 1, 0, 1, 1),     # 1x1 without im2col: parts of 1100 channels in blocks of 560 + 540
     (40, 100, 40, 6, 3, 8, 1, 1, 1, 1),    # folded (P = 36): 32 + 1-2, two chunks per block
 ]

@@ -2375,8 +2375,16 @@ constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;     // the folde
 constexpr int64_t kFoldedMaxThreadBytesBackward = 4 * 1024 * 1024;  // and its most, for parts of > 16 MB of kernels
 constexpr int64_t kFoldedSubSamples = 8;  // samples whose Q' and A the folded backward holds at a time
 
+// On AVX-512 3x3 kernels fold on 7x7 maps too, since the sub-chunks: benchmarks/ab_env.py with a
+// temporary switch (49 against 36 pixels), Zen 4 EPYC, two runs of 8 and 14 rounds,
+// results/ab_folded_backward_7x7_avx512_cpu.json (the second): backward 0.93-0.96 on B16, B32 and B256
+// 512->512 7x7 and on 256->512 stride 2 onto 7x7, 0.995 on B64 256->256 7x7; the training step's peak
+// memory 2.04 -> 2.06x static on B32 512->512 7x7, 1.53 -> 1.40x on the strided layer.
+constexpr int64_t kFoldedBackwardMaxPixelsAvx512 = 49;
+
 inline int64_t folded_backward_max_pixels(const Geometry& g) {
-  return g.im2col_is_identity() ? kFoldedBackwardMaxPixelsDirect : kFoldedBackwardMaxPixels;
+  if (g.im2col_is_identity()) return kFoldedBackwardMaxPixelsDirect;
+  return cpu_has_avx512() ? kFoldedBackwardMaxPixelsAvx512 : kFoldedBackwardMaxPixels;
 }
 
 // Parts of J for the backward by columns: at most one per thread, of at least kMinColumnsPerPart
