@@ -452,19 +452,29 @@ def test_sample_convolutions_match_reference(case, threads, num_threads):
     assert_case_matches_reference(case, (torch.float32,))
 
 
-def assert_auto_takes(case, variable, wants, monkeypatch):
-    """The float32 forward (wants[0]) and, if named, backward (wants[1]) of a GRID-style case with `variable` at
-    auto are bit for bit those with it at the wanted value ("always" or "never"), and not those with the other."""
+def float32_layer(case):
+    """The detached float32 inputs (x, weight, four attentions) of a GRID-style case, its conv arguments
+    (stride, padding, dilation, groups) and a random grad_out of its output's shape."""
     batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    x, w, ch, f, s, a = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
+    inputs = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
     conv = (list(stride), list(padding), list(dilation), groups)
-    grad_out = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv))
+    grad_out = torch.randn_like(torch.ops.odconv.odconv2d(*inputs, *conv))
+    return inputs, conv, grad_out
+
+
+def assert_auto_takes(case, variable, wants, monkeypatch):
+    """The float32 forward (wants[0], unless None) and, if named, backward (wants[1]) of a GRID-style case with
+    `variable` at auto are bit for bit those with it at the wanted value ("always" or "never"), and not those
+    with the other."""
+    inputs, conv, grad_out = float32_layer(case)
     results = {}
     for mode in ("auto", "always", "never"):
         monkeypatch.setenv(variable, mode)
-        results[mode] = ([torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv)],
-                         torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True]))
+        results[mode] = ([torch.ops.odconv.odconv2d(*inputs, *conv)],
+                         torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True]))
     for direction, want in enumerate(wants):
+        if want is None:
+            continue
         other = "never" if want == "always" else "always"
         assert all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[want][direction]))
         assert not all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[other][direction]))
@@ -846,21 +856,14 @@ def test_backward_transposed_grad_x_matches_reference(case, mode, monkeypatch, n
 @pytest.mark.parametrize("case,want", [(BACKWARD_TRANSPOSED_GX[0], "always"), (BACKWARD_TRANSPOSED_GX[1], "never")],
                          ids=["64_rows", "12_rows"])
 def test_backward_transposed_grad_x_choice(case, want, monkeypatch):
-    # auto gives bit for bit the wanted variant's grad_x, and not the other's
-    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(case)
-    x, w, ch, f, s, a = [t.detach() for t in make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)]
-    conv = (list(stride), list(padding), list(dilation), groups)
-    grad_out = torch.randn_like(torch.ops.odconv.odconv2d(x, w, ch, f, s, a, *conv))
-    grad_x = {}
-    for mode in ("auto", "always", "never"):
-        monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", mode)
-        grad_x[mode] = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, False])[0]
-    assert torch.equal(grad_x["auto"], grad_x[want])
-    assert not torch.equal(grad_x["auto"], grad_x["never" if want == "always" else "always"])
+    # auto gives bit for bit the wanted variant's backward, and not the other's (the forward does not read it)
+    assert_auto_takes(case, "ODCONV_CPU_BACKWARD_TRANSPOSED_GX", (None, want), monkeypatch)
     # grad_x alone (no im2row buffer: col2im's input has its own) is grad_x computed with the other gradients
+    inputs, conv, grad_out = float32_layer(case)
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", "always")
-    with_params = torch.ops.odconv.odconv2d_backward(grad_out, x, w, ch, f, s, a, *conv, [True, True])[0]
-    assert torch.equal(grad_x["always"], with_params)
+    alone = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, False])[0]
+    with_params = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])[0]
+    assert torch.equal(alone, with_params)
 
 
 @requires_extension
