@@ -428,12 +428,15 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
 ]
 
 # ---- float32 grouped layers of narrow groups (at most 32 output channels per group, widths multiples of 8) run
-# both directions through grouped convolutions on maps of any size: the backward at stride 1, the forward with 16+
-# groups or 5x5+ kernels, at most 24 rows per group (32 on AVX-512), 1 M multiply-adds per sample and a sample per
-# thread. ------
+# both directions through grouped convolutions on maps of any size: the backward at stride 1 (on AVX-512 not with
+# 16+ rows per group on maps of at most 4.5 pixels per row of a group: those split the GEMM path by columns), the
+# forward with 16+ groups or 5x5+ kernels, at most 24 rows per group (32 on AVX-512), 1 M multiply-adds per sample
+# and a sample per thread. ------
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 NARROW_GROUP_PATHS = {  # case: (forward, backward) path that auto takes
-    (4, 512, 512, 7, 3, 2, 1, 1, 1, 16): ("always" if AVX512 else "never", "always"),  # 16 groups of 32 channels
+    (4, 512, 512, 7, 3, 2, 1, 1, 1, 16): ("always" if AVX512 else "never", "never" if AVX512 else "always"),  # 32 rows
+    (4, 128, 128, 8, 3, 2, 1, 1, 1, 8): ("never", "never" if AVX512 else "always"),  # 16 rows, 64 pixels
+    (4, 128, 128, 9, 3, 2, 1, 1, 1, 8): ("never", "always"),     # 16 rows, 81 pixels
     (4, 128, 128, 14, 3, 2, 1, 1, 1, 16): ("always", "always"),  # 16 groups of 8 channels
     (5, 64, 64, 9, 5, 3, 1, 2, 1, 8): ("always", "always"),      # 5x5 kernels, 8 groups; 3 threads: uneven runs
     (6, 64, 64, 7, 3, 2, 1, 1, 1, 8): ("never", "always"),       # 7x7 map: 0.2 M multiply-adds per sample
@@ -462,20 +465,20 @@ def float32_layer(case):
     return inputs, conv, grad_out
 
 
-def assert_auto_takes(case, variable, wants, monkeypatch):
+def assert_auto_takes(case, variable, wants, monkeypatch, values=("always", "never")):
     """The float32 forward (wants[0], unless None) and, if named, backward (wants[1]) of a GRID-style case with
-    `variable` at auto are bit for bit those with it at the wanted value ("always" or "never"), and not those
+    `variable` at auto are bit for bit those with it at the wanted value (one of the two `values`), and not those
     with the other."""
     inputs, conv, grad_out = float32_layer(case)
     results = {}
-    for mode in ("auto", "always", "never"):
+    for mode in ("auto", *values):
         monkeypatch.setenv(variable, mode)
         results[mode] = ([torch.ops.odconv.odconv2d(*inputs, *conv)],
                          torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True]))
     for direction, want in enumerate(wants):
         if want is None:
             continue
-        other = "never" if want == "always" else "always"
+        other = values[1] if want == values[0] else values[0]
         assert all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[want][direction]))
         assert not all(torch.equal(g, e) for g, e in zip(results["auto"][direction], results[other][direction]))
 
@@ -796,11 +799,18 @@ def test_folded_backward_with_vanishing_input_scale(dtype, kernel, monkeypatch, 
 
 
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
-# tile; layers with groups) and ranges of input channels (columns of J, at least 64 per thread; the
-# default without groups). ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with J >= 192
-# get three ranges, narrower ones fewer. ----------------------------------------------------------
-SPLIT_CASES = [case for case in GRID if unpack(case)[-1] == 1 and unpack(case)[0] > 0] + [
-    case for case in BLOCKING if unpack(case)[-1] == 1] + [
+# tile) and ranges of input channels (columns of J, at least 64 per thread), cut at the groups'
+# boundaries. ODCONV_CPU_BACKWARD_SPLIT forces one; at 3 threads layers with G*J >= 192 get three
+# ranges, narrower ones fewer. ----------------------------------------------------------------------
+SPLIT_CASES = [case for case in GRID if unpack(case)[0] > 0] + BLOCKING + [
+    # groups by columns: 3 ranges of 2 channels over 2 groups of 3 (the middle one in both groups)
+    (3, 6, 10, 5, 3, 2, 1, 1, 1, 2),
+    (3, 24, 64, 4, 3, 3, 1, 1, 1, 2),      # 32 rows per group on 4x4 (P <= rows / 2): folded
+    (2, 16, 256, 16, 3, 2, 2, 1, 1, 2),    # 128 rows per group onto 8x8: transposed grad_x, not folded
+    (3, 8, 64, 4, 1, 2, 1, 0, 1, 2),       # 1x1 without im2col, folded: gcols is grad_x
+    (3, 16, 24, 5, 1, 2, 1, 0, 1, 2),      # 1x1 without im2col, plain product into grad_x
+    (2, 8, 80, 6, 3, 5, 1, 1, 1, 2),       # 40 rows per group: row tiles of 20 in one panel, K = 5
+    (2, 160, 66, 4, 3, 4, 1, 1, 1, 2),     # J = 720 per group: two blocks per group in float64
     (4, 14, 33, 5, 3, 2, 1, 1, 1, 1),      # J = 126: one range of columns, row tiles of 17 + 16
     (3, 130, 10, 3, 3, 3, 2, 1, 1, 1),     # stride 2, J = 1170 in 3 ranges, fewer output channels than a tile
     (40, 8, 5, 5, 3, 2, 1, 1, 1, 1),       # two chunks of 20 samples, the second accumulating into grad_W
@@ -820,6 +830,20 @@ def test_both_backward_splits_match_reference(case, split, monkeypatch, num_thre
     assert_case_matches_reference(case)
 
 
+# auto splits by columns where every thread gets a range of at least 64 columns (J summed over the groups), with
+# or without groups, and the samples otherwise
+@requires_extension
+@pytest.mark.parametrize("case,want", [((4, 32, 40, 7, 3, 2, 1, 1, 1, 1), "columns"),
+                                       ((4, 48, 96, 7, 3, 2, 1, 1, 1, 4), "columns"),
+                                       ((4, 16, 24, 6, 3, 2, 1, 1, 1, 2), "columns"),
+                                       ((4, 16, 24, 6, 3, 2, 1, 1, 1, 2), "samples")],
+                         ids=["dense", "4_groups", "2_groups_144_columns_2_threads", "2_groups_144_columns_3_threads"])
+def test_backward_split_choice(case, want, monkeypatch, num_threads):
+    # 16 channels of 3x3 taps: 144 columns, two ranges of 64+ (one per thread) at 2 threads, not three at 3
+    num_threads(3 if want == "samples" else 2)
+    assert_auto_takes(case, "ODCONV_CPU_BACKWARD_SPLIT", (None, want), monkeypatch, values=("columns", "samples"))
+
+
 @requires_extension
 @pytest.mark.parametrize("split", ["samples", "columns"])
 def test_both_backward_splits_gradcheck(split, monkeypatch, num_threads):
@@ -829,35 +853,43 @@ def test_both_backward_splits_gradcheck(split, monkeypatch, num_threads):
     assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
 
 
-# The backward's runs of samples (grouped layers; dense ones when forced) multiply grad_x transposed,
-# gcols^T = gy^T @ Wb, on maps like 7x7, 6x6 and 5x5 with at least 64 rows per group
-# (ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto), as gcols = Wb^T @ gy otherwise: both ways against the reference
-# in float64 and float32, with groups, a dense layer whose J = 1350 is cut in tiles (row blocks accumulate
-# into gcols^T), stride 2 onto 5x5, and 3 threads (uneven runs).
+# The backward multiplies grad_x transposed, gcols^T = gy^T @ Wb, on maps like 7x7, 6x6 and 5x5 with at least 64
+# rows per group, and (split by columns) on maps of at most half a group's rows
+# (ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto), as gcols = Wb^T @ gy otherwise: both ways and both splits against the
+# reference in float64 and float32, with groups, a dense layer whose J = 1350 is cut in tiles (row blocks
+# accumulate into gcols^T), stride 2 onto 5x5, a 5x10 map (50 pixels: not folded), and 3 threads (uneven runs).
 BACKWARD_TRANSPOSED_GX = [
     (3, 128, 128, 7, 3, 2, 1, 1, 1, 2),   # two groups of 64 rows: transposed by default
     (4, 24, 36, 6, 3, 3, 1, 1, 1, 3),     # three groups of 12 rows: plain by default
     (3, 150, 40, 6, 3, 4, 1, 1, 1, 1),    # dense, tiles cut in J
     (5, 16, 64, 10, 3, 2, 2, 1, 1, 1),    # stride 2 onto 5x5
+    (2, 16, 128, (5, 10), 3, 2, 1, 1, 1, 2),  # 64 rows per group, 50 pixels
 ]
 
 
 @requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
 @pytest.mark.parametrize("mode", ["always", "never"])
 @pytest.mark.parametrize("case", BACKWARD_TRANSPOSED_GX, ids=case_id)
-def test_backward_transposed_grad_x_matches_reference(case, mode, monkeypatch, num_threads):
+def test_backward_transposed_grad_x_matches_reference(case, mode, split, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", mode)
-    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "samples")
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
     num_threads(3)
     assert_case_matches_reference(case)
 
 
 @requires_extension
-@pytest.mark.parametrize("case,want", [(BACKWARD_TRANSPOSED_GX[0], "always"), (BACKWARD_TRANSPOSED_GX[1], "never")],
-                         ids=["64_rows", "12_rows"])
-def test_backward_transposed_grad_x_choice(case, want, monkeypatch):
+@pytest.mark.parametrize("split", ["samples", "columns"])
+@pytest.mark.parametrize("case,want", [(BACKWARD_TRANSPOSED_GX[0], "always"), (BACKWARD_TRANSPOSED_GX[1], "never"),
+                                       (BACKWARD_TRANSPOSED_GX[4], "always")],
+                         ids=["64_rows", "12_rows", "64_rows_50_pixels"])
+def test_backward_transposed_grad_x_choice(case, want, split, monkeypatch, num_threads):
     # auto gives bit for bit the wanted variant's backward, and not the other's (the forward does not read it)
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    num_threads(2)
     assert_auto_takes(case, "ODCONV_CPU_BACKWARD_TRANSPOSED_GX", (None, want), monkeypatch)
+    if split == "columns":  # there both gradient groups fold the input scale into the products (other roundings)
+        return
     # grad_x alone (no im2row buffer: col2im's input has its own) is grad_x computed with the other gradients
     inputs, conv, grad_out = float32_layer(case)
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", "always")

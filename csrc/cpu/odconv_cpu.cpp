@@ -2241,7 +2241,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // The backward above splits the samples of a chunk between threads, and so needs one parallel
 // region per tile (the threads' shares of a tile of grad_W are summed in a fixed order: 80 regions
 // per chunk for 512->512 3x3 on 4x4, whose waits were ~9 % of its backward in perf), and every
-// thread streams all of W_k. Layers without groups instead give each thread a range of input
+// thread streams all of W_k. The backward by columns instead gives each thread a range of input
 // channels -- the columns [c0*taps, c1*taps) of J -- for every sample of a chunk: its im2row columns,
 // its rows of gcols and so its channels of grad_x, its columns of grad_m and of grad_W. Only grad_f,
 // grad_a and grad_s sum over columns: each part keeps its share per sample, added in part order
@@ -2254,9 +2254,21 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // the samples split, results/ab_backward_columns*_cpu.json: backward 0.74 on 128->128 12x12,
 // 0.83-0.87 on 512->512 7x7, 0.87-0.93 on 4x4, 0.87-0.97 on 32->32 48x48, 0.90 on 256->256 8x8
 // (5 rounds), 0.70-1.02 on the other dense layers of bench_op's suite and of the GTSRB network.)
-// It needs as many parts as threads (at least kMinColumnsPerPart columns each); with fewer (many
-// cores, narrow layers) the samples split keeps every thread busy.
-// On maps of at most Cout/2 pixels the grad_x product runs transposed: gcols^T (P x Jt) (+)=
+// It needs as many parts as threads (at least kMinColumnsPerPart columns each, of the G*J columns of
+// all groups); with fewer (many cores, narrow layers) the samples split keeps every thread busy.
+// Groups. A part's channels are cut at the groups' boundaries into blocks of one group each: a
+// block's tiles are rows of its group by columns of that group's J (Tile::g0), so a part may hold
+// the last channels of one group and the first of the next. Grouped layers took the samples split
+// until 2026-12-07 (the samples split multiplies several groups per call, and its per-group products
+// seemed to need that), but there every thread streams every tile of W_k and the grad_W partials are
+// summed per tile, as on dense layers, and B32 256->256 7x7 with 4 groups took 2.7x the floor forward
+// + backward where the dense layer took 1.6x. (benchmarks/ab_env.py, ODCONV_CPU_BACKWARD_SPLIT=samples
+// against auto, 14 rounds, Zen 4 EPYC, results/ab_backward_columns_groups_avx512_cpu.json: backward
+// 0.55-0.82 on B32 256->256 7x7 with 2 and 4 groups, B64 256->256 6x6 and 5x5 with 4, 0.66 on
+// 256->256 14x14 with 4, 0.75 on B64 128->128 12x12 with 2, and with 4-12 rows per group 0.76 on B64
+// 48->96 7x7 with 12 groups, 0.81 on B128 128->256 6x6 with 32, 0.92 on B32 96->96 7x7 with 8.) Narrow
+// groups of 16-32 rows on small maps take it too on AVX-512 (narrow_group_backward_by_columns).
+// On maps of at most Cog/2 pixels the grad_x product runs transposed: gcols^T (P x Jt) (+)=
 // gy[tile rows]^T @ Wb[tile], (P x T) @ (T x Jt), so each sample's Wb is built as it is and only gy's
 // T x P rows are transposed per tile (and each sample's gcols^T, Jr x P, once), where the product
 // above needs Wb^T, a transpose of every element of every sample's kernel: Cout*J per sample against
@@ -2266,7 +2278,14 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // transposed into grad_x. (They took the plain product until 2026-12-06: building Wb^T was 23 % of the
 // backward of B32 2048->512 1x1 on 7x7, rdtsc around each step. benchmarks/ab_env.py with a temporary
 // switch, 20 rounds: backward 0.76 on that layer, 0.78 on 512->2048, 0.86-0.87 on MobileNetV2's
-// 160->960 and 960->160 on 7x7, 0.89 on 128->256 on 6x6.)
+// 160->960 and 960->160 on 7x7, 0.89 on 128->256 on 6x6.) So does a group of at least
+// kTransposedGradXMinGroupRows rows on maps like 7x7, 6x6 and 5x5, where brgemm's last block of 16
+// columns of the plain product (N = P) would be ragged (the runs of samples' rule, see backward_kernel):
+// ODCONV_CPU_BACKWARD_TRANSPOSED_GX=never against auto, 14 rounds, Zen 4 EPYC,
+// results/ab_backward_columns_transposed_gx_64_rows_avx512_cpu.json: backward 0.89 on B32 64->64 7x7,
+// 0.85 on B64 96->96 7x7, 0.88 on B128 64->64 6x6 (dense layers of 64-97 rows); with 64 rows per group
+// 0.80-0.90 on B64 256->256 6x6 with 4 groups, B32 256->256 7x7 with 4 and 384->384 7x7 with 6
+// (ODCONV_CPU_BACKWARD_SPLIT=columns with a temporary switch, 30 rounds).
 // The folded backward. When both gradient groups are wanted on such maps of at most
 // kFoldedBackwardMaxPixels pixels (folded_backward_max_pixels), the scales come out of the reduction
 // pass (backward_folded_chunk). With rows' = rows m (each sample's im2row scaled by its input scale
@@ -2362,7 +2381,7 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 // and 0.96 on B32 256->256 14x14 in two runs (its forward, unchanged, 1.05 and 0.94), 0.95-0.99 on
 // 10x10, 12x12 and 24x24 layers.
 // ODCONV_CPU_BACKWARD_SPLIT=auto (default) | samples | columns overrides the choice (tests run both
-// on the same layers; columns with fewer parts than threads); layers with groups always split samples.
+// on the same layers; columns with fewer parts than threads).
 constexpr int64_t kMinColumnsPerPart = 64;
 constexpr int64_t kMaxColumnsChunk = 32;
 constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
@@ -2391,10 +2410,10 @@ inline int64_t folded_backward_max_pixels(const Geometry& g) {
 // columns (and one input channel); 0 when the backward splits the samples instead.
 int64_t column_parts(const Geometry& g) {
   const std::string mode = path_override("ODCONV_CPU_BACKWARD_SPLIT", {"auto", "samples", "columns"});
-  if (g.groups != 1 || mode == "samples") return 0;
+  if (mode == "samples") return 0;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t parts =
-      std::clamp<int64_t>(g.cols_per_group() / kMinColumnsPerPart, 1, std::min(threads, g.in_channels));
+  const int64_t parts = std::clamp<int64_t>(g.groups * g.cols_per_group() / kMinColumnsPerPart, 1,
+                                            std::min(threads, g.in_channels));
   return mode == "columns" || parts == threads ? parts : 0;
 }
 
@@ -2402,6 +2421,7 @@ int64_t column_parts(const Geometry& g) {
 // (see above), and its tiles: kMinTileRows rows by all of its columns.
 struct ColumnBlock {
   int64_t c0 = 0, c1 = 0;
+  int64_t group = 0;  // the group of its channels (a block never spans two)
   std::vector<Tile> tiles;
   std::vector<Panel> panels;  // of the plain grad_x product (make_panels), panel_of[i] that of tiles[i]
   std::vector<size_t> panel_of;
@@ -2410,23 +2430,31 @@ struct ColumnBlock {
 // The channels [c_begin, c_end) in blocks of whole channels, as few as keep each block's slices of
 // W_k and grad_W within kBlockBytes and its tile of W_k within kTileBytes; blocks of several
 // channels take a multiple of 16 columns (a vector of floats, a block of brgemm) where they can.
+// With groups the channels are first cut at the groups' boundaries: a block's tiles are rows of its
+// group (Tile::g0) by columns of that group's J.
 std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int64_t c_begin, int64_t c_end) {
-  const int64_t taps = g.taps(), rows = std::min(kMinTileRows, g.out_channels), K = g.kernel_num;
-  const int64_t most_columns = std::max<int64_t>(
-      1, std::min(kTileBytes / (K * rows * elem_size), kBlockBytes / (2 * K * g.out_channels * elem_size)));
-  const int64_t channels_total = c_end - c_begin;
-  const int64_t blocks = (channels_total * taps + most_columns - 1) / most_columns;
+  const int64_t taps = g.taps(), Cog = g.out_per_group, Cig = g.in_per_group, K = g.kernel_num;
+  const int64_t rows = std::min(kMinTileRows, Cog);
+  const int64_t most_columns =
+      std::max<int64_t>(1, std::min(kTileBytes / (K * rows * elem_size), kBlockBytes / (2 * K * Cog * elem_size)));
   const int64_t align = 16 / std::gcd<int64_t>(taps, 16);  // channels per 16-column multiple
-  int64_t channels = (channels_total + blocks - 1) / blocks;
-  if (blocks > 1 && channels > align) channels = (channels + align - 1) / align * align;
-  const int64_t row_step = even_step(g.out_channels, rows);
+  const int64_t row_step = even_step(Cog, rows);
   std::vector<ColumnBlock> out;
-  for (int64_t c = c_begin; c < c_end; c += channels) {
-    ColumnBlock b{c, std::min(c_end, c + channels), {}, {}, {}};
-    for (int64_t r = 0; r < g.out_channels; r += row_step)
-      b.tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), b.c0 * taps, b.c1 * taps});
-    b.panels = make_panels(b.tiles, /*gather=*/true, b.panel_of);
-    out.push_back(std::move(b));
+  for (int64_t s0 = c_begin; s0 < c_end;) {  // the part's channels of one group: [s0, s1)
+    const int64_t gi = s0 / Cig, s1 = std::min(c_end, (gi + 1) * Cig);
+    const int64_t channels_total = s1 - s0;
+    const int64_t blocks = (channels_total * taps + most_columns - 1) / most_columns;
+    int64_t channels = (channels_total + blocks - 1) / blocks;
+    if (blocks > 1 && channels > align) channels = (channels + align - 1) / align * align;
+    for (int64_t c = s0; c < s1; c += channels) {
+      ColumnBlock b{c, std::min(s1, c + channels), gi, {}, {}, {}};
+      const int64_t j0 = (b.c0 - gi * Cig) * taps, j1 = (b.c1 - gi * Cig) * taps;  // of the group's J
+      for (int64_t r = 0; r < Cog; r += row_step)
+        b.tiles.push_back({gi, gi + 1, r, std::min(Cog, r + row_step), j0, j1});
+      b.panels = make_panels(b.tiles, /*gather=*/true, b.panel_of);
+      out.push_back(std::move(b));
+    }
+    s0 = s1;
   }
   return out;
 }
@@ -2438,9 +2466,13 @@ struct ColumnPart {
   at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch, coef;
 };
 
-// Whether the backward by columns runs its grad_x product transposed (see above).
+// Whether the backward by columns runs its grad_x product transposed (see above);
+// ODCONV_CPU_BACKWARD_TRANSPOSED_GX=always | never overrides it, as in the runs of samples.
 inline bool grad_x_by_transposed_product(const Geometry& g) {
-  return 2 * g.out_pixels() <= g.out_channels;
+  const std::string mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
+  if (mode != "auto") return mode == "always";
+  const int64_t P = g.out_pixels(), Cog = g.out_per_group;
+  return 2 * P <= Cog || (ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows);
 }
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
@@ -2454,27 +2486,29 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
                            int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc,
                            const T* a_ptr, const T* f_ptr, const T* rows, const T* m, int64_t m_ld, T* gbuf, T* gcols,
                            T* gm, T* gf, T* ga, T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
-  const int64_t j_begin = blk.c0 * g.taps(), Jr = (blk.c1 - blk.c0) * g.taps();
+  // the block's first column: of x's im2row (all groups) and of its group's J
+  const int64_t j_begin = blk.c0 * g.taps(), j_local = blk.tiles.front().j0, Jr = (blk.c1 - blk.c0) * g.taps();
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
   const int64_t N = g.kernel_numel(), taps = g.taps(), x_stride = g.in_channels * g.height * g.width;
+  const int64_t Cog = g.out_per_group;
   T* kern = pt.kern.data_ptr<T>();  // A of every sample, q_slot apart
   T* gy_t = pt.gy_t.data_ptr<T>();
   T* coef = pt.coef.data_ptr<T>();
   T* dk = pt.scratch.data_ptr<T>();
   for (const Tile& t : blk.tiles) {
-    const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_begin;
+    const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_local, row0 = t.first_row(Cog);
     for (int64_t s0 = 0; s0 < n; s0 += sub) {  // the chunk's samples, sub at a time (Q' and A in gbuf and kern)
       const int64_t ns = std::min(sub, n - s0);
       // Q'_i = gy_i[tile rows] @ rows'_i[:, tile cols]: (T x P) @ (P x Jt), every sample's, kept for grad_W below
       for (int64_t i = s0; i < s0 + ns; ++i)
-        grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + t.r0 * P, P, 0, rows + i * P * Jr + jo, Jr,
+        grouped_gemm<T>(1, rows_t, Jt, P, gy_ptr + (c0 + i) * Cout * P + row0 * P, P, 0, rows + i * P * Jr + jo, Jr,
                         0, gbuf + (i - s0) * q_slot, Jt, 0, /*accumulate=*/false, opts);
       // Row by row, every sample's A, grad_f and grad_a, kFoldedBackwardSamples samples per pass over the row
       // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
       // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
       // thread on B64 512->512 4x4)
       for (int64_t r = 0; r < rows_t; ++r) {
-        const int64_t o = t.r0 + r;
+        const int64_t o = row0 + r;
         for (int64_t i0 = s0; i0 < s0 + ns; i0 += kFoldedBackwardSamples) {
           const int S = static_cast<int>(std::min<int64_t>(kFoldedBackwardSamples, s0 + ns - i0));
           const T* qs[kFoldedBackwardSamples] = {};
@@ -2507,9 +2541,9 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       // Y_i^T[:, tile cols] (+)= (f_i gy_i[tile rows])^T @ A_i: (P x T) @ (T x Jt); row blocks accumulate
       for (int64_t i = s0; i < s0 + ns; ++i) {
         const int64_t b = c0 + i;
-        const T* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+        const T* gy_rows = gy_ptr + b * Cout * P + row0 * P;
         transpose_into(gy_rows, rows_t, P, gy_t, rows_t);
-        const T* __restrict__ fr = f_ptr + b * Cout + t.r0;
+        const T* __restrict__ fr = f_ptr + b * Cout + row0;
         for (int64_t p = 0; p < P; ++p) {
           T* __restrict__ row = gy_t + p * rows_t;
 #pragma omp simd
@@ -2521,7 +2555,7 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       // grad_W[:, o, tile cols] (+)= C_o @ Q'[:, o], C_o[k, i] = a_i[k] f_i[o]: (K x ns) @ (ns x Jt), row by
       // row; the batch's first samples write it
       for (int64_t r = 0; r < rows_t; ++r) {
-        const int64_t o = t.r0 + r;
+        const int64_t o = row0 + r;
         for (int64_t k = 0; k < K; ++k)
           for (int64_t i = 0; i < ns; ++i)
             coef[k * ns + i] = a_ptr[(c0 + s0 + i) * K + k] * f_ptr[(c0 + s0 + i) * Cout + o];
@@ -2681,7 +2715,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       acc_t* gm = want_params ? pt.gm.data_ptr<acc_t>() : nullptr;
       acc_t* gbuf = want_params ? pt.gbuf.data_ptr<acc_t>() : nullptr;
       for (const ColumnBlock& blk : pt.blocks) {
-        const int64_t j_begin = blk.c0 * taps, Jr = (blk.c1 - blk.c0) * taps;
+        // the block's first column: of x's im2row (all groups; m's columns start there) and of its group's J
+        const int64_t j_begin = blk.c0 * taps, j_local = blk.tiles.front().j0, Jr = (blk.c1 - blk.c0) * taps;
         for (int64_t c0 = 0; c0 < B; c0 += chunk) {
           const int64_t n = std::min(chunk, B - c0);
           acc_t *gf = nullptr, *ga = nullptr, *gs = nullptr;
@@ -2709,10 +2744,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
               const Tile& t = blk.tiles[ti];
               const Panel& pn = blk.panels[blk.panel_of[ti]];
-              const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_begin;
+              const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_local;
+              const int64_t row0 = t.first_row(g.out_per_group);
               for (int64_t i = 0; i < n; ++i) {
                 const int64_t b = c0 + i;
-                const scalar_t* gy_rows = gy_ptr + b * Cout * P + t.r0 * P;
+                const scalar_t* gy_rows = gy_ptr + b * Cout * P + row0 * P;
                 if (want_params) {
                   // Q = gy[tile rows] @ rows_x[:, tile cols]: (T x P) @ (P x Jt), reduced at once (with the
                   // transposed grad_x product, the same pass over W builds the tile's Wb for it)
@@ -2742,8 +2778,9 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                     kern, pt.kern_rows.data_ptr<scalar_t>(), scratch, /*ld=*/pn.rows,
                                     /*col0=*/t.r0 - pn.r0, /*m_col0=*/j_begin);
                   if (ti == pn.last_tile) {
-                    scalar_t* dst = direct ? gx_ptr + b * x_stride + t.j0 * P : gcols + i * Jr * P + jo * P;
-                    grouped_gemm<scalar_t>(1, Jt, P, pn.rows, kern, pn.rows, 0, gy_ptr + b * Cout * P + pn.r0 * P, P, 0,
+                    scalar_t* dst = direct ? gx_ptr + b * x_stride + (j_begin + jo) * P : gcols + i * Jr * P + jo * P;
+                    const scalar_t* gy_panel = gy_ptr + b * Cout * P + (pn.g0 * g.out_per_group + pn.r0) * P;
+                    grouped_gemm<scalar_t>(1, Jt, P, pn.rows, kern, pn.rows, 0, gy_panel, P, 0,
                                            dst, P, 0, /*accumulate=*/pn.r0 > 0, opts, /*in_column_blocks=*/q_in_blocks);
                   }
                 }
@@ -2752,7 +2789,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
               if (want_params)
                 for (int64_t r = 0; r < T; ++r)
                   grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
-                                      grad_w_ptr + (t.r0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
+                                      grad_w_ptr + (row0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
             }
           }
           for (int64_t i = 0; i < n; ++i) {
@@ -2850,10 +2887,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // where brgemm's last block of 16 columns would be ragged in gcols = Wb^T @ gy (N = P: maps like 7x7,
   // 6x6 and 5x5, the forward's rule) and a group has at least kTransposedGradXMinGroupRows rows (the
   // inner dimension T): then Wb is built row-major (no transposes in the build) and each sample's gcols^T
-  // transposed once before col2im. The runs of samples take grouped layers (the backward by columns
-  // takes dense ones); B32 256->256 7x7 with 4 groups took 3.1x the static convolution's forward +
-  // backward on the Zen 4 EPYC, against 1.65x without groups, 14 % of its one-thread backward in the
-  // transposed build of Wb. (benchmarks/ab_env.py, never against auto, 10 rounds, Zen 4 EPYC,
+  // transposed once before col2im. The runs of samples took grouped layers until 2026-12-07 (the
+  // backward by columns takes them now where it has a part per thread, with the same rule); B32
+  // 256->256 7x7 with 4 groups took 3.1x the static convolution's forward + backward on the Zen 4
+  // EPYC, against 1.65x without groups, 14 % of its one-thread backward in the transposed build of
+  // Wb. (benchmarks/ab_env.py, never against auto, 10 rounds, Zen 4 EPYC,
   // results/ab_backward_transposed_gx_groups_avx512_cpu.json: backward 0.92 on B32 256->256 7x7 with two
   // groups, 0.95 with four, 0.94 on B64 256->256 5x5 with four; with 12 rows per group it was 1.07, with
   // 8 rows and 4 input channels 1.58, so those keep the plain product; narrow groups of 8-32 multiples
@@ -3138,6 +3176,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // at B8 and B32 (ResNeXt-50's last stage) and on B64 512->512 7x7 with 16, 0.78 on its stride-2 layer
 // onto 7x7, 0.91-0.96 on 14x14 with 8 and 16 groups, 1.00 on 28x28; the other choices held there,
 // results/ab_narrow_groups_avx512_cpu.json).
+// On AVX-512 the backward by columns (since 2026-12-07 with groups, see "The backward by columns")
+// beats it on small maps with 16+ rows per group: the backward of narrow groups of at least
+// kNarrowGroupMinRowsByColumns rows on maps of at most 4.5 pixels per row of a group stays on the
+// GEMM path where it splits by columns (narrow_group_backward_by_columns). (benchmarks/ab_env.py,
+// ODCONV_CPU_CONV_PATH=always against auto, 14 rounds, Zen 4 EPYC,
+// results/ab_backward_columns_narrow_groups_avx512_cpu.json: backward 0.52 on B32 1024->1024 7x7
+// with 32 groups (ResNeXt-50's last stage), 0.54 on 384->384 7x7 with 12, 0.77 on B64 512->512 7x7
+// with 16, 0.83-0.85 on 512->512 8x8 with 32 and 10x10 with 16, 0.95 on 512->512 7x7 with 32 (16
+// rows); left on the convolution path, 8 rows on 7x7 1.00 and 16 rows on 14x14 1.02 there, 1.15 and
+// 1.38 on the GEMM path in the trials before, and 16 rows on 9x9 and 12x12, 32 rows on 12x12-16x16
+// 0.89-1.01. Without AVX-512 (unmeasured against the columns) they keep the convolution path.)
 // A batch smaller than the thread count (one image in the GUI) takes one convolution
 // call on the chunk instead, which oneDNN spreads over the threads: at batch 1, against the GEMM
 // path's split of output rows, 0.46 at 32->32 112x112, 0.69 at 32->32 48x48, 0.78-0.83 at 64->64
@@ -3207,6 +3256,7 @@ inline int64_t narrow_group_max_rows_forward() {
   return cpu_has_avx512() ? kNarrowGroupMaxRows : kNarrowGroupMaxRowsForwardAvx2;
 }
 constexpr int64_t kNarrowGroupMinSampleMacs = 1000 * 1000;
+constexpr int64_t kNarrowGroupMinRowsByColumns = 16;  // AVX-512: see the header above
 
 bool depthwise_like(const Geometry& g) {
   return g.groups > 1 && g.out_per_group * g.cols_per_group() <= kConvPathMaxMacs;
@@ -3220,13 +3270,21 @@ bool narrow_groups(const Geometry& g) {
          g.out_per_group % kNarrowGroupChannelStep == 0 && g.out_per_group <= kNarrowGroupMaxRows;
 }
 
+// Whether the float32 backward of narrow groups stays on the GEMM path, split by columns: on AVX-512,
+// with at least kNarrowGroupMinRowsByColumns rows per group on maps of at most 4.5 pixels per row of
+// a group (see the header above).
+bool narrow_group_backward_by_columns(const Geometry& g) {
+  return cpu_has_avx512() && g.out_per_group >= kNarrowGroupMinRowsByColumns &&
+         2 * g.out_pixels() <= 9 * g.out_per_group && column_parts(g) > 0;
+}
+
 bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
   const std::string mode = path_override("ODCONV_CPU_CONV_PATH", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   if (depthwise_like(g)) return true;
   if (dtype == at::kFloat && narrow_groups(g)) {
-    if (backward && g.stride_h == 1 && g.stride_w == 1) return true;
+    if (backward && g.stride_h == 1 && g.stride_w == 1 && !narrow_group_backward_by_columns(g)) return true;
     if (!backward && (g.groups >= kNarrowGroupMinGroupsForward || g.taps() >= kNarrowGroupMinTapsForward) &&
         g.out_per_group <= narrow_group_max_rows_forward() &&
         g.batch >= at::get_num_threads() &&
