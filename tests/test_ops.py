@@ -830,6 +830,44 @@ def test_both_backward_splits_match_reference(case, split, monkeypatch, num_thre
     assert_case_matches_reference(case)
 
 
+# ---- On CPUs with AVX-512, float32 products whose last block of 16 columns is ragged by 1-8 columns, with an
+# inner dimension of 64+, multiply those columns in a kernel of their own (ODCONV_CPU_RAGGED_TAIL=auto): both ways
+# against the reference, on maps of 17-24 pixels (tails of 1-8) and 7x7 through grouped layers (whose forward
+# multiplies Wb @ cols, N = the map's pixels, K = 288 columns of a group: through brgemm), 7 rows per group (the
+# kernel's steps of 4 and 2 rows leave 3 and 1).
+RAGGED_TAILS = [(3, 64, 14, size, 3, 2, 1, 1, 1, 2)
+                for size in [(1, 17), (3, 6), (1, 19), (4, 5), (3, 7), (2, 11), (1, 23), (4, 6), 7]]
+
+
+@requires_extension
+@pytest.mark.parametrize("tail", ["auto", "never"])
+@pytest.mark.parametrize("case", RAGGED_TAILS, ids=case_id)
+def test_ragged_tails_match_reference(case, tail, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_RAGGED_TAIL", tail)
+    num_threads(2)
+    assert_case_matches_reference(case)
+
+
+@requires_extension
+@pytest.mark.skipif(not AVX512, reason="the tail kernel is AVX-512 code")
+@pytest.mark.parametrize("case", [RAGGED_TAILS[0], RAGGED_TAILS[7]], ids=["tail_1", "tail_8"])
+def test_ragged_tail_is_taken(case, monkeypatch):
+    # auto's float32 forward differs from the one with the tail left to brgemm (other roundings)
+    inputs, conv, _ = float32_layer(case)
+    outs = {}
+    for tail in ("auto", "never"):
+        monkeypatch.setenv("ODCONV_CPU_RAGGED_TAIL", tail)
+        outs[tail] = torch.ops.odconv.odconv2d(*inputs, *conv)
+    assert not torch.equal(outs["auto"], outs["never"])
+
+
+@requires_extension
+def test_bad_ragged_tail_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_RAGGED_TAIL", "always")
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_RAGGED_TAIL.*auto or never.*'always'"):
+        ext(make_inputs(2, 4, 4, 5, 3, 2, 1), (1, 1), (1, 1), (1, 1), 1)
+
+
 # auto splits by columns where every thread gets a range of at least 64 columns (J summed over the groups), with
 # or without groups, and the samples otherwise
 @requires_extension

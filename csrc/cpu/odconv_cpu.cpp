@@ -207,8 +207,8 @@ void advise_huge_pages(const at::Tensor& t) {
 // The value of the environment variable `name`, "auto" when unset, which must be one of `choices`
 // (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
 // ODCONV_CPU_SKIP_PADDED_ROWS, ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_BACKWARD_TRANSPOSED_GX,
-// ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS)
-// that tests and A/B runs use.
+// ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS,
+// ODCONV_CPU_RAGGED_TAIL) that tests and A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
   const char* env = std::getenv(name);
   const std::string mode = env == nullptr ? "auto" : env;
@@ -477,6 +477,100 @@ inline int64_t brgemm_column_block() { return cpu_has_avx512() ? kBrgemmColumnBl
 // products in blocks were no faster in the op (above), so CPUs with AVX-512 keep them whole.
 inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 
+#if defined(__AVX512F__)
+// Ragged tails. brgemm covers N in blocks of 16 columns and runs a ragged last block at the cost of a
+// full one or more: on one core of the Zen 4 EPYC (bench_brgemm_blocks.py) (128 x 1152) @ (1152 x 49)
+// ran at 76 GFLOP/s against 114 for 48 columns, so the 49th column took half the time of the other
+// 48; likewise (64 x 576) @ (576 x 36) 74 against 112 for 32. tail_columns_product multiplies the last
+// nt <= kMaxTailColumns columns itself, R rows at a time, each of A's vectors loaded once for the nt
+// columns: C[:, 0:nt] (+)= A @ B[:, 0:nt], A (M x K, lda), B (K x nt, ldb), C (M x nt, ldc); bt
+// (nt x K) holds B's columns transposed. (benchmarks/ab_env.py, ODCONV_CPU_RAGGED_TAIL=never against
+// auto, 14 rounds, Zen 4 EPYC, results/ab_ragged_tail_avx512_cpu.json: forward 0.78-0.81 on B32
+// 256->256 7x7 with 2 and 4 groups and 384->384 7x7 with 12, whose forward multiplies Wb @ cols with
+// N = 49; 0.88 on B64 256->256 6x6 with 4 groups, 0.86 on dense B64 256->256 9x9 (N = 81), 0.93 on
+// B32 96->96 7x7 with 8; backward and the other layers 0.98-1.03.) Only with an inner dimension of at
+// least kMinTailInner: with
+// fewer its per-element sums cost more than brgemm's ragged block (B64 48->96 7x7 with 12 groups,
+// the grad_x product's K = 8 rows of a group: backward 1.07 in a trial).
+constexpr int64_t kMaxTailColumns = 8;
+constexpr int64_t kMinTailInner = 64;
+
+template <int NT, int R>
+void tail_columns_rows(const float* A, int64_t lda, const float* bt, int64_t K, float* C, int64_t ldc,
+                       bool accumulate) {
+  __m512 acc[R][NT];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NT; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 a[R];
+    for (int i = 0; i < R; ++i) a[i] = _mm512_maskz_loadu_ps(mask, A + i * lda + k);
+    for (int c = 0; c < NT; ++c) {
+      const __m512 b = _mm512_maskz_loadu_ps(mask, bt + c * K + k);
+      for (int i = 0; i < R; ++i) acc[i][c] = _mm512_fmadd_ps(a[i], b, acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NT; ++c) {
+      const float v = _mm512_reduce_add_ps(acc[i][c]);
+      C[i * ldc + c] = accumulate ? C[i * ldc + c] + v : v;
+    }
+}
+
+template <int NT>
+void tail_columns_product_nt(int64_t M, int64_t K, const float* A, int64_t lda, const float* bt, float* C,
+                             int64_t ldc, bool accumulate) {
+  constexpr int R = NT <= 4 ? 4 : 2;  // R * NT accumulators, R vectors of A, one of B: within 32 registers
+  int64_t r = 0;
+  for (; r + R <= M; r += R) tail_columns_rows<NT, R>(A + r * lda, lda, bt, K, C + r * ldc, ldc, accumulate);
+  for (; r < M; ++r) tail_columns_rows<NT, 1>(A + r * lda, lda, bt, K, C + r * ldc, ldc, accumulate);
+}
+
+inline void tail_columns_product(int64_t M, int64_t nt, int64_t K, const float* A, int64_t lda, const float* B,
+                                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  thread_local std::vector<float> bt;
+  bt.resize(nt * K);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < nt; ++c) bt[c * K + k] = B[k * ldb + c];
+  switch (nt) {
+    case 1: tail_columns_product_nt<1>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 2: tail_columns_product_nt<2>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 3: tail_columns_product_nt<3>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 4: tail_columns_product_nt<4>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 5: tail_columns_product_nt<5>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 6: tail_columns_product_nt<6>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    case 7: tail_columns_product_nt<7>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    default: tail_columns_product_nt<8>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+  }
+}
+#endif
+
+// ODCONV_CPU_RAGGED_TAIL=auto (default) | never: whether products take their ragged tails apart (tests
+// and A/B runs); read at each call of the ops, as ODCONV_CPU_MASKED_TAPS.
+std::atomic<bool> ragged_tail_enabled{true};
+
+void read_ragged_tail_override() {
+  ragged_tail_enabled.store(path_override("ODCONV_CPU_RAGGED_TAIL", {"auto", "never"}) == "auto",
+                            std::memory_order_relaxed);
+}
+
+// The columns of an (M x K) @ (K x N) product that tail_columns_product takes (0: none): the ragged
+// last block of 16, where there is a whole block before it, the tail has at most kMaxTailColumns
+// columns and K is at least kMinTailInner; on CPUs with AVX-512 only (the kernel is AVX-512).
+inline int64_t tail_columns(int64_t N, int64_t K) {
+#if defined(__AVX512F__)
+  const int64_t nt = N % 16;
+  return cpu_has_avx512() && ragged_tail_enabled.load(std::memory_order_relaxed) && N > 16 &&
+                 nt <= kMaxTailColumns && K >= kMinTailInner
+             ? nt
+             : 0;
+#else
+  (void)N;
+  (void)K;
+  return 0;
+#endif
+}
+
 // For each of `batch` groups i: C_i = A_i @ B_i, or C_i += A_i @ B_i, with A_i (M x K), B_i (K x N)
 // and C_i (M x N) row-major at A + i*sa (leading dimension lda), and likewise for B and C.
 // in_column_blocks: through brgemm, wide products go in blocks of brgemm_column_block() columns.
@@ -494,10 +588,16 @@ void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
           in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows && K >= kBrgemmMinSplitInner
               ? brgemm_column_block()
               : N;
-      for (int64_t i = 0; i < batch; ++i)
-        for (int64_t n0 = 0; n0 < N; n0 += block)
-          at::native::cpublas::brgemm(M, std::min(block, N - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
+      const int64_t nt = tail_columns(N, K), Nb = N - nt;  // brgemm takes Nb columns, the tail the rest
+      for (int64_t i = 0; i < batch; ++i) {
+        for (int64_t n0 = 0; n0 < Nb; n0 += block)
+          at::native::cpublas::brgemm(M, std::min(block, Nb - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
                                       B + i * sb + n0, C + i * sc + n0, false);
+#if defined(__AVX512F__)
+        if (nt > 0)
+          tail_columns_product(M, nt, K, A + i * sa, lda, B + i * sb + Nb, ldb, C + i * sc + Nb, ldc, accumulate);
+#endif
+      }
       return;
     }
   }
@@ -3694,6 +3794,7 @@ at::Tensor odconv2d_cpu(
       dilation, groups);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
   read_masked_taps_override();
+  read_ragged_tail_override();
   // the products below run on views of working buffers: keep autograd out of them
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (use_conv_path(g, x.scalar_type(), /*backward=*/false)) {
@@ -3744,6 +3845,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_grad_out("odconv2d_backward", grad_out, x, g);
   TORCH_CHECK(x.device().is_cpu(), "odconv2d_backward: the CPU kernel got x on ", x.device());
   read_masked_taps_override();
+  read_ragged_tail_override();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (!is_16bit(x)) {
     return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
