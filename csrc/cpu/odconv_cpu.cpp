@@ -489,10 +489,15 @@ inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 // 256->256 7x7 with 2 and 4 groups and 384->384 7x7 with 12, whose forward multiplies Wb @ cols with
 // N = 49; 0.88 on B64 256->256 6x6 with 4 groups, 0.86 on dense B64 256->256 9x9 (N = 81), 0.93 on
 // B32 96->96 7x7 with 8; backward and the other layers 0.98-1.03.) Only with an inner dimension of at
-// least kMinTailInner: with
-// fewer its per-element sums cost more than brgemm's ragged block (B64 48->96 7x7 with 12 groups,
-// the grad_x product's K = 8 rows of a group: backward 1.07 in a trial).
-constexpr int64_t kMaxTailColumns = 8;
+// least kMinTailInner: with fewer its per-element sums cost more than brgemm's ragged block (B64
+// 48->96 7x7 with 12 groups, the grad_x product's K = 8 rows of a group: backward 1.07 in a trial).
+// And tails of at most kMaxTailColumns: the kernel runs at best at brgemm's rate per column, so its
+// gain shrinks as the tail grows. (In-process alternations of a temporary switch, forward of B64
+// 256->256 with 4 groups: against tails of one column only, 0.83, 0.81, 0.94 and 0.89 with tails of 2,
+// 3, 4 and 4 (3x6, 5x7, 4x5, 6x6 maps), 0.86 with 2 (5x10); tails of up to 8 against up to 4, 1.10-1.35
+// with tails of 6 and 8 (2x11, 4x6, 5x8, 7x8); up to 12 against up to 8, 1.10-1.13 on dense 11x11 and
+// 13x13 and 1.35-1.44 on 5x5 with groups, tails of 9.)
+constexpr int64_t kMaxTailColumns = 4;
 constexpr int64_t kMinTailInner = 64;
 
 template <int NT, int R>
@@ -520,7 +525,7 @@ void tail_columns_rows(const float* A, int64_t lda, const float* bt, int64_t K, 
 template <int NT>
 void tail_columns_product_nt(int64_t M, int64_t K, const float* A, int64_t lda, const float* bt, float* C,
                              int64_t ldc, bool accumulate) {
-  constexpr int R = NT <= 4 ? 4 : 2;  // R * NT accumulators, R vectors of A, one of B: within 32 registers
+  constexpr int R = 4;  // R * NT accumulators, R vectors of A, one of B: within 32 registers
   int64_t r = 0;
   for (; r + R <= M; r += R) tail_columns_rows<NT, R>(A + r * lda, lda, bt, K, C + r * ldc, ldc, accumulate);
   for (; r < M; ++r) tail_columns_rows<NT, 1>(A + r * lda, lda, bt, K, C + r * ldc, ldc, accumulate);
@@ -532,15 +537,12 @@ inline void tail_columns_product(int64_t M, int64_t nt, int64_t K, const float* 
   bt.resize(nt * K);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t c = 0; c < nt; ++c) bt[c * K + k] = B[k * ldb + c];
+  static_assert(kMaxTailColumns == 4, "one case per tail width");
   switch (nt) {
     case 1: tail_columns_product_nt<1>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
     case 2: tail_columns_product_nt<2>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
     case 3: tail_columns_product_nt<3>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
-    case 4: tail_columns_product_nt<4>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
-    case 5: tail_columns_product_nt<5>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
-    case 6: tail_columns_product_nt<6>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
-    case 7: tail_columns_product_nt<7>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
-    default: tail_columns_product_nt<8>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
+    default: tail_columns_product_nt<4>(M, K, A, lda, bt.data(), C, ldc, accumulate); break;
   }
 }
 #endif
