@@ -430,11 +430,12 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
 # ---- float32 grouped layers of narrow groups (at most 32 output channels per group, widths multiples of 8) run
 # both directions through grouped convolutions on maps of any size: the backward at stride 1 (on AVX-512 not with
 # 16+ rows per group on maps of at most 4.5 pixels per row of a group: those split the GEMM path by columns), the
-# forward with 16+ groups or 5x5+ kernels, at most 24 rows per group (32 on AVX-512), 1 M multiply-adds per sample
-# and a sample per thread. ------
+# forward with 16+ groups or 5x5+ kernels, at most 24 rows per group (32 on AVX-512 on maps of 196+ pixels), 1 M
+# multiply-adds per sample and a sample per thread. ------
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 NARROW_GROUP_PATHS = {  # case: (forward, backward) path that auto takes
-    (4, 512, 512, 7, 3, 2, 1, 1, 1, 16): ("always" if AVX512 else "never", "never" if AVX512 else "always"),  # 32 rows
+    (4, 512, 512, 7, 3, 2, 1, 1, 1, 16): ("never", "never" if AVX512 else "always"),  # 32 rows, 49 pixels
+    (4, 512, 512, 14, 3, 2, 1, 1, 1, 16): ("always" if AVX512 else "never", "always"),  # 32 rows, 196 pixels
     (4, 128, 128, 8, 3, 2, 1, 1, 1, 8): ("never", "never" if AVX512 else "always"),  # 16 rows, 64 pixels
     (4, 128, 128, 9, 3, 2, 1, 1, 1, 8): ("never", "always"),     # 16 rows, 81 pixels
     (4, 128, 128, 14, 3, 2, 1, 1, 1, 16): ("always", "always"),  # 16 groups of 8 channels

@@ -3277,7 +3277,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // results/ab_narrow_groups_32_rows_avx512_cpu.json: forward 0.64-0.73 on 1024->1024 7x7 with 32 groups
 // at B8 and B32 (ResNeXt-50's last stage) and on B64 512->512 7x7 with 16, 0.78 on its stride-2 layer
 // onto 7x7, 0.91-0.96 on 14x14 with 8 and 16 groups, 1.00 on 28x28; the other choices held there,
-// results/ab_narrow_groups_avx512_cpu.json).
+// results/ab_narrow_groups_avx512_cpu.json). Since the GEMM path's ragged tails have their own kernel
+// (tail_columns_product) it is the faster one again for groups of 25-32 rows on maps of under
+// kNarrowGroupMinPixelsForward32 pixels: ODCONV_CPU_CONV_PATH=never against auto, 12 rounds, Zen 4
+// EPYC, results/ab_narrow_groups_32_rows_forward_tail_avx512_cpu.json: forward 0.76 and 0.86 on B8
+// and B32 1024->1024 7x7 with 32 groups, 0.87 on B64 512->512 7x7 with 16, 0.63 on the stride-2
+// 1024->1024 onto 7x7; 1.00-1.01 on 14x14 with 8 and 16 groups, 1.41 on 28x28.
 // On AVX-512 the backward by columns (since 2026-12-07 with groups, see "The backward by columns")
 // beats it on small maps with 16+ rows per group: the backward of narrow groups of at least
 // kNarrowGroupMinRowsByColumns rows on maps of at most 4.5 pixels per row of a group stays on the
@@ -3353,9 +3358,11 @@ constexpr int64_t kNarrowGroupMaxRows = 32;
 constexpr int64_t kNarrowGroupMinGroupsForward = 16;
 constexpr int64_t kNarrowGroupMinTapsForward = 25;
 constexpr int64_t kNarrowGroupMaxRowsForwardAvx2 = 24;  // without AVX-512 (oneDNN's channel block of 8)
+constexpr int64_t kNarrowGroupMinPixelsForward32 = 196;  // AVX-512, groups of 25-32 rows: see the header
 
-inline int64_t narrow_group_max_rows_forward() {
-  return cpu_has_avx512() ? kNarrowGroupMaxRows : kNarrowGroupMaxRowsForwardAvx2;
+inline int64_t narrow_group_max_rows_forward(const Geometry& g) {
+  return cpu_has_avx512() && g.out_pixels() >= kNarrowGroupMinPixelsForward32 ? kNarrowGroupMaxRows
+                                                                              : kNarrowGroupMaxRowsForwardAvx2;
 }
 constexpr int64_t kNarrowGroupMinSampleMacs = 1000 * 1000;
 constexpr int64_t kNarrowGroupMinRowsByColumns = 16;  // AVX-512: see the header above
@@ -3388,7 +3395,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype == at::kFloat && narrow_groups(g)) {
     if (backward && g.stride_h == 1 && g.stride_w == 1 && !narrow_group_backward_by_columns(g)) return true;
     if (!backward && (g.groups >= kNarrowGroupMinGroupsForward || g.taps() >= kNarrowGroupMinTapsForward) &&
-        g.out_per_group <= narrow_group_max_rows_forward() &&
+        g.out_per_group <= narrow_group_max_rows_forward(g) &&
         g.batch >= at::get_num_threads() &&
         g.out_channels * g.cols_per_group() * g.out_pixels() >= kNarrowGroupMinSampleMacs)
       return true;
