@@ -489,8 +489,13 @@ inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 // 256->256 7x7 with 2 and 4 groups and 384->384 7x7 with 12, whose forward multiplies Wb @ cols with
 // N = 49; 0.88 on B64 256->256 6x6 with 4 groups, 0.86 on dense B64 256->256 9x9 (N = 81), 0.93 on
 // B32 96->96 7x7 with 8; backward and the other layers 0.98-1.03.) Only with an inner dimension of at
-// least kMinTailInner: with fewer its per-element sums cost more than brgemm's ragged block (B64
-// 48->96 7x7 with 12 groups, the grad_x product's K = 8 rows of a group: backward 1.07 in a trial).
+// least kMinTailInner and kMinTailRows rows: with fewer its per-element sums cost more than brgemm's
+// ragged block (B64 48->96 7x7 with 12 groups, products of 8 rows or an inner dimension of 8: backward
+// 1.07-1.09 in trials). Those were 64 and none until the narrow groups' backward by columns, whose
+// grad_x product Wb^T @ gy has K = a group's 16-32 rows (ab_env.py, the same variants, 12 rounds,
+// results/ab_ragged_tail_inner16_avx512_cpu.json, K >= 16 and M >= 16 against K >= 64: backward 0.91-0.96
+// on B32 1024->1024 7x7 with 32 groups, B64 512->512 7x7 with 16 and B32 with 32; on four layers of 4-12
+// rows per group 0.98-1.09, within their spread).
 // And tails of at most kMaxTailColumns: the kernel runs at best at brgemm's rate per column, so its
 // gain shrinks as the tail grows. (In-process alternations of a temporary switch, forward of B64
 // 256->256 with 4 groups: against tails of one column only, 0.83, 0.81, 0.94 and 0.89 with tails of 2,
@@ -498,7 +503,8 @@ inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 // with tails of 6 and 8 (2x11, 4x6, 5x8, 7x8); up to 12 against up to 8, 1.10-1.13 on dense 11x11 and
 // 13x13 and 1.35-1.44 on 5x5 with groups, tails of 9.)
 constexpr int64_t kMaxTailColumns = 4;
-constexpr int64_t kMinTailInner = 64;
+constexpr int64_t kMinTailInner = 16;
+constexpr int64_t kMinTailRows = 16;
 
 template <int NT, int R>
 void tail_columns_rows(const float* A, int64_t lda, const float* bt, int64_t K, float* C, int64_t ldc,
@@ -558,15 +564,17 @@ void read_ragged_tail_override() {
 
 // The columns of an (M x K) @ (K x N) product that tail_columns_product takes (0: none): the ragged
 // last block of 16, where there is a whole block before it, the tail has at most kMaxTailColumns
-// columns and K is at least kMinTailInner; on CPUs with AVX-512 only (the kernel is AVX-512).
-inline int64_t tail_columns(int64_t N, int64_t K) {
+// columns, K is at least kMinTailInner and M at least kMinTailRows; on CPUs with AVX-512 only (the
+// kernel is AVX-512).
+inline int64_t tail_columns(int64_t M, int64_t N, int64_t K) {
 #if defined(__AVX512F__)
   const int64_t nt = N % 16;
   return cpu_has_avx512() && ragged_tail_enabled.load(std::memory_order_relaxed) && N > 16 &&
-                 nt <= kMaxTailColumns && K >= kMinTailInner
+                 nt <= kMaxTailColumns && K >= kMinTailInner && M >= kMinTailRows
              ? nt
              : 0;
 #else
+  (void)M;
   (void)N;
   (void)K;
   return 0;
@@ -590,7 +598,7 @@ void grouped_gemm(int64_t batch, int64_t M, int64_t N, int64_t K,
           in_column_blocks && N > kBrgemmMaxWholeColumns && M >= kBrgemmMinSplitRows && K >= kBrgemmMinSplitInner
               ? brgemm_column_block()
               : N;
-      const int64_t nt = tail_columns(N, K), Nb = N - nt;  // brgemm takes Nb columns, the tail the rest
+      const int64_t nt = tail_columns(M, N, K), Nb = N - nt;  // brgemm takes Nb columns, the tail the rest
       for (int64_t i = 0; i < batch; ++i) {
         for (int64_t n0 = 0; n0 < Nb; n0 += block)
           at::native::cpublas::brgemm(M, std::min(block, Nb - n0), K, lda, ldb, ldc, accumulate, A + i * sa,
