@@ -478,6 +478,15 @@ inline int64_t brgemm_column_block() { return cpu_has_avx512() ? kBrgemmColumnBl
 inline bool backward_q_in_column_blocks() { return !cpu_has_avx512(); }
 
 #if defined(__AVX512F__)
+// (not _mm512_reduce_add_ps: gcc 12 warns about the undefined vector inside it)
+inline float horizontal_sum(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float sum = 0;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum;
+}
+
 // Ragged tails. brgemm covers N in blocks of 16 columns and runs a ragged last block at the cost of a
 // full one or more: on one core of the Zen 4 EPYC (bench_brgemm_blocks.py) (128 x 1152) @ (1152 x 49)
 // ran at 76 GFLOP/s against 114 for 48 columns, so the 49th column took half the time of the other
@@ -523,7 +532,7 @@ void tail_columns_rows(const float* A, int64_t lda, const float* bt, int64_t K, 
   }
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < NT; ++c) {
-      const float v = _mm512_reduce_add_ps(acc[i][c]);
+      const float v = horizontal_sum(acc[i][c]);
       C[i * ldc + c] = accumulate ? C[i * ldc + c] + v : v;
     }
 }
@@ -2162,17 +2171,6 @@ inline void reduce_row_folded_any_k(const T* __restrict__ q, const T* __restrict
     d[k] += dot;
   }
 }
-
-#if defined(__AVX512F__)
-// (not _mm512_reduce_add_ps: gcc 12 warns about the undefined vector inside it)
-inline float horizontal_sum(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  float sum = 0;
-  for (int l = 0; l < 16; ++l) sum += lanes[l];
-  return sum;
-}
-#endif
 
 // reduce_row_folded for S samples at once on the same row o, so that the K rows of W are read once
 // for the S samples: q[s], wb[s] are sample s's rows, a[s] its K attentions; gf[s] and d[s][k]
