@@ -832,11 +832,10 @@ def test_both_backward_splits_match_reference(case, split, monkeypatch, num_thre
 
 
 # ---- On CPUs with AVX-512, float32 products whose last block of 16 columns is ragged by 1-4 columns, with 16+
-# rows and an inner dimension of 16+, multiply those columns in a kernel of their own (ODCONV_CPU_RAGGED_TAIL=auto; tails of
-# 5-15 stay with brgemm): both ways against the reference, on maps of 17-24 pixels (tails of 1-8) and 7x7
-# through grouped layers (whose forward
-# multiplies Wb @ cols, N = the map's pixels, K = 288 columns of a group: through brgemm), 17 rows per group (the
-# kernel's steps of 4 rows leave 1).
+# rows and an inner dimension of 16+, multiply those columns in a kernel of their own (ODCONV_CPU_RAGGED_TAIL=auto;
+# tails of 5-15 stay with brgemm): both ways against the reference, on maps of 17-24 pixels (tails of 1-8) and
+# 7x7 through grouped layers (whose forward multiplies Wb @ cols, N = the map's pixels, K = 288 columns of a
+# group: through brgemm), 17 rows per group (the kernel's steps of 4 rows leave 1).
 RAGGED_TAILS = [(3, 64, 34, size, 3, 2, 1, 1, 1, 2)
                 for size in [(1, 17), (3, 6), (1, 19), (4, 5), (3, 7), (2, 11), (1, 23), (4, 6), 7]]
 

@@ -2528,8 +2528,7 @@ int64_t column_parts(const Geometry& g) {
 // A block of whole input channels [c0, c1) of a part, the unit of work of the backward by columns
 // (see above), and its tiles: kMinTileRows rows by all of its columns.
 struct ColumnBlock {
-  int64_t c0 = 0, c1 = 0;
-  int64_t group = 0;  // the group of its channels (a block never spans two)
+  int64_t c0 = 0, c1 = 0;  // of one group (a block never spans two: its tiles' g0)
   std::vector<Tile> tiles;
   std::vector<Panel> panels;  // of the plain grad_x product (make_panels), panel_of[i] that of tiles[i]
   std::vector<size_t> panel_of;
@@ -2555,7 +2554,7 @@ std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int
     int64_t channels = (channels_total + blocks - 1) / blocks;
     if (blocks > 1 && channels > align) channels = (channels + align - 1) / align * align;
     for (int64_t c = s0; c < s1; c += channels) {
-      ColumnBlock b{c, std::min(s1, c + channels), gi, {}, {}, {}};
+      ColumnBlock b{c, std::min(s1, c + channels), {}, {}, {}};
       const int64_t j0 = (b.c0 - gi * Cig) * taps, j1 = (b.c1 - gi * Cig) * taps;  // of the group's J
       for (int64_t r = 0; r < Cog; r += row_step)
         b.tiles.push_back({gi, gi + 1, r, std::min(Cog, r + row_step), j0, j1});
@@ -2574,13 +2573,15 @@ struct ColumnPart {
   at::Tensor rows, im2row_scratch, gcols, gcols_t, gy_t, kern, kern_rows, q, gbuf, m, gm, gf, ga, gs, scratch, coef;
 };
 
-// Whether the backward by columns runs its grad_x product transposed (see above);
-// ODCONV_CPU_BACKWARD_TRANSPOSED_GX=always | never overrides it, as in the runs of samples.
-inline bool grad_x_by_transposed_product(const Geometry& g) {
+// Whether the backward runs its grad_x product transposed: both splits where a group has at least
+// kTransposedGradXMinGroupRows rows on maps whose brgemm blocks would be ragged (see backward_kernel),
+// and the backward by columns also on maps of at most Cog/2 pixels (see above);
+// ODCONV_CPU_BACKWARD_TRANSPOSED_GX=always | never overrides it in both.
+inline bool grad_x_by_transposed_product(const Geometry& g, bool by_columns) {
   const std::string mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   const int64_t P = g.out_pixels(), Cog = g.out_per_group;
-  return 2 * P <= Cog || (ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows);
+  return (by_columns && 2 * P <= Cog) || (ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows);
 }
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
@@ -2726,7 +2727,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps(), B = g.batch;
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
-  const bool gx_transposed = want_x && grad_x_by_transposed_product(g);
+  const bool gx_transposed = want_x && grad_x_by_transposed_product(g, /*by_columns=*/true);
   const bool folded =
       want_params && gx_transposed && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
@@ -3005,10 +3006,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 8 rows and 4 input channels 1.58, so those keep the plain product; narrow groups of 8-32 multiples
   // of 8 take the convolution path.) ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto (default) | always | never
   // overrides the choice (tests and A/B runs).
-  const std::string gx_mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
-  const bool gx_transposed =
-      want_x && !direct &&
-      (gx_mode == "auto" ? ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows : gx_mode == "always");
+  const bool gx_transposed = want_x && !direct && grad_x_by_transposed_product(g, /*by_columns=*/false);
   std::vector<size_t> panel_of;
   const std::vector<Panel> panels = make_panels(
       tiles, /*gather=*/!gx_transposed && g.groups == 1 && im2col_bytes(g, sizeof(scalar_t)) > kSmallIm2colBytes,
