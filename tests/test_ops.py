@@ -798,6 +798,40 @@ def test_folded_backward_with_vanishing_input_scale(dtype, kernel, monkeypatch, 
     assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
 
 
+# On AVX-512 the folded backward's float32 reduction pass adds grad_W too (ODCONV_CPU_FOLDED_GRAD_W=auto, K <= 4);
+# elsewhere the (K x samples) @ (samples x columns) products after the pass do. Both ways against the reference
+# (on other CPUs both are the products), then the choice on 64 and 512 rows; 24 samples: sub-chunks of 8, passes
+# of 4, so the two orders of grad_W's sums differ in their roundings.
+@requires_extension
+@pytest.mark.parametrize("grad_w", ["reduction", "products"])
+@pytest.mark.parametrize("case", FOLDED_BACKWARD, ids=case_id)
+def test_folded_grad_w_both_ways_match_reference(case, grad_w, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    monkeypatch.setenv("ODCONV_CPU_FOLDED_GRAD_W", grad_w)
+    num_threads(3)
+    assert_case_matches_reference(case, (torch.float32,))
+
+
+@requires_extension
+@pytest.mark.skipif(not AVX512, reason="the reduction adds grad_W in AVX-512 code only")
+@pytest.mark.parametrize("case", [(24, 64, 512, 4, 3, 4, 1, 1, 1, 1), (24, 64, 64, 4, 3, 4, 1, 1, 1, 1)], ids=case_id)
+def test_folded_grad_w_choice(case, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_FOLDED_GRAD_W", (None, "reduction"), monkeypatch,
+                      values=("reduction", "products"))
+
+
+@requires_extension
+def test_bad_folded_grad_w_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
+    monkeypatch.setenv("ODCONV_CPU_FOLDED_GRAD_W", "fused")
+    inputs = make_inputs(5, 40, 32, 4, 3, 4, 1)
+    out = ext(inputs, (1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_FOLDED_GRAD_W.*auto, reduction or products.*'fused'"):
+        out.sum().backward()
+
+
 
 # ---- the two splits of the CPU backward: samples between threads (one parallel region per weight
 # tile) and ranges of input channels (columns of J, at least 64 per thread), cut at the groups'

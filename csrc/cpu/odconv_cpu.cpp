@@ -2184,23 +2184,35 @@ inline void reduce_rows_folded_portable(const T* const* q, const T* __restrict__
 }
 
 #if defined(__AVX512F__)
-template <int K, int S>
+// On AVX-512 the pass adds the row's grad_W too, from the same vectors of Q': gw[k * gw_stride + j]
+// (+)= sum_s c[s][k] Q'_s[j], c[s][k] = a_s[k] f_s[o] (accumulate false: written), where the chunk
+// otherwise multiplies C_o @ Q'[:, o] after the reduction, a (K x S) @ (S x Jt) product per row whose
+// K rows of grad_W lie a kernel apart and were read and written from beyond L2 (perf shares by rdtsc
+// around each step of the folded chunk, B64 512->512 4x4, one thread: the reduction 24 % of its
+// cycles, those products 20 %; see grad_w_in_folded_reduction for the timings). grad_f comes from the
+// dot products, sum_j Q'[j] A[j] = sum_k a[k] <Q', W_k>, which frees the registers of gw.
+template <int K, int S, bool kGradW>
 void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict__ w, int64_t k_stride,
-                               const float (*a)[4], int64_t J, float* const* wb_in, float* gf, float (*d)[4]) {
+                               const float (*a)[4], const float (*c)[4], int64_t J, float* const* wb_in, float* gf,
+                               float (*d)[4], float* __restrict__ gw, int64_t gw_stride, bool accumulate) {
   const float* q[S];
   float* wb[S];
-  __m512 sf[S], dv[S][K];
+  __m512 dv[S][K];
 #pragma GCC unroll 4
   for (int s = 0; s < S; ++s) {
-    q[s] = q_in[s], wb[s] = wb_in[s], sf[s] = _mm512_setzero_ps();
+    q[s] = q_in[s], wb[s] = wb_in[s];
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) dv[s][k] = _mm512_setzero_ps();
   }
   for (int64_t j = 0; j < J; j += 16) {
     const __mmask16 lanes = first_lanes(J - j);
-    __m512 wv[K];
+    __m512 wv[K], gv[K];
 #pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) wv[k] = _mm512_maskz_loadu_ps(lanes, w + k * k_stride + j);
+    for (int k = 0; k < K; ++k) {
+      wv[k] = _mm512_maskz_loadu_ps(lanes, w + k * k_stride + j);
+      if constexpr (kGradW)
+        gv[k] = accumulate ? _mm512_maskz_loadu_ps(lanes, gw + k * gw_stride + j) : _mm512_setzero_ps();
+    }
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
       __m512 agg = _mm512_mul_ps(_mm512_set1_ps(a[s][0]), wv[0]);
@@ -2208,16 +2220,26 @@ void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict
       for (int k = 1; k < K; ++k) agg = _mm512_fmadd_ps(_mm512_set1_ps(a[s][k]), wv[k], agg);
       _mm512_mask_storeu_ps(wb[s] + j, lanes, agg);
       const __m512 qv = _mm512_maskz_loadu_ps(lanes, q[s] + j);
-      sf[s] = _mm512_fmadd_ps(qv, agg, sf[s]);
 #pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) dv[s][k] = _mm512_fmadd_ps(qv, wv[k], dv[s][k]);
+      for (int k = 0; k < K; ++k) {
+        dv[s][k] = _mm512_fmadd_ps(qv, wv[k], dv[s][k]);
+        if constexpr (kGradW) gv[k] = _mm512_fmadd_ps(_mm512_set1_ps(c[s][k]), qv, gv[k]);
+      }
     }
+    if constexpr (kGradW)
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) _mm512_mask_storeu_ps(gw + k * gw_stride + j, lanes, gv[k]);
   }
 #pragma GCC unroll 4
   for (int s = 0; s < S; ++s) {
-    gf[s] += horizontal_sum(sf[s]);
+    float sf = 0;
 #pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) d[s][k] += horizontal_sum(dv[s][k]);
+    for (int k = 0; k < K; ++k) {
+      const float dot = horizontal_sum(dv[s][k]);
+      sf += a[s][k] * dot;
+      d[s][k] += dot;
+    }
+    gf[s] += sf;
   }
 }
 #endif
@@ -2286,17 +2308,24 @@ void reduce_rows_folded_avx2(const float* const* q, const float* __restrict__ w,
 }
 #endif
 
-// S (1..kFoldedBackwardSamples) samples of one row for K <= 4; false for other K.
+// S (1..kFoldedBackwardSamples) samples of one row for K <= 4; false for other K. With with_grad_w
+// (only where grad_w_in_folded_reduction) it adds the row's grad_W too: c, gw, gw_stride, accumulate
+// as in reduce_rows_folded_avx512.
 template <typename T>
 bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride, const T (*a)[4], int64_t K, int S,
-                                 int64_t J, T* const* wb, T* gf, T (*d)[4]) {
+                                 int64_t J, T* const* wb, T* gf, T (*d)[4], bool with_grad_w, const T (*c)[4], T* gw,
+                                 int64_t gw_stride, bool accumulate) {
   if (K < 1 || K > 4) return false;
   const auto with_k = [&](auto kc) {
     constexpr int KK = decltype(kc)::value;
     const auto run = [&](auto sc) {
       constexpr int SS = decltype(sc)::value;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) return reduce_rows_folded_avx512<KK, SS>(q, w, k_stride, a, J, wb, gf, d);
+      if constexpr (std::is_same_v<T, float>) {
+        if (with_grad_w)
+          return reduce_rows_folded_avx512<KK, SS, true>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride, accumulate);
+        return reduce_rows_folded_avx512<KK, SS, false>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride, accumulate);
+      }
 #elif defined(__AVX2__) && defined(__FMA__)
       if constexpr (std::is_same_v<T, float>) {
         for (int s0 = 0; s0 < SS; s0 += 2) {  // pairs; the second reads the row of W_k again, from L1 or L2
@@ -2324,6 +2353,30 @@ bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride
     default: with_k(std::integral_constant<int, 4>{}); break;
   }
   return true;
+}
+
+// Whether the folded backward adds grad_W in its reduction pass (reduce_rows_folded_avx512: AVX-512,
+// float32, K <= 4) rather than by the products after it. (benchmarks/ab_env.py, Zen 4 EPYC, backward,
+// results/ab_folded_backward_grad_w_in_reduction_avx512_cpu.json, 10 rounds, ODCONV_CPU_FOLDED_GRAD_W
+// =reduction against products: 0.94-0.98 on B64 512->512 4x4, B32 512->512 7x7, B32 2048->512 1x1
+// on 7x7, 256->512 stride 2 onto 7x7, B32 256->256 7x7 with 4 groups, B128 128->128 6x6, B64 96->96
+// 7x7 and 128->128 1x1 on 7x7, 0.99 on B64 256->256 7x7 and B128 64->64 6x6, 1.07 on the GTSRB
+// 128->256 6x6 layer; ..._small_avx512_cpu.json, 20 rounds: that layer 0.96, 128->128 6x6 0.93,
+// 96->96 7x7 0.95, B128 64->64 4x4 0.99. Two runs with a temporary switch before (the first not kept):
+// 0.91-0.96 on nine layers of 256-2048 rows, 0.94-0.97 on the GTSRB layer; the second, in a period
+// when every call took 1.5-2x as long, 1.06-1.19 on five layers of 64-128 rows, 0.95 on 128->128 1x1
+// on 7x7, ..._slow_period_avx512_cpu.json, ODCONV_TMP_GW_GEMM=1 there meaning products.)
+// ODCONV_CPU_FOLDED_GRAD_W=auto (default: reduction where it can) | reduction | products overrides
+// it (tests run both).
+template <typename T>
+bool grad_w_in_folded_reduction(const Geometry& g) {
+  const std::string mode = path_override("ODCONV_CPU_FOLDED_GRAD_W", {"auto", "reduction", "products"});
+#if defined(__AVX512F__)
+  return std::is_same_v<T, float> && g.kernel_num >= 1 && g.kernel_num <= 4 && mode != "products";
+#else
+  (void)g;
+  return false;
+#endif
 }
 
 // One sample's grad_ch[c] = sum_t gm[c*taps + t] s[t] and grad_s[t] += sum_c gm[c*taps + t] ch[c], for
@@ -2401,7 +2454,8 @@ void reduce_scale_gradient(const Geometry& g, const acc_t* gm, const acc_t* ch, 
 //   A        = sum_k a[k] W_k              the grad_x product's kernel: Y^T (+)= (f gy)^T @ A
 //   grad_f[o] = sum_j Q'[o,j] A[o,j]        grad_a[k] = sum_o f[o] sum_j Q'[o,j] W_k[o,j]
 //   grad_W_k[o, :] (+)= sum_i a_i[k] f_i[o] Q'_i[o, :]     a (K x n) @ (n x Jt) product per row,
-//                                                           straight from the chunk's Q'
+//                                                           straight from the chunk's Q' (on AVX-512
+//                                                           in the reduction's pass over the row)
 //   gcols = Y m,  grad_m[j] = sum_p rows[p,j] Y^T[p,j] = (sum_p rows'[p,j] Y^T[p,j]) / m[j]
 // (grad_m from x itself for the columns whose m is too small to divide by: below the square root of
 // the smallest normal number). The reduction then stores one element (A) where reduce_row stores
@@ -2604,6 +2658,7 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   T* gy_t = pt.gy_t.data_ptr<T>();
   T* coef = pt.coef.data_ptr<T>();
   T* dk = pt.scratch.data_ptr<T>();
+  const bool gw_in_reduction = grad_w_in_folded_reduction<T>(g);  // else the products after it
   for (const Tile& t : blk.tiles) {
     const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_local, row0 = t.first_row(Cog);
     for (int64_t s0 = 0; s0 < n; s0 += sub) {  // the chunk's samples, sub at a time (Q' and A in gbuf and kern)
@@ -2623,12 +2678,18 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
           const T* qs[kFoldedBackwardSamples] = {};
           T* wbs[kFoldedBackwardSamples] = {};
           T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
+          T cs[kFoldedBackwardSamples][4] = {};  // a_i[k] f_i[o], where the reduction adds grad_W
           for (int s = 0; s < S; ++s) {
             qs[s] = gbuf + (i0 - s0 + s) * q_slot + r * Jt;
             wbs[s] = kern + (i0 - s0 + s) * q_slot + r * Jt;
-            for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
+            const T fo = f_ptr[(c0 + i0 + s) * Cout + o];
+            for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) {
+              as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
+              cs[s][k] = as[s][k] * fo;
+            }
           }
-          if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds)) {
+          if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds, gw_in_reduction,
+                                             cs, grad_w_ptr + o * J + t.j0, N, /*accumulate=*/c0 + i0 > 0)) {
             for (int s = 0; s < S; ++s) {
               const int64_t i = i0 + s;
               gf[i * Cout + o] += gfs[s];
@@ -2662,15 +2723,16 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
                         Jr, 0, /*accumulate=*/t.r0 > 0, opts);
       }
       // grad_W[:, o, tile cols] (+)= C_o @ Q'[:, o], C_o[k, i] = a_i[k] f_i[o]: (K x ns) @ (ns x Jt), row by
-      // row; the batch's first samples write it
-      for (int64_t r = 0; r < rows_t; ++r) {
-        const int64_t o = row0 + r;
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t i = 0; i < ns; ++i)
-            coef[k * ns + i] = a_ptr[(c0 + s0 + i) * K + k] * f_ptr[(c0 + s0 + i) * Cout + o];
-        grouped_gemm<T>(1, K, Jt, ns, coef, ns, 0, gbuf + r * Jt, q_slot, 0, grad_w_ptr + o * J + t.j0, N, 0,
-                        /*accumulate=*/c0 + s0 > 0, opts);
-      }
+      // row; the batch's first samples write it (the reduction above did, where it adds grad_W)
+      if (!gw_in_reduction)
+        for (int64_t r = 0; r < rows_t; ++r) {
+          const int64_t o = row0 + r;
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < ns; ++i)
+              coef[k * ns + i] = a_ptr[(c0 + s0 + i) * K + k] * f_ptr[(c0 + s0 + i) * Cout + o];
+          grouped_gemm<T>(1, K, Jt, ns, coef, ns, 0, gbuf + r * Jt, q_slot, 0, grad_w_ptr + o * J + t.j0, N, 0,
+                          /*accumulate=*/c0 + s0 > 0, opts);
+        }
     }
   }
   // Per sample: grad_m[j] = sum_p rows[p, j] Y^T[p, j], from rows' as (sum_p rows'[p, j] Y^T[p, j]) / m[j]
