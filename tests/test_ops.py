@@ -718,7 +718,7 @@ TRANSPOSED_GRAD_X = [
 ]
 
 
-# ---- the folded backward: both gradient groups on maps of at most 36 pixels (49 on AVX-512; 64 with 1x1 kernels
+# ---- the folded backward: both gradient groups on maps of at most 36 pixels (144 on AVX-512; 64 with 1x1 kernels
 # without im2col) that take the transposed grad_x product. The products give Q' = gy @ (rows * m), the reduction
 # runs over 4 samples per pass along a row of W_k, grad_W comes from Q' and grad_m from the grad_x product.
 # Batches that leave 1-3 samples for the last pass, K from 1 to 8, two chunks, stride 2; blocks of a part's
@@ -735,6 +735,8 @@ FOLDED_BACKWARD = [
     (5, 40, 100, 7, 1, 4, 1, 0, 1, 1),     # 1x1 on 7x7 (P = 49 > 36): folded without im2col only
     (3, 24, 128, 8, 1, 2, 1, 0, 1, 1),     # 1x1 on 8x8, the largest folded map without im2col
     (5, 24, 100, 7, 3, 4, 1, 1, 1, 1),     # 3x3 on 7x7: folded on AVX-512, passes of 4 + 1
+    (3, 24, 128, 8, 3, 4, 1, 1, 1, 1),     # 3x3 on 8x8 (P = Cout/2): folded on AVX-512
+    (2, 16, 288, 12, 3, 2, 1, 1, 1, 1),    # 3x3 on 12x12 (P = 144 = Cout/2): the largest folded map on AVX-512
 ]
 
 
@@ -932,13 +934,15 @@ def test_both_backward_splits_gradcheck(split, monkeypatch, num_threads):
 # rows per group, and (split by columns) on maps of at most half a group's rows
 # (ODCONV_CPU_BACKWARD_TRANSPOSED_GX=auto), as gcols = Wb^T @ gy otherwise: both ways and both splits against the
 # reference in float64 and float32, with groups, a dense layer whose J = 1350 is cut in tiles (row blocks
-# accumulate into gcols^T), stride 2 onto 5x5, a 5x10 map (50 pixels: not folded), and 3 threads (uneven runs).
+# accumulate into gcols^T), stride 2 onto 5x5, a 5x10 map (50 pixels: folded on AVX-512 only), a 10x16 map (160
+# pixels, half the rows: transposed by columns, never folded), and 3 threads (uneven runs).
 BACKWARD_TRANSPOSED_GX = [
     (3, 128, 128, 7, 3, 2, 1, 1, 1, 2),   # two groups of 64 rows: transposed by default
     (4, 24, 36, 6, 3, 3, 1, 1, 1, 3),     # three groups of 12 rows: plain by default
     (3, 150, 40, 6, 3, 4, 1, 1, 1, 1),    # dense, tiles cut in J
     (5, 16, 64, 10, 3, 2, 2, 1, 1, 1),    # stride 2 onto 5x5
     (2, 16, 128, (5, 10), 3, 2, 1, 1, 1, 2),  # 64 rows per group, 50 pixels
+    (2, 8, 320, (10, 16), 3, 2, 1, 1, 1, 1),  # 160 pixels, 320 rows
 ]
 
 

@@ -2561,7 +2561,19 @@ constexpr int64_t kFoldedSubSamples = 8;  // samples whose Q' and A the folded b
 // results/ab_folded_backward_7x7_avx512_cpu.json (the second): backward 0.93-0.96 on B16, B32 and B256
 // 512->512 7x7 and on 256->512 stride 2 onto 7x7, 0.995 on B64 256->256 7x7; the training step's peak
 // memory 2.04 -> 2.06x static on B32 512->512 7x7, 1.53 -> 1.40x on the strided layer.
-constexpr int64_t kFoldedBackwardMaxPixelsAvx512 = 49;
+// And on maps of up to 12x12 since the reduction pass adds grad_W (grad_w_in_folded_reduction), where
+// the grad_x product is transposed (maps of at most half a group's rows, see above): ab_env.py with a
+// temporary switch against 49 pixels, 10 rounds, results/ab_folded_backward_144_pixels_avx512_cpu.json:
+// backward 0.73 on B32 512->512 8x8, 0.90 on 256->256 8x8, 0.94 on B64 256->256 9x9 and 10x10 and B32
+// 512->512 12x12, 0.98 with K = 8 (grad_W by the products), 0.99 on 256->512 stride 2 onto 8x8, B128
+// 128->128 12x12 (not transposed: unchanged) 1.00; B64 128->128 8x8 1.22 in that run, 0.93-0.95 in
+// two of 16 rounds (..._128_rows_avx512_cpu.json, the second; B128 128->128 8x8 0.96-0.98, B32
+// 64->128 8x8 0.93-0.94). Earlier runs, tables not kept: 0.87-0.91 on 9x9 and 10x10 with 144 and 200
+// pixels, B16 512->512 14x14 0.98 with 200 (left unfolded), 1x1 kernels on 10x10 1.02 (they keep
+// kFoldedBackwardMaxPixelsDirect). The training step's peak memory
+// (bench_op.py --modes mem) 2.12 -> 1.65x static on B32 256->256 8x8, 1.09 -> 0.94x on B64 256->256
+// 10x10, 1.39 -> 1.40x on B32 512->512 12x12.
+constexpr int64_t kFoldedBackwardMaxPixelsAvx512 = 144;
 
 inline int64_t folded_backward_max_pixels(const Geometry& g) {
   if (g.im2col_is_identity()) return kFoldedBackwardMaxPixelsDirect;
