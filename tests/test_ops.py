@@ -587,7 +587,7 @@ TRANSPOSED_FORWARD = [
 @pytest.mark.parametrize("case", TRANSPOSED_FORWARD, ids=case_id)
 def test_transposed_forward_matches_reference(case, tap_major, split, monkeypatch, num_threads):
     # (the transposed product forced: on AVX-512 grouped layers keep the plain one by default)
-    # with the columns in (tap, channel) order (im2row by channels-last copies, W permuted once per
+    # with the columns in (tap, channel) order (im2row by channels-last copies, W permuted and transposed once per
     # call; the default below 16 MB of W) and in im2col's order (above); the batch split between the
     # threads, or the ranges of tile rows split between them for every sample of a chunk (W's slices
     # transposed once per chunk, A^T folded; the default for batches under 5 samples per thread): at

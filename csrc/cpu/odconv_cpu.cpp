@@ -1216,9 +1216,15 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // consecutive channels of one input pixel: copies from x_b transposed to channels-last once (Cin x H*W
 // values, a ninth of im2row's for 3x3). W's columns are permuted to the same order once per call, and
 // the input scale m with them; the products sum over j, so the output does not change. (A timing trial
-// on the Intel Xeon: 6x6 forward 0.83, HISTORY.md.)
-// Layouts: weight_tap_major (K, Cout, taps, Cin/G); m (G*J) with m[g*J + t*Cin/G + c] = ch[g*Cin/G + c] * s[t];
-// x_t (H*W, Cin) scratch; rows (P, ld) with ld >= G*J.
+// on the Intel Xeon: 6x6 forward 0.83, HISTORY.md.) The permuted W is built already transposed tile
+// by tile, as the runs' products read it (transpose_weight_tiles_tap_major), so that no run transposes
+// slices of W: it was a tap-major copy of W, and every thread transposed each tile's slices of that
+// copy again in each of its runs (benchmarks/ab_env.py with a temporary switch, 12 rounds, Zen 4 EPYC,
+// results/ab_forward_tap_major_weight_pretransposed_avx512_cpu.json: forward 0.88 on B256 64->128 6x6,
+// 0.97 on the GTSRB 128->256 6x6 layer and B128 128->128 7x7, 0.99 on B64 256->256 7x7 and B8 128->256
+// 6x6).
+// Layouts: weight_tiles_t (see transpose_weight_tiles_tap_major); m (G*J) with m[g*J + t*Cin/G + c] =
+// ch[g*Cin/G + c] * s[t]; x_t (H*W, Cin) scratch; rows (P, ld) with ld >= G*J.
 // Only where the permuted copy of W is no larger than the output the call allocates anyway, and
 // within kTapMajorMaxWeightBytes. Without those rules, against 7a59409 (benchmarks/ab_builds.py
 // --paired, 8 rounds, one thread, results/ab_tap_major_forward_cpu.json): forward 0.87 on B128
@@ -1228,8 +1234,13 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // pages on every call); on two threads the GTSRB layer read 0.96-0.97 (paired and alternated runs).
 // And the copy made the training step's peak memory of 256->256 6x6 1.26x the static convolution's
 // (1.11x without; 128->256 6x6 1.09x against 1.07x, bench_op.py --modes mem): the forward's working
-// set then outgrew the backward's. ODCONV_CPU_TAP_MAJOR=auto (default) |
-// always | never overrides the choice (tests run both).
+// set then outgrew the backward's. With the copy transposed (above), tap-major columns forced on
+// (ODCONV_CPU_TAP_MAJOR=always against auto, 10 rounds, the table not kept) read 0.85-0.90 on B128
+// 256->256 6x6, B64 256->256 5x5, B32 128->128 7x7 and B256 512->512 7x7, still 1.17 on B32 512->512
+// 7x7, and the training step's peak memory (bench_op.py --modes mem, results/bench_op_cpu_mem_tap_major_
+// {auto,always}_avx512.json) 1.10 -> 1.24x static on 256->256 6x6, 1.88 -> 2.28x on 5x5, 2.78 -> 3.18x
+// on 128->128 7x7 (0.89x both ways on B256 512->512 7x7): the rules stay. ODCONV_CPU_TAP_MAJOR=auto
+// (default) | always | never overrides the choice (tests run both).
 constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
 
 bool use_tap_major(const Geometry& g, int64_t elem_size) {
@@ -1478,6 +1489,48 @@ void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile
 #endif
         transpose_strided(src, T, Jt, J, dst, T);
     }
+}
+
+// Every tile's K slices of W in tap-major column order (see "Tap-major columns"), transposed as
+// transpose_weight_tile lays them out, tile ti's at out + offsets[ti]: wt[((gi - t.g0) * K + k) * Jt * T
+// + jj * T + r] = W_k[gi * Cout/G + t.r0 + r, c * taps + tap] for the tile's tap-major column t.j0 + jj
+// = tap * Cin/G + c. Built once per call, for all the threads' runs, where the transposed forward had
+// copied W to tap-major order and then transposed each tile's slices in every run of samples: per
+// range of tile rows (its tiles share rows, consecutive in `tiles`), each group's and kernel's rows are
+// transposed whole (J x T, im2col's column order, in scratch) and the tiles' rows of it copied in
+// tap-major order, T values each. ranges: row_ranges(tiles); scratch: J * T elements per thread.
+template <typename scalar_t>
+void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g, const std::vector<Tile>& tiles,
+                                      const std::vector<std::pair<size_t, size_t>>& ranges,
+                                      const std::vector<int64_t>& offsets, scalar_t* out) {
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), taps = g.taps();
+  const int64_t Cg = g.in_per_group;
+  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t r0, int64_t r1) {
+    std::vector<scalar_t> scratch;
+    for (int64_t ri = r0; ri < r1; ++ri) {
+      const Tile& first = tiles[ranges[ri].first];
+      const int64_t T = first.rows();
+      if (static_cast<int64_t>(scratch.size()) < J * T) scratch.resize(J * T);
+      for (int64_t gi = first.g0; gi < first.g1; ++gi)
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* src = weight + k * k_stride + (gi * g.out_per_group + first.r0) * J;
+#if defined(__AVX__)
+          if constexpr (std::is_same_v<scalar_t, float>)
+            transpose_row_panels(src, T, J, J, scratch.data(), T);
+          else
+#endif
+            transpose_strided(src, T, J, J, scratch.data(), T);
+          for (size_t ti = ranges[ri].first; ti < ranges[ri].second; ++ti) {
+            const Tile& t = tiles[ti];
+            scalar_t* dst = out + offsets[ti] + ((gi - t.g0) * K + k) * t.cols() * T;
+            for (int64_t jj = 0; jj < t.cols(); ++jj) {
+              const int64_t j = t.j0 + jj, tap = j / Cg, c = j % Cg;
+              std::copy_n(scratch.data() + (c * taps + tap) * T, T, dst + jj * T);
+            }
+          }
+        }
+    }
+  });
 }
 
 // One row jj of Wb^T on a tile from the transposed slices: out[r] = f[r] * sum_k (a[k] m) wt_k[r], r < T
@@ -1730,9 +1783,26 @@ at::Tensor forward_kernel(
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
-  const at::Tensor weight_tap_major =
-      tap_major ? weight.view({K, Cout, g.in_per_group, g.taps()}).transpose(2, 3).contiguous() : at::Tensor();
-  const scalar_t* w_ptr = (tap_major ? weight_tap_major : weight).const_data_ptr<scalar_t>();
+  // tap-major: every tile's K slices of W, permuted and transposed once for all the runs (the products
+  // then take no slices of W itself: wt is always this)
+  std::vector<int64_t> tile_offsets(tiles.size() + 1, 0);
+  for (size_t ti = 0; ti < tiles.size(); ++ti)
+    tile_offsets[ti + 1] = tile_offsets[ti] + K * tiles[ti].groups() * tiles[ti].rows() * tiles[ti].cols();
+  at::Tensor weight_tiles_t;
+  if (tap_major) {
+    weight_tiles_t = at::empty({tile_offsets.back()}, opts);
+    transpose_weight_tiles_tap_major(weight.const_data_ptr<scalar_t>(), g, tiles, row_ranges(tiles), tile_offsets,
+                                     weight_tiles_t.data_ptr<scalar_t>());
+  }
+  // the tile's K slices of W transposed: from weight_tiles_t (tap-major), else transposed into wt_buf
+  // (generic: the folded products below are float32 code in every instantiation)
+  const auto weight_tile_t = [&](size_t ti, auto* wt_buf) {
+    using T = std::remove_pointer_t<decltype(wt_buf)>;
+    if (tap_major) return weight_tiles_t.const_data_ptr<T>() + tile_offsets[ti];
+    transpose_weight_tile(weight.const_data_ptr<T>(), g, tiles[ti], wt_buf);
+    return static_cast<const T*>(wt_buf);
+  };
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
 
   // out[b][g][rows of t] (+)= Wb[g][rows, cols of t] @ cols_b[g][cols of t, :], with Wb of the tile
@@ -1833,10 +1903,12 @@ at::Tensor forward_kernel(
   // samples per pass, then out_b (+)= A @ (m cols_b) into out; with wt, W's slices of the tile first
   // transposed into wt, A^T built from them, and out_b^T (+)= (rows_b m) @ A^T into ot, P x Cout per
   // sample from the run's first.
-  const auto multiply_tile_folded = [&](const Tile& t, int64_t s0, int64_t n, const float* w, const float* cols,
-                                        int64_t cols_stride, float* wt, float* kern, float* out, float* ot) {
+  const auto multiply_tile_folded = [&](size_t ti, int64_t s0, int64_t n, const float* w, const float* cols,
+                                        int64_t cols_stride, bool with_wt, float* wt_buf, float* kern, float* out,
+                                        float* ot) {
+    const Tile& t = tiles[ti];
     const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
-    if (wt != nullptr) transpose_weight_tile(w, g, t, wt);
+    const float* wt = with_wt ? weight_tile_t(ti, wt_buf) : nullptr;
     for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
       const int64_t S = std::min(kFoldedSamples, n - i0);
       const float* a_pass = a.const_data_ptr<float>() + (s0 + i0) * K;
@@ -1907,11 +1979,12 @@ at::Tensor forward_kernel(
           }
         });
         at::parallel_for(0, n_ranges, 1, [&](int64_t r0, int64_t r1) {  // out^T's columns, range by range
-          at::Tensor wt_buf = at::empty({K * max_tile}, opts), kern_buf = at::empty({kFoldedSamples * max_tile}, opts);
-          float *wt = wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
+          at::Tensor wt_buf = tap_major ? at::Tensor() : at::empty({K * max_tile}, opts);
+          at::Tensor kern_buf = at::empty({kFoldedSamples * max_tile}, opts);
+          float *wt = tap_major ? nullptr : wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
           for (int64_t r = r0; r < r1; ++r) {
             for (size_t ti = ranges[r].first; ti < ranges[r].second; ++ti)
-              multiply_tile_folded(tiles[ti], s0, n, w_ptr, rows, GJ * P, wt, kern, y, ot);
+              multiply_tile_folded(ti, s0, n, w_ptr, rows, GJ * P, /*with_wt=*/true, wt, kern, y, ot);
             // the range's rows of each output: out_b[rows] = f[rows] (out_b^T[:, rows])^T
             const Tile& t = tiles[ranges[r].first];
             const int64_t row0 = t.first_row(Cog), R = t.groups() * t.rows();
@@ -1939,7 +2012,7 @@ at::Tensor forward_kernel(
       if (!direct) im2row_scratch = at::empty({scratch_elems}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
-      if (step >= kMinSamplesPerWeightTranspose) wt_buf = at::empty({K * max_tile}, opts);
+      if (step >= kMinSamplesPerWeightTranspose && !tap_major) wt_buf = at::empty({K * max_tile}, opts);
     }
     // kFoldedSamples samples' A of a tile
     at::Tensor folded_kern = folded || folded_transposed ? at::empty({kFoldedSamples * max_tile}, opts) : at::Tensor();
@@ -1967,16 +2040,20 @@ at::Tensor forward_kernel(
           if (fold_run) scale_columns(buf + i * GJ * P, P, GJ, m + i * GJ);  // rows_b * m
         }
       }
-      for (const Tile& t : tiles) {
+      for (size_t ti = 0; ti < tiles.size(); ++ti) {
+        const Tile& t = tiles[ti];
+        // the tile's slices of W transposed (runs of enough samples to pay for transposing them, and every
+        // run over tap-major columns), else null
+        const bool with_wt = transposed && (tap_major || n >= kMinSamplesPerWeightTranspose);
+        scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major
         if constexpr (is_float) {
           if (folded || fold_run) {
-            multiply_tile_folded(t, s0, n, w_ptr, cols, cols_stride, fold_run ? wt_buf.data_ptr<float>() : nullptr,
+            multiply_tile_folded(ti, s0, n, w_ptr, cols, cols_stride, /*with_wt=*/fold_run, wt_space,
                                  folded_kern.data_ptr<float>(), y, ot);
             continue;
           }
         }
-        scalar_t* wt = transposed && n >= kMinSamplesPerWeightTranspose ? wt_buf.data_ptr<scalar_t>() : nullptr;
-        if (wt != nullptr) transpose_weight_tile(w_ptr, g, t, wt);
+        const scalar_t* wt = with_wt ? weight_tile_t(ti, wt_space) : nullptr;
         for (int64_t i = 0; i < n; ++i) {
           if (transposed)
             multiply_tile_transposed(t, s0 + i, cols + i * cols_stride, m + i * GJ, kern_buf.data_ptr<scalar_t>(),
