@@ -164,7 +164,8 @@ def test_compile_one_graph_for_all_batch_sizes():
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
         backend_calls.append(backend.frame_count)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert backend_calls[0] >= 1 and len(set(backend_calls)) == 1, f"recompiled: backend calls after each batch {backend_calls}"
+    assert backend_calls[0] >= 1 and len(set(backend_calls)) == 1, \
+        f"recompiled: backend calls after each batch {backend_calls}"
 
 
 # ---- bad input: every message names the argument and the expected and received values ----------
@@ -228,7 +229,8 @@ def test_bad_input_device_mismatch():
 @requires_extension
 def test_backward_rejects_wrong_grad_shape():
     x, w, ch, f, s, a = _good()
-    with pytest.raises(RuntimeError, match=r"grad_out must have the output's shape .* = \(2, 6, 5, 5\), got \(2, 6, 4, 5\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"grad_out must have the output's shape .* = \(2, 6, 5, 5\), got \(2, 6, 4, 5\)"):
         torch.ops.odconv.odconv2d_backward(torch.zeros(2, 6, 4, 5), x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 2,
                                            [True, True])
 
@@ -495,7 +497,8 @@ def test_narrow_groups_take_the_convolution_path(case, monkeypatch, num_threads)
 # Dense layers on 16x16 maps: the forward takes the convolution path; the backward too without AVX-512, on
 # AVX-512 it stays on the GEMM path (from 17x17 on it takes the convolution path there too).
 @requires_extension
-@pytest.mark.parametrize("case,wants", [((4, 32, 32, 16, 3, 2, 1, 1, 1, 1), ("always", "never" if AVX512 else "always")),
+@pytest.mark.parametrize("case,wants", [((4, 32, 32, 16, 3, 2, 1, 1, 1, 1),
+                                         ("always", "never" if AVX512 else "always")),
                                         ((4, 32, 32, 18, 3, 2, 1, 1, 1, 1), ("always", "always"))],
                          ids=["16x16", "18x18"])
 def test_dense_backward_path_by_map_size(case, wants, monkeypatch, num_threads):
@@ -730,7 +733,8 @@ FOLDED_BACKWARD = [
     (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: the reduction for any K; passes of 4 + 3
     (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20, Q' and A of 8 + 8 + 4 at a time: all add into grad_W
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
-    (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),    # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
+    # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
+    (36, 100, 40, 4, 3, 8, 1, 1, 1, 1),
     (6, 140, 72, 6, 1, 3, 1, 0, 1, 1),     # 1x1 without im2col: gcols = Y m is grad_x itself
     (5, 40, 100, 7, 1, 4, 1, 0, 1, 1),     # 1x1 on 7x7 (P = 49 > 36): folded without im2col only
     (3, 24, 128, 8, 1, 2, 1, 0, 1, 1),     # 1x1 on 8x8, the largest folded map without im2col

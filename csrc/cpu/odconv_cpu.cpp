@@ -122,8 +122,9 @@ constexpr int64_t kSmallIm2colBytes = 1024 * 1024;
 // per-tile products re-read each sample's im2col matrix, which then stays nearer in cache): with
 // 2 MB instead of 8 the forward took 0.54-0.86x the time on 7 of the 12 shapes of bench_op's suite
 // and was unchanged beyond noise on the others (benchmarks/ab_builds.py, results in
-// benchmarks/results/ab_forward_budget_cpu.json). The backward keeps 8 MB: with 2 MB, 512->512 4x4 took 1.26x as long (more chunks,
-// each re-reading the K kernels), and the mid-size maps did not change beyond noise.
+// benchmarks/results/ab_forward_budget_cpu.json). The backward keeps 8 MB: with 2 MB, 512->512 4x4
+// took 1.26x as long (more chunks, each re-reading the K kernels), and the mid-size maps did not
+// change beyond noise.
 constexpr int64_t kForwardThreadBytes = 2 * 1024 * 1024;
 // The transposed float32 forward (maps like 6x6 and 7x7) takes more samples per run: each run
 // streams the K kernels once per tile, and transposes its tiles' slices of W once
@@ -1202,7 +1203,8 @@ void col2im(scalar_t* gcols, const Geometry& g, scalar_t* gx, int64_t c_begin = 
 // m[gi*J + j] = ch[gi*Cg + c] * s[u,v] for every group gi and j = (c, u, v), for the input channels
 // [c_begin, c_end) (all by default).
 template <typename acc_t>
-void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, int64_t c_begin = 0, int64_t c_end = -1) {
+void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, int64_t c_begin = 0,
+                 int64_t c_end = -1) {
   const int64_t taps = g.taps();
   if (c_end < 0) c_end = g.in_channels;
   for (int64_t c = c_begin; c < c_end; ++c)
@@ -1461,7 +1463,8 @@ inline void transpose_row_panels(const float* src, int64_t n, int64_t P, int64_t
     int64_t p = 0;
     for (; p + 8 <= P; p += 8) {
       if (p + kAhead < P)
-        for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(src + (j + i) * lds + p + kAhead), _MM_HINT_T0);
+        for (int i = 0; i < 8; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(src + (j + i) * lds + p + kAhead), _MM_HINT_T0);
       transpose_8x8(src + j * lds + p, lds, dst + p * ld + j, ld);
     }
     for (int64_t jj = j; jj < j + 8; ++jj)
@@ -1828,8 +1831,8 @@ at::Tensor forward_kernel(
       at::parallel_for(0, B * Cin, 1, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1;) {
           const int64_t b = u / Cin, c0 = u % Cin, c1 = std::min(Cin, c0 + (u1 - u));
-          im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g, cols_buf.data_ptr<scalar_t>() + b * GJ * P + c0 * taps * P,
-                 c0, c1);
+          im2col(x.const_data_ptr<scalar_t>() + b * x_stride, g,
+                 cols_buf.data_ptr<scalar_t>() + b * GJ * P + c0 * taps * P, c0, c1);
           u += c1 - c0;
         }
       });
@@ -3354,8 +3357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           col2im(run.gcols.data_ptr<scalar_t>() + i * GJ * P, g, grad_x.data_ptr<scalar_t>() + b * x_stride);
         }
         if (want_params)
-          reduce_scale_gradient(g, run.gm.const_data_ptr<acc_t>() + i * GJ, ch.const_data_ptr<acc_t>() + b * g.in_channels,
-                                s.const_data_ptr<acc_t>() + b * taps, grad_ch.data_ptr<acc_t>() + b * g.in_channels,
+          reduce_scale_gradient(g, run.gm.const_data_ptr<acc_t>() + i * GJ,
+                                ch.const_data_ptr<acc_t>() + b * g.in_channels, s.const_data_ptr<acc_t>() + b * taps,
+                                grad_ch.data_ptr<acc_t>() + b * g.in_channels,
                                 grad_s.data_ptr<acc_t>() + b * taps);
       }
     });
@@ -3713,7 +3717,8 @@ void reduce_chunk_gradients(const at::Tensor& q, const at::Tensor& weight, const
                             f.const_data_ptr<scalar_t>() + b * g.out_channels, scratch.data(), gm.data(), gagg + i * N,
                             grad_f.data_ptr<scalar_t>() + b * g.out_channels, grad_a.data_ptr<scalar_t>() + b * K);
       reduce_scale_gradient(g, gm.data(), ch.const_data_ptr<scalar_t>() + b * g.in_channels,
-                            s.const_data_ptr<scalar_t>() + b * g.taps(), grad_ch.data_ptr<scalar_t>() + b * g.in_channels,
+                            s.const_data_ptr<scalar_t>() + b * g.taps(),
+                            grad_ch.data_ptr<scalar_t>() + b * g.in_channels,
                             grad_s.data_ptr<scalar_t>() + b * g.taps());
     }
   });
@@ -3731,9 +3736,9 @@ void forward_by_sample_convolutions(const at::Tensor& x, const at::Tensor& weigh
     at::Tensor kern = at::empty({per_call * N}, x.options()), m = at::empty({per_call * GJ}, x.options());
     for (int64_t b0 = b_begin; b0 < b_end; b0 += per_call) {
       const int64_t n = std::min(per_call, b_end - b0);
-      build_sample_kernels(weight.const_data_ptr<scalar_t>(), ch.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-                           s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), g, b0, n,
-                           kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
+      build_sample_kernels(weight.const_data_ptr<scalar_t>(), ch.const_data_ptr<scalar_t>(),
+                           f.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), g,
+                           b0, n, kern.data_ptr<scalar_t>(), m.data_ptr<scalar_t>());
       const at::Tensor y = at::convolution(
           x.narrow(0, b0, n).view({1, n * Cin, g.height, g.width}),
           kern.narrow(0, 0, n * N).view({n * Cout, g.in_per_group, g.kernel_h, g.kernel_w}), std::nullopt,
@@ -3800,8 +3805,8 @@ void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, 
           std::fill(gm_ptr, gm_ptr + GJ, scalar_t(0));
           reduce_tile_gradients(whole, g, q_c.const_data_ptr<scalar_t>() + i * N, a_ptr + b * K, w_ptr,
                                 m.const_data_ptr<scalar_t>() + i * GJ, f_ptr + b * Cout, scratch.data_ptr<scalar_t>(),
-                                gm_ptr, gbuf.data_ptr<scalar_t>() + (b - b0) * N, grad_f.data_ptr<scalar_t>() + b * Cout,
-                                grad_a.data_ptr<scalar_t>() + b * K);
+                                gm_ptr, gbuf.data_ptr<scalar_t>() + (b - b0) * N,
+                                grad_f.data_ptr<scalar_t>() + b * Cout, grad_a.data_ptr<scalar_t>() + b * K);
           reduce_scale_gradient(g, gm.const_data_ptr<scalar_t>(), ch_ptr + b * Cin, s_ptr + b * taps,
                                 grad_ch.data_ptr<scalar_t>() + b * Cin, grad_s.data_ptr<scalar_t>() + b * taps);
         }
@@ -3822,7 +3827,8 @@ void backward_by_sample_convolutions(const at::Tensor& gy, const at::Tensor& x, 
 }
 
 at::Tensor forward_conv_path(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
-                             const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g) {
+                             const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in,
+                             const Geometry& g) {
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
   const auto new_output = [&] {
