@@ -981,6 +981,22 @@ def test_backward_transposed_grad_x_choice(case, want, split, monkeypatch, num_t
     assert torch.equal(alone, with_params)
 
 
+# On AVX-512 the backward by columns also takes the transposed product (and so folds) with both gradient groups
+# on maps of up to 100 pixels that are not a multiple of 16, with 64+ rows per group: 10x10 there, not 8x8 (a
+# multiple of 16) nor with 32 rows; the samples split and other CPUs keep the plain product on these maps.
+@requires_extension
+@pytest.mark.parametrize("split", ["samples", "columns"])
+@pytest.mark.parametrize("case,folds", [((3, 16, 64, 10, 3, 2, 1, 1, 1, 1), True),
+                                        ((3, 16, 64, 8, 3, 2, 1, 1, 1, 1), False),
+                                        ((3, 16, 32, 10, 3, 2, 1, 1, 1, 1), False)],
+                         ids=["10x10_64_rows", "8x8_64_rows", "10x10_32_rows"])
+def test_transposed_grad_x_on_ragged_folded_maps(case, folds, split, monkeypatch, num_threads):
+    monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", split)
+    num_threads(2)
+    want = "always" if folds and split == "columns" and AVX512 else "never"
+    assert_auto_takes(case, "ODCONV_CPU_BACKWARD_TRANSPOSED_GX", (None, want), monkeypatch)
+
+
 @requires_extension
 def test_bad_backward_transposed_grad_x_names_the_variable(monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", "sometimes")

@@ -2721,13 +2721,24 @@ struct ColumnPart {
 
 // Whether the backward runs its grad_x product transposed: both splits where a group has at least
 // kTransposedGradXMinGroupRows rows on maps whose brgemm blocks would be ragged (see backward_kernel),
-// and the backward by columns also on maps of at most Cog/2 pixels (see above);
+// and the backward by columns also on maps of at most Cog/2 pixels (see above), and on AVX-512, where
+// it would then fold (`folds`: both gradient groups on a map the folded backward takes), on maps of up
+// to kFoldedRaggedMaxPixels pixels that are not a multiple of 16 (9x9, 10x10), with as many rows:
+// ODCONV_CPU_BACKWARD_TRANSPOSED_GX=always against auto (which took the plain product there), Zen 4
+// EPYC, two runs of 12 and 14 rounds, results/ab_backward_transposed_gx_folded_8x8_10x10_avx512_cpu.json
+// and ..._ragged_avx512_cpu.json: backward 0.86 on B64 128->128 9x9, 0.88-0.94 on B64 96->96 and
+// 128->128 10x10 and 0.91 on B128 64->128 10x10; 0.97 on 11x11 (121 pixels), 0.98-1.05 on the aligned
+// 8x8 and 12x12 maps (B128 64->64 and 32->64 8x8, the GTSRB 12x12 layers), which keep the plain product.
 // ODCONV_CPU_BACKWARD_TRANSPOSED_GX=always | never overrides it in both.
-inline bool grad_x_by_transposed_product(const Geometry& g, bool by_columns) {
+constexpr int64_t kFoldedRaggedMaxPixels = 100;
+
+inline bool grad_x_by_transposed_product(const Geometry& g, bool by_columns, bool folds = false) {
   const std::string mode = path_override("ODCONV_CPU_BACKWARD_TRANSPOSED_GX", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
   const int64_t P = g.out_pixels(), Cog = g.out_per_group;
-  return (by_columns && 2 * P <= Cog) || (ragged_column_blocks(P) && Cog >= kTransposedGradXMinGroupRows);
+  const bool folds_ragged = by_columns && folds && cpu_has_avx512() && P <= kFoldedRaggedMaxPixels && P % 16 != 0;
+  return (by_columns && 2 * P <= Cog) ||
+         ((ragged_column_blocks(P) || folds_ragged) && Cog >= kTransposedGradXMinGroupRows);
 }
 
 // The folded backward of one chunk [c0, c0 + n) of one part (see "The backward by columns"). rows
@@ -2881,9 +2892,11 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const int64_t K = g.kernel_num, N = g.kernel_numel(), taps = g.taps(), B = g.batch;
   const int64_t x_stride = Cin * g.height * g.width;
   const bool direct = g.im2col_is_identity();
-  const bool gx_transposed = want_x && grad_x_by_transposed_product(g, /*by_columns=*/true);
-  const bool folded =
-      want_params && gx_transposed && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
+  // the folded backward: both gradient groups, the transposed grad_x product, maps of at most
+  // folded_backward_max_pixels
+  const bool folds = want_params && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
+  const bool gx_transposed = want_x && grad_x_by_transposed_product(g, /*by_columns=*/true, folds);
+  const bool folded = folds && gx_transposed;
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
