@@ -435,6 +435,9 @@ SAMPLE_CONVOLUTION_BACKWARDS = [
 # forward with 16+ groups or 5x5+ kernels, at most 24 rows per group (32 on AVX-512 on maps of 196+ pixels), 1 M
 # multiply-adds per sample and a sample per thread. ------
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# The kernels' AVX-512 code runs only where the extension was compiled with it too (a build for older CPUs,
+# ODCONV_CPU_ARCH="-march=x86-64-v3", run on this CPU has none); the path rules read the CPU alone (AVX512).
+AVX512_CODE = AVX512 and "avx512f" in (odconv.backend_info()["build"].get("required_cpu_features") or [])
 NARROW_GROUP_PATHS = {  # case: (forward, backward) path that auto takes
     (4, 512, 512, 7, 3, 2, 1, 1, 1, 16): ("never", "never" if AVX512 else "always"),  # 32 rows, 49 pixels
     (4, 512, 512, 14, 3, 2, 1, 1, 1, 16): ("always" if AVX512 else "never", "always"),  # 32 rows, 196 pixels
@@ -819,7 +822,7 @@ def test_folded_grad_w_both_ways_match_reference(case, grad_w, monkeypatch, num_
 
 
 @requires_extension
-@pytest.mark.skipif(not AVX512, reason="the reduction adds grad_W in AVX-512 code only")
+@pytest.mark.skipif(not AVX512_CODE, reason="the reduction adds grad_W in AVX-512 code only")
 @pytest.mark.parametrize("case", [(24, 64, 512, 4, 3, 4, 1, 1, 1, 1), (24, 64, 64, 4, 3, 4, 1, 1, 1, 1)], ids=case_id)
 def test_folded_grad_w_choice(case, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
@@ -890,7 +893,7 @@ def test_ragged_tails_match_reference(case, tail, monkeypatch, num_threads):
 
 
 @requires_extension
-@pytest.mark.skipif(not AVX512, reason="the tail kernel is AVX-512 code")
+@pytest.mark.skipif(not AVX512_CODE, reason="the tail kernel is AVX-512 code")
 @pytest.mark.parametrize("case,taken", [(RAGGED_TAILS[0], True), (RAGGED_TAILS[3], True), (RAGGED_TAILS[4], False),
                                         (RAGGED_TAILS[7], False)], ids=["tail_1", "tail_4", "tail_5", "tail_8"])
 def test_ragged_tail_is_taken(case, taken, monkeypatch):
