@@ -1475,6 +1475,16 @@ inline void transpose_row_panels(const float* src, int64_t n, int64_t P, int64_t
 }
 #endif
 
+// dst[c * ld + r] = src[r * lds + c] for r < rows, c < cols: float32 in prefetched 8 x 8 panels where
+// AVX is compiled in, otherwise element by element.
+template <typename scalar_t>
+inline void transpose_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t lds, scalar_t* dst, int64_t ld) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<scalar_t, float>) return transpose_row_panels(src, rows, cols, lds, dst, ld);
+#endif
+  transpose_strided(src, rows, cols, lds, dst, ld);
+}
+
 // The K slices of W on one tile, transposed: wt[((gi - t.g0) * K + k) * Jt * T + jj * T + r] =
 // W_k[gi * Cout/G + t.r0 + r, t.j0 + jj]. The transposed float32 forward builds every sample's Wb^T of
 // the tile from these rows (build_tile_kernel_from_transposed), which need no transposes of their own.
@@ -1484,13 +1494,7 @@ void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile
   for (int64_t gi = t.g0; gi < t.g1; ++gi)
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t* src = weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0;
-      scalar_t* dst = wt + ((gi - t.g0) * K + k) * Jt * T;
-#if defined(__AVX__)
-      if constexpr (std::is_same_v<scalar_t, float>)
-        transpose_row_panels(src, T, Jt, J, dst, T);
-      else
-#endif
-        transpose_strided(src, T, Jt, J, dst, T);
+      transpose_rows(src, T, Jt, J, wt + ((gi - t.g0) * K + k) * Jt * T, T);
     }
 }
 
@@ -1516,13 +1520,7 @@ void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g,
       if (static_cast<int64_t>(scratch.size()) < J * T) scratch.resize(J * T);
       for (int64_t gi = first.g0; gi < first.g1; ++gi)
         for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* src = weight + k * k_stride + (gi * g.out_per_group + first.r0) * J;
-#if defined(__AVX__)
-          if constexpr (std::is_same_v<scalar_t, float>)
-            transpose_row_panels(src, T, J, J, scratch.data(), T);
-          else
-#endif
-            transpose_strided(src, T, J, J, scratch.data(), T);
+          transpose_rows(weight + k * k_stride + (gi * g.out_per_group + first.r0) * J, T, J, J, scratch.data(), T);
           for (size_t ti = ranges[ri].first; ti < ranges[ri].second; ++ti) {
             const Tile& t = tiles[ti];
             scalar_t* dst = out + offsets[ti] + ((gi - t.g0) * K + k) * t.cols() * T;
@@ -2043,12 +2041,12 @@ at::Tensor forward_kernel(
           if (fold_run) scale_columns(buf + i * GJ * P, P, GJ, m + i * GJ);  // rows_b * m
         }
       }
+      // the tiles' slices of W transposed (runs of enough samples to pay for transposing them, and every
+      // run over tap-major columns), else null
+      const bool with_wt = transposed && (tap_major || n >= kMinSamplesPerWeightTranspose);
+      scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major
       for (size_t ti = 0; ti < tiles.size(); ++ti) {
         const Tile& t = tiles[ti];
-        // the tile's slices of W transposed (runs of enough samples to pay for transposing them, and every
-        // run over tap-major columns), else null
-        const bool with_wt = transposed && (tap_major || n >= kMinSamplesPerWeightTranspose);
-        scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major
         if constexpr (is_float) {
           if (folded || fold_run) {
             multiply_tile_folded(ti, s0, n, w_ptr, cols, cols_stride, /*with_wt=*/fold_run, wt_space,
@@ -2746,12 +2744,14 @@ inline bool grad_x_by_transposed_product(const Geometry& g, bool by_columns, boo
 // block's columns (m_ld apart), gf
 // and ga their shares of grad_f and grad_a; gbuf and kern hold Q' and A of `sub` samples, q_slot
 // apart (a tile is worked through the chunk's samples sub at a time: "Sub-chunks" above);
-// x_chunk and gx_chunk point at the chunk's first sample.
+// x_chunk and gx_chunk point at the chunk's first sample; gw_in_reduction: grad_W comes from the
+// reduction pass (grad_w_in_folded_reduction), else from products after it.
 template <typename T>
 void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometry& g, int64_t c0, int64_t n,
                            int64_t sub, int64_t q_slot, const T* gy_ptr, const T* x_chunk, const T* w_acc,
                            const T* a_ptr, const T* f_ptr, const T* rows, const T* m, int64_t m_ld, T* gbuf, T* gcols,
-                           T* gm, T* gf, T* ga, T* grad_w_ptr, T* gx_chunk, const at::TensorOptions& opts) {
+                           T* gm, T* gf, T* ga, T* grad_w_ptr, T* gx_chunk, bool gw_in_reduction,
+                           const at::TensorOptions& opts) {
   // the block's first column: of x's im2row (all groups) and of its group's J
   const int64_t j_begin = blk.c0 * g.taps(), j_local = blk.tiles.front().j0, Jr = (blk.c1 - blk.c0) * g.taps();
   const int64_t J = g.cols_per_group(), P = g.out_pixels(), Cout = g.out_channels, K = g.kernel_num;
@@ -2761,7 +2761,6 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   T* gy_t = pt.gy_t.data_ptr<T>();
   T* coef = pt.coef.data_ptr<T>();
   T* dk = pt.scratch.data_ptr<T>();
-  const bool gw_in_reduction = grad_w_in_folded_reduction<T>(g);  // else the products after it
   for (const Tile& t : blk.tiles) {
     const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_local, row0 = t.first_row(Cog);
     for (int64_t s0 = 0; s0 < n; s0 += sub) {  // the chunk's samples, sub at a time (Q' and A in gbuf and kern)
@@ -2897,6 +2896,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const bool folds = want_params && P <= folded_backward_max_pixels(g) && std::is_same_v<scalar_t, acc_t>;
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g, /*by_columns=*/true, folds);
   const bool folded = folds && gx_transposed;
+  // the folded reduction adds grad_W itself, else the products after it do
+  const bool gw_in_reduction = folded && grad_w_in_folded_reduction<scalar_t>(g);
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
@@ -3015,7 +3016,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
             if constexpr (std::is_same_v<scalar_t, acc_t>)
               backward_folded_chunk<scalar_t>(pt, blk, g, c0, n, q_samples, q_slot, gy_ptr, x_ptr + c0 * x_stride,
                                               w_acc, a_ptr, f_ptr, rows, m, widest, gbuf, gcols, gm, gf, ga,
-                                              grad_w_ptr, gx_ptr + c0 * x_stride, opts);
+                                              grad_w_ptr, gx_ptr + c0 * x_stride, gw_in_reduction, opts);
           } else {
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
               const Tile& t = blk.tiles[ti];
