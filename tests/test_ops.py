@@ -576,12 +576,13 @@ TRANSPOSED_FORWARD = [
     (3, 24, 150, 7, 3, 4, 1, 1, 1, 1),
     # Tap-major products skip the padded kernel rows of the first and last output rows, class by
     # class: stride 2 (two classes), dilation 2 (three classes of two, three and two rows), padding 0
-    # (one class: one product), and tiles cut in J of 900 columns where a kernel row has 1200 (the
-    # first row's class has no column in the first tile, which must zero its rows of out^T; the last
-    # row's none in the last, which must leave them).
+    # (one class: one product), padding 3 (the first and last rows' classes have no kernel row inside
+    # the map: their rows of out^T are zeros), and tiles cut in J (whole channels, tap-major within
+    # each: 400 channels in blocks of 64 and a last of 16; the 150-channel cases above 64, 64, 22).
     (4, 16, 24, 12, 3, 4, 2, 1, 1, 1),
     (3, 16, 24, 7, 3, 4, 1, 2, 2, 1),
     (3, 16, 24, 8, 3, 4, 1, 0, 1, 1),
+    (3, 16, 24, 5, 3, 4, 1, 3, 1, 1),
     (3, 400, 40, 6, 3, 4, 1, 1, 1, 1),
     (12, 400, 40, 6, 3, 4, 1, 1, 1, 1),
 ]
@@ -589,12 +590,13 @@ TRANSPOSED_FORWARD = [
 
 @requires_extension
 @pytest.mark.parametrize("split", ["samples", "tiles"])
-@pytest.mark.parametrize("tap_major", ["always", "never"])
+@pytest.mark.parametrize("tap_major", ["always", "runs", "never"])
 @pytest.mark.parametrize("case", TRANSPOSED_FORWARD, ids=case_id)
 def test_transposed_forward_matches_reference(case, tap_major, split, monkeypatch, num_threads):
     # (the transposed product forced: on AVX-512 grouped layers keep the plain one by default)
     # with the columns in (tap, channel) order (im2row by channels-last copies, W permuted and transposed once per
-    # call; the default below 16 MB of W) and in im2col's order (above); the batch split between the
+    # call, "always": the default below 16 MB of W; or each tile's slices permuted as a run transposes them,
+    # "runs") and in im2col's order ("never"); the batch split between the
     # threads, or the ranges of tile rows split between them for every sample of a chunk (W's slices
     # transposed once per chunk, A^T folded; the default for batches under 5 samples per thread): at
     # 3 threads the cases' 1-2 ranges leave threads idle, 70 samples go in two chunks of 35, and the
@@ -629,6 +631,18 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
     assert_case_matches_reference(case, (torch.float32,))
 
 
+# Tap-major columns where the rules keep no permuted copy of W (W larger than the output): with runs of at
+# least 5 samples per thread, which transpose W's slices anyway, each tile's slices are permuted as they are
+# transposed ("runs"); with fewer the columns stay in im2col's order.
+@requires_extension
+@pytest.mark.parametrize("case,want", [((12, 150, 40, 6, 3, 4, 1, 1, 1, 1), "runs"),
+                                       ((6, 150, 40, 6, 3, 4, 1, 1, 1, 1), "never")],
+                         ids=["6_per_thread", "3_per_thread"])
+def test_tap_major_columns_per_run(case, want, monkeypatch, num_threads):
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_TAP_MAJOR", (want, None), monkeypatch, values=("runs", "never"))
+
+
 # On 7x7 maps grouped layers of at most 8 rows per group keep the plain product (the transposed one would have
 # fewer columns than a vector); without AVX-512 12 rows and more transpose it, on AVX-512 (brgemm blocks of 16
 # columns) grouped layers keep the plain product at any width.
@@ -643,7 +657,8 @@ def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
 
 @requires_extension
 @pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
-                                                    ("ODCONV_CPU_TAP_MAJOR", "sometimes", "auto, always or never"),
+                                                    ("ODCONV_CPU_TAP_MAJOR", "sometimes",
+                                                     "auto, always, runs or never"),
                                                     ("ODCONV_CPU_FORWARD_SPLIT", "rows", "auto, samples or tiles"),
                                                     ("ODCONV_CPU_MASKED_TAPS", "maybe", "auto, always or never"),
                                                     ("ODCONV_CPU_SKIP_PADDED_ROWS", "always", "auto or never")])

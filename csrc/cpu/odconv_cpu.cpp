@@ -47,7 +47,7 @@
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout), its columns
-//                         in (tap, channel) order where W is small: "Tap-major columns")
+//                         in (tap, channel) order, of each tile's channels: "Tap-major columns")
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
 //   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps), or
 //                         A^T (4, Jt, T) (float32 forward on maps like 6x6, in runs of 5+ samples)
@@ -300,8 +300,11 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // forward (out^T = rows @ Wb^T): the row ranges are then multiples of 16 (a block of brgemm), but
 // for the last. Cut evenly, the 960 rows of a 160->960 1x1 layer on 7x7 made tiles of 107 rows,
 // N = 6 blocks of 16 and a ragged 11, and its forward ran 1.3x as slow as the plain orientation.
+// whole_channels: tiles cut in J hold whole input channels (a multiple of taps columns; of 16 too where
+// that is at most a vector_step piece's channels rounded up), as the tap-major columns need (see there).
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
-                             int64_t tile_bytes = kTileBytes, bool rows_are_columns = false) {
+                             int64_t tile_bytes = kTileBytes, bool rows_are_columns = false,
+                             bool whole_channels = false) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, tile_bytes / row_bytes);
@@ -318,7 +321,13 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
     const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
     int64_t row_step = even_step(g.out_channels, rows);
     if (rows_are_columns) row_step = round_up_16(row_step, g.out_channels);
-    const int64_t col_step = vector_step(J, cols);
+    int64_t col_step = vector_step(J, cols);
+    if (whole_channels && col_step < J) {  // a multiple of taps columns, of 16 where it can
+      const int64_t taps = g.taps(), align = 16 / std::gcd<int64_t>(taps, 16);
+      int64_t channels = even_step(g.in_channels, std::max<int64_t>(1, cols / taps));
+      if (channels >= align) channels = std::min(g.in_channels, (channels + align - 1) / align * align);
+      col_step = channels * taps;
+    }
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
         tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
@@ -1226,7 +1235,8 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // 0.97 on the GTSRB 128->256 6x6 layer and B128 128->128 7x7, 0.99 on B64 256->256 7x7 and B8 128->256
 // 6x6).
 // Layouts: weight_tiles_t (see transpose_weight_tiles_tap_major); m (G*J) with m[g*J + t*Cin/G + c] =
-// ch[g*Cin/G + c] * s[t]; x_t (H*W, Cin) scratch; rows (P, ld) with ld >= G*J.
+// ch[g*Cin/G + c] * s[t] (in blocks of channels, below: m[g*J + c0*taps + t*Cb + c] = ch[g*Cin/G + c0 +
+// c] * s[t]); x_t (H*W, Cin) scratch; rows (P, ld) with ld >= G*J, its columns as m's.
 // Only where the permuted copy of W is no larger than the output the call allocates anyway, and
 // within kTapMajorMaxWeightBytes. Without those rules, against 7a59409 (benchmarks/ab_builds.py
 // --paired, 8 rounds, one thread, results/ab_tap_major_forward_cpu.json): forward 0.87 on B128
@@ -1241,29 +1251,53 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // 256->256 6x6, B64 256->256 5x5, B32 128->128 7x7 and B256 512->512 7x7, still 1.17 on B32 512->512
 // 7x7, and the training step's peak memory (bench_op.py --modes mem, results/bench_op_cpu_mem_tap_major_
 // {auto,always}_avx512.json) 1.10 -> 1.24x static on 256->256 6x6, 1.88 -> 2.28x on 5x5, 2.78 -> 3.18x
-// on 128->128 7x7 (0.89x both ways on B256 512->512 7x7): the rules stay. ODCONV_CPU_TAP_MAJOR=auto
-// (default) | always | never overrides the choice (tests run both).
+// on 128->128 7x7 (0.89x both ways on B256 512->512 7x7): the rules stay for the copy.
+// Per run. Where the rules keep no copy, the columns are tap-major all the same when each thread has
+// runs of at least kMinSamplesPerWeightTranspose samples, which transpose every tile's slices of W anyway
+// (transpose_weight_tile): the tiles of a layer cut in J then hold whole channels (make_tiles'
+// whole_channels), the columns are tap-major within each tile's block of channels (j = its first column
+// + t * Cb + c for its Cb channels; the whole group's J, as above, where the tiles are not cut), and a
+// run permutes each tile's slices as it transposes them (transpose_weight_tile_tap_major), with no copy
+// of W and no more traffic than the transposes it made before. The padded kernel rows are skipped
+// tile by tile (tap_major_product), each tile holding every kernel row of its channels. (ab_env.py,
+// ODCONV_CPU_TAP_MAJOR=never against auto, Zen 4 EPYC, 16 rounds,
+// results/ab_forward_tap_major_per_run_avx512_cpu.json: forward 0.90 on B128 256->256 6x6, 0.94 on B64
+// 256->256 5x5, 0.95-0.96 on B16, B32 and B256 512->512 7x7, 1.01 on B32 256->512 stride 2 onto 7x7
+// (one padded row of 21 skipped; 0.98 in a 10-round run before); the copy stays where the rules allow
+// it: "runs" read 0.95 on the GTSRB 128->256 6x6 layer against 0.90 for the copy, both against never.)
+// ODCONV_CPU_TAP_MAJOR=auto (default) | always (the copy) | runs | never overrides the choice (tests
+// run each).
 constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
 
-bool use_tap_major(const Geometry& g, int64_t elem_size) {
-  const std::string mode = path_override("ODCONV_CPU_TAP_MAJOR", {"auto", "always", "never"});
-  if (mode != "auto") return mode == "always";
+enum class TapMajor { kNo, kPerRun, kOnce };
+
+TapMajor tap_major_columns(const Geometry& g, int64_t elem_size, int64_t threads) {
+  const std::string mode = path_override("ODCONV_CPU_TAP_MAJOR", {"auto", "always", "runs", "never"});
+  if (mode != "auto") return mode == "always" ? TapMajor::kOnce : (mode == "runs" ? TapMajor::kPerRun : TapMajor::kNo);
   const int64_t weight_bytes = g.kernel_num * g.kernel_numel() * elem_size;
   const int64_t out_bytes = g.batch * g.out_channels * g.out_pixels() * elem_size;
-  return weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= out_bytes;
+  if (weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= out_bytes) return TapMajor::kOnce;
+  const int64_t share = (g.batch + threads - 1) / threads;  // a thread's samples: its runs' at most
+  return share >= kMinSamplesPerWeightTranspose ? TapMajor::kPerRun : TapMajor::kNo;
 }
 
 template <typename acc_t>
-void input_scale_tap_major(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m) {
+void input_scale_tap_major(const acc_t* ch, const acc_t* s, const Geometry& g, int64_t block_channels, acc_t* m) {
   const int64_t taps = g.taps(), Cg = g.in_per_group, J = g.cols_per_group();
   for (int64_t gi = 0; gi < g.groups; ++gi)
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t c = 0; c < Cg; ++c) m[gi * J + t * Cg + c] = ch[gi * Cg + c] * s[t];
+    for (int64_t c0 = 0; c0 < Cg; c0 += block_channels) {
+      const int64_t Cb = std::min(block_channels, Cg - c0);
+      acc_t* mb = m + gi * J + c0 * taps;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < Cb; ++c) mb[t * Cb + c] = ch[gi * Cg + c0 + c] * s[t];
+    }
 }
 
 template <typename scalar_t>
-void im2row_tap_major(const scalar_t* x, const Geometry& g, scalar_t* x_t, scalar_t* rows, int64_t ld) {
+void im2row_tap_major(const scalar_t* x, const Geometry& g, int64_t block_channels, scalar_t* x_t, scalar_t* rows,
+                      int64_t ld) {
   const int64_t Cin = g.in_channels, Cg = g.in_per_group, J = g.cols_per_group(), H = g.height, W = g.width;
+  const int64_t taps = g.taps();
   transpose_into(x, Cin, H * W, x_t, Cin);
   for (int64_t oh = 0; oh < g.out_h; ++oh)
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
@@ -1273,20 +1307,22 @@ void im2row_tap_major(const scalar_t* x, const Geometry& g, scalar_t* x_t, scala
         for (int64_t v = 0; v < g.kernel_w; ++v) {
           const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, t = u * g.kernel_w + v;
           const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-          for (int64_t gi = 0; gi < g.groups; ++gi) {
-            scalar_t* dst = row + gi * J + t * Cg;
-            if (inside)
-              std::copy_n(x_t + (ih * W + iw) * Cin + gi * Cg, Cg, dst);
-            else
-              std::fill_n(dst, Cg, scalar_t(0));
-          }
+          for (int64_t gi = 0; gi < g.groups; ++gi)
+            for (int64_t c0 = 0; c0 < Cg; c0 += block_channels) {
+              const int64_t Cb = std::min(block_channels, Cg - c0);
+              scalar_t* dst = row + gi * J + c0 * taps + t * Cb;
+              if (inside)
+                std::copy_n(x_t + (ih * W + iw) * Cin + gi * Cg + c0, Cb, dst);
+              else
+                std::fill_n(dst, Cb, scalar_t(0));
+            }
         }
       }
     }
 }
 
 // ---- Padded rows skipped (the tap-major products) ---------------------------------------------------
-// In tap-major order a kernel row u owns the columns [u*kw*Cin/G, (u+1)*kw*Cin/G) of a group's J, and
+// In tap-major order a kernel row u owns the columns [u*kw*Cb, (u+1)*kw*Cb) of a tile's Cb channels, and
 // the output rows oh whose input row oh*stride - pad + u*dil lies in the padding hold zeros there. Output
 // rows with the same range [u0, u1) of kernel rows inside the map form a row class (3x3 with padding 1:
 // the first row, the middle rows, the last row); the transposed product of a class, out^T[its pixels]
@@ -1317,14 +1353,14 @@ std::vector<RowClass> row_classes(const Geometry& g) {
 // The transposed product of tile t over tap-major columns, class by class: for each group i < nG,
 // C_i[pixels of the class] (+)= A_i[those pixels, the class's columns of t] @ B_i[those columns], with
 // A (P x t.cols(), row p at A + p*lda) the tile's columns of rows_b, B (t.cols() x N) and C (P x N).
-// A class none of whose columns lie in the tile gets zeros (or keeps C, accumulating).
+// A class with no kernel row inside the map (u1 = u0) gets zeros (or keeps C, accumulating).
 template <typename scalar_t>
 void tap_major_product(const std::vector<RowClass>& classes, const Geometry& g, const Tile& t, int64_t nG, int64_t N,
                        const scalar_t* A, int64_t lda, int64_t sa, const scalar_t* B, int64_t ldb, int64_t sb,
                        scalar_t* C, int64_t ldc, int64_t sc, bool accumulate, const at::TensorOptions& opts) {
-  const int64_t row_cols = g.kernel_w * g.in_per_group, Wo = g.out_w;
+  const int64_t row_cols = g.kernel_w * (t.cols() / g.taps()), Wo = g.out_w;  // of the tile's channels
   for (const RowClass& rc : classes) {
-    const int64_t lo = std::max(t.j0, rc.u0 * row_cols), hi = std::min(t.j1, rc.u1 * row_cols);
+    const int64_t lo = t.j0 + rc.u0 * row_cols, hi = t.j0 + rc.u1 * row_cols;
     const int64_t p0 = rc.oh0 * Wo, M = (rc.oh1 - rc.oh0) * Wo;
     if (hi <= lo) {
       if (!accumulate)
@@ -1500,18 +1536,18 @@ void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile
 
 // Every tile's K slices of W in tap-major column order (see "Tap-major columns"), transposed as
 // transpose_weight_tile lays them out, tile ti's at out + offsets[ti]: wt[((gi - t.g0) * K + k) * Jt * T
-// + jj * T + r] = W_k[gi * Cout/G + t.r0 + r, c * taps + tap] for the tile's tap-major column t.j0 + jj
-// = tap * Cin/G + c. Built once per call, for all the threads' runs, where the transposed forward had
-// copied W to tap-major order and then transposed each tile's slices in every run of samples: per
-// range of tile rows (its tiles share rows, consecutive in `tiles`), each group's and kernel's rows are
-// transposed whole (J x T, im2col's column order, in scratch) and the tiles' rows of it copied in
-// tap-major order, T values each. ranges: row_ranges(tiles); scratch: J * T elements per thread.
+// + jj * T + r] = W_k[gi * Cout/G + t.r0 + r, t.j0 + c * taps + tap] for the tile's tap-major column
+// jj = tap * Cb + c, Cb = Jt / taps its channels (a tile holds whole channels). Built once per call,
+// for all the threads' runs, where the transposed forward had copied W to tap-major order and then
+// transposed each tile's slices in every run of samples: per range of tile rows (its tiles share
+// rows, consecutive in `tiles`), each group's and kernel's rows are transposed whole (J x T, im2col's
+// column order, in scratch) and the tiles' rows of it copied in tap-major order, T values each.
+// ranges: row_ranges(tiles); scratch: J * T elements per thread.
 template <typename scalar_t>
 void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g, const std::vector<Tile>& tiles,
                                       const std::vector<std::pair<size_t, size_t>>& ranges,
                                       const std::vector<int64_t>& offsets, scalar_t* out) {
   const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), taps = g.taps();
-  const int64_t Cg = g.in_per_group;
   at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t r0, int64_t r1) {
     std::vector<scalar_t> scratch;
     for (int64_t ri = r0; ri < r1; ++ri) {
@@ -1524,14 +1560,31 @@ void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g,
           for (size_t ti = ranges[ri].first; ti < ranges[ri].second; ++ti) {
             const Tile& t = tiles[ti];
             scalar_t* dst = out + offsets[ti] + ((gi - t.g0) * K + k) * t.cols() * T;
-            for (int64_t jj = 0; jj < t.cols(); ++jj) {
-              const int64_t j = t.j0 + jj, tap = j / Cg, c = j % Cg;
-              std::copy_n(scratch.data() + (c * taps + tap) * T, T, dst + jj * T);
-            }
+            const int64_t Cb = t.cols() / taps;  // the tile's channels
+            for (int64_t jj = 0; jj < t.cols(); ++jj)
+              std::copy_n(scratch.data() + (t.j0 + jj % Cb * taps + jj / Cb) * T, T, dst + jj * T);
           }
         }
     }
   });
+}
+
+// One tile's K slices of W in tap-major column order, as transpose_weight_tiles_tap_major lays them
+// out, for one run of samples (where the call keeps no permuted copy of W): each group's and kernel's
+// slice (T x Jt, rows J apart) transposed into scratch (Jt x T, the tile's columns in im2col's order),
+// then its rows copied into wt in the tile's tap-major order.
+template <typename scalar_t>
+void transpose_weight_tile_tap_major(const scalar_t* weight, const Geometry& g, const Tile& t, scalar_t* wt,
+                                     scalar_t* scratch) {
+  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), T = t.rows(), Jt = t.cols();
+  const int64_t taps = g.taps(), Cb = Jt / taps;
+  for (int64_t gi = t.g0; gi < t.g1; ++gi)
+    for (int64_t k = 0; k < K; ++k) {
+      transpose_rows(weight + k * k_stride + (gi * g.out_per_group + t.r0) * J + t.j0, T, Jt, J, scratch, T);
+      scalar_t* dst = wt + ((gi - t.g0) * K + k) * Jt * T;
+      for (int64_t tap = 0; tap < taps; ++tap)
+        for (int64_t c = 0; c < Cb; ++c) std::copy_n(scratch + (c * taps + tap) * T, T, dst + (tap * Cb + c) * T);
+    }
 }
 
 // One row jj of Wb^T on a tile from the transposed slices: out[r] = f[r] * sum_k (a[k] m) wt_k[r], r < T
@@ -1772,7 +1825,10 @@ at::Tensor forward_kernel(
   const bool folded_transposed = !split_rows && is_float && transposed;
   // the transposed products over tap-major columns (see "Tap-major columns"); not with im2col-free
   // kernels, whose rows are x itself transposed, nor for the split of rows, which multiplies Wb @ cols
-  const bool tap_major = transposed && !split_rows && !direct && use_tap_major(g, sizeof(scalar_t));
+  const TapMajor tap_major_kind =
+      transposed && !split_rows && !direct ? tap_major_columns(g, sizeof(scalar_t), threads) : TapMajor::kNo;
+  const bool tap_major = tap_major_kind != TapMajor::kNo;
+  const bool tap_major_once = tap_major_kind == TapMajor::kOnce;  // W permuted once per call, else per run
   // the tap-major products skip the padded kernel rows of the first and last output rows (see
   // "Padded rows skipped")
   const std::vector<RowClass> classes = tap_major ? row_classes(g) : std::vector<RowClass>();
@@ -1780,29 +1836,37 @@ at::Tensor forward_kernel(
   const std::vector<Tile> tiles =
       make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
                  folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes,
-                 /*rows_are_columns=*/transposed && !split_rows);
+                 /*rows_are_columns=*/transposed && !split_rows, /*whole_channels=*/tap_major);
+  // tap-major: the channels of a tile cut in J (all of a group's otherwise), whose columns it orders
+  const int64_t block_channels = tap_major ? tiles.front().cols() / g.taps() : 0;
   const int64_t max_tile = max_tile_elems(tiles);
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(acc_type);
-  // tap-major: every tile's K slices of W, permuted and transposed once for all the runs (the products
-  // then take no slices of W itself: wt is always this)
+  // tap-major, once: every tile's K slices of W, permuted and transposed once for all the runs (the
+  // products then take no slices of W itself: wt is always this); per run: each run permutes and
+  // transposes them into its wt_buf
   std::vector<int64_t> tile_offsets(tiles.size() + 1, 0);
   for (size_t ti = 0; ti < tiles.size(); ++ti)
     tile_offsets[ti + 1] = tile_offsets[ti] + K * tiles[ti].groups() * tiles[ti].rows() * tiles[ti].cols();
   at::Tensor weight_tiles_t;
-  if (tap_major) {
+  if (tap_major_once) {
     weight_tiles_t = at::empty({tile_offsets.back()}, opts);
     transpose_weight_tiles_tap_major(weight.const_data_ptr<scalar_t>(), g, tiles, row_ranges(tiles), tile_offsets,
                                      weight_tiles_t.data_ptr<scalar_t>());
   }
-  // the tile's K slices of W transposed: from weight_tiles_t (tap-major), else transposed into wt_buf
-  // (generic: the folded products below are float32 code in every instantiation)
+  // the tile's K slices of W transposed: from weight_tiles_t (tap-major, once), else transposed into
+  // wt_buf (K * max_tile elements; tap-major per run: max_tile more of scratch after them) (generic: the
+  // folded products below are float32 code in every instantiation)
   const auto weight_tile_t = [&](size_t ti, auto* wt_buf) {
     using T = std::remove_pointer_t<decltype(wt_buf)>;
-    if (tap_major) return weight_tiles_t.const_data_ptr<T>() + tile_offsets[ti];
-    transpose_weight_tile(weight.const_data_ptr<T>(), g, tiles[ti], wt_buf);
+    if (tap_major_once) return weight_tiles_t.const_data_ptr<T>() + tile_offsets[ti];
+    if (tap_major)
+      transpose_weight_tile_tap_major(weight.const_data_ptr<T>(), g, tiles[ti], wt_buf, wt_buf + K * max_tile);
+    else
+      transpose_weight_tile(weight.const_data_ptr<T>(), g, tiles[ti], wt_buf);
     return static_cast<const T*>(wt_buf);
   };
+  const int64_t wt_buf_elems = (K + (tap_major ? 1 : 0)) * max_tile;
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
 
@@ -1892,8 +1956,8 @@ at::Tensor forward_kernel(
     const scalar_t* x_b = x.const_data_ptr<scalar_t>() + b * x_stride;
     const acc_t *ch_b = ch.const_data_ptr<acc_t>() + b * g.in_channels, *s_b = s.const_data_ptr<acc_t>() + b * g.taps();
     if (tap_major) {
-      im2row_tap_major(x_b, g, scratch, rows_b, GJ);
-      input_scale_tap_major(ch_b, s_b, g, m_b);
+      im2row_tap_major(x_b, g, block_channels, scratch, rows_b, GJ);
+      input_scale_tap_major(ch_b, s_b, g, block_channels, m_b);
     } else {
       im2row(x_b, g, scratch, rows_b);
       input_scale(ch_b, s_b, g, m_b);
@@ -1980,9 +2044,9 @@ at::Tensor forward_kernel(
           }
         });
         at::parallel_for(0, n_ranges, 1, [&](int64_t r0, int64_t r1) {  // out^T's columns, range by range
-          at::Tensor wt_buf = tap_major ? at::Tensor() : at::empty({K * max_tile}, opts);
+          at::Tensor wt_buf = tap_major_once ? at::Tensor() : at::empty({wt_buf_elems}, opts);
           at::Tensor kern_buf = at::empty({kFoldedSamples * max_tile}, opts);
-          float *wt = tap_major ? nullptr : wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
+          float *wt = tap_major_once ? nullptr : wt_buf.data_ptr<float>(), *kern = kern_buf.data_ptr<float>();
           for (int64_t r = r0; r < r1; ++r) {
             for (size_t ti = ranges[r].first; ti < ranges[r].second; ++ti)
               multiply_tile_folded(ti, s0, n, w_ptr, rows, GJ * P, /*with_wt=*/true, wt, kern, y, ot);
@@ -2013,7 +2077,8 @@ at::Tensor forward_kernel(
       if (!direct) im2row_scratch = at::empty({scratch_elems}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
-      if (step >= kMinSamplesPerWeightTranspose && !tap_major) wt_buf = at::empty({K * max_tile}, opts);
+      if ((step >= kMinSamplesPerWeightTranspose || tap_major) && !tap_major_once)
+        wt_buf = at::empty({wt_buf_elems}, opts);
     }
     // kFoldedSamples samples' A of a tile
     at::Tensor folded_kern = folded || folded_transposed ? at::empty({kFoldedSamples * max_tile}, opts) : at::Tensor();
@@ -2044,7 +2109,7 @@ at::Tensor forward_kernel(
       // the tiles' slices of W transposed (runs of enough samples to pay for transposing them, and every
       // run over tap-major columns), else null
       const bool with_wt = transposed && (tap_major || n >= kMinSamplesPerWeightTranspose);
-      scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major
+      scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major once
       for (size_t ti = 0; ti < tiles.size(); ++ti) {
         const Tile& t = tiles[ti];
         if constexpr (is_float) {
