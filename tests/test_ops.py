@@ -632,12 +632,14 @@ def test_forced_forward_orientation_matches_reference(mode, case, monkeypatch):
 
 
 # Tap-major columns where the rules keep no permuted copy of W (W larger than the output): with runs of at
-# least 5 samples per thread, which transpose W's slices anyway, each tile's slices are permuted as they are
-# transposed ("runs"); with fewer the columns stay in im2col's order.
+# least 5 samples per thread, or with the threads sharing the tiles (fewer samples, ranges of rows that 2
+# threads share evenly: 40 rows in 2), which transpose W's slices anyway, each tile's slices are permuted as
+# they are transposed ("runs"); runs of fewer samples (80 rows in 3 ranges) keep im2col's order.
 @requires_extension
 @pytest.mark.parametrize("case,want", [((12, 150, 40, 6, 3, 4, 1, 1, 1, 1), "runs"),
-                                       ((6, 150, 40, 6, 3, 4, 1, 1, 1, 1), "never")],
-                         ids=["6_per_thread", "3_per_thread"])
+                                       ((6, 150, 40, 6, 3, 4, 1, 1, 1, 1), "runs"),
+                                       ((6, 150, 80, 6, 3, 4, 1, 1, 1, 1), "never")],
+                         ids=["6_per_thread", "3_per_thread_tiles_shared", "3_per_thread"])
 def test_tap_major_columns_per_run(case, want, monkeypatch, num_threads):
     num_threads(2)
     assert_auto_takes(case, "ODCONV_CPU_TAP_MAJOR", (want, None), monkeypatch, values=("runs", "never"))

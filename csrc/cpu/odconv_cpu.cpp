@@ -1254,7 +1254,8 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // on 128->128 7x7 (0.89x both ways on B256 512->512 7x7): the rules stay for the copy.
 // Per run. Where the rules keep no copy, the columns are tap-major all the same when each thread has
 // runs of at least kMinSamplesPerWeightTranspose samples, which transpose every tile's slices of W anyway
-// (transpose_weight_tile): the tiles of a layer cut in J then hold whole channels (make_tiles'
+// (transpose_weight_tile), or when the threads share the tiles (small batches, "Tiles between threads"),
+// which transpose them once per chunk: the tiles of a layer cut in J then hold whole channels (make_tiles'
 // whole_channels), the columns are tap-major within each tile's block of channels (j = its first column
 // + t * Cb + c for its Cb channels; the whole group's J, as above, where the tiles are not cut), and a
 // run permutes each tile's slices as it transposes them (transpose_weight_tile_tap_major), with no copy
@@ -1264,21 +1265,24 @@ void input_scale(const acc_t* ch, const acc_t* s, const Geometry& g, acc_t* m, i
 // results/ab_forward_tap_major_per_run_avx512_cpu.json: forward 0.90 on B128 256->256 6x6, 0.94 on B64
 // 256->256 5x5, 0.95-0.96 on B16, B32 and B256 512->512 7x7, 1.01 on B32 256->512 stride 2 onto 7x7
 // (one padded row of 21 skipped; 0.98 in a 10-round run before); the copy stays where the rules allow
-// it: "runs" read 0.95 on the GTSRB 128->256 6x6 layer against 0.90 for the copy, both against never.)
+// it: "runs" read 0.95 on the GTSRB 128->256 6x6 layer against 0.90 for the copy, both against never.
+// Small batches sharing the tiles, 12 rounds, the table not kept: 0.93 on B8 512->512 7x7 and B8 256->256
+// 6x6, 0.99 on B4 512->512 7x7.)
 // ODCONV_CPU_TAP_MAJOR=auto (default) | always (the copy) | runs | never overrides the choice (tests
 // run each).
 constexpr int64_t kTapMajorMaxWeightBytes = 16 * 1024 * 1024;
 
 enum class TapMajor { kNo, kPerRun, kOnce };
 
-TapMajor tap_major_columns(const Geometry& g, int64_t elem_size, int64_t threads) {
+TapMajor tap_major_columns(const Geometry& g, int64_t elem_size, int64_t share, bool tiles_shared) {
   const std::string mode = path_override("ODCONV_CPU_TAP_MAJOR", {"auto", "always", "runs", "never"});
   if (mode != "auto") return mode == "always" ? TapMajor::kOnce : (mode == "runs" ? TapMajor::kPerRun : TapMajor::kNo);
   const int64_t weight_bytes = g.kernel_num * g.kernel_numel() * elem_size;
   const int64_t out_bytes = g.batch * g.out_channels * g.out_pixels() * elem_size;
   if (weight_bytes <= kTapMajorMaxWeightBytes && weight_bytes <= out_bytes) return TapMajor::kOnce;
-  const int64_t share = (g.batch + threads - 1) / threads;  // a thread's samples: its runs' at most
-  return share >= kMinSamplesPerWeightTranspose ? TapMajor::kPerRun : TapMajor::kNo;
+  // per run where the runs transpose W's slices anyway: runs of at least kMinSamplesPerWeightTranspose
+  // samples (a thread's share of the batch at most), or the threads sharing the tiles
+  return share >= kMinSamplesPerWeightTranspose || tiles_shared ? TapMajor::kPerRun : TapMajor::kNo;
 }
 
 template <typename acc_t>
@@ -1825,18 +1829,29 @@ at::Tensor forward_kernel(
   const bool folded_transposed = !split_rows && is_float && transposed;
   // the transposed products over tap-major columns (see "Tap-major columns"); not with im2col-free
   // kernels, whose rows are x itself transposed, nor for the split of rows, which multiplies Wb @ cols
+  const auto tiles_for = [&](bool whole_channels) {
+    return make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1,
+                      /*for_forward=*/true, folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes,
+                      /*rows_are_columns=*/transposed && !split_rows, whole_channels);
+  };
+  std::vector<Tile> tiles = tiles_for(false);
+  // whether the threads share the tiles' ranges of rows ("Tiles between threads" below; the ranges do
+  // not depend on the tiles' cuts in J)
+  const int64_t share = (g.batch + threads - 1) / threads;  // a thread's samples
+  const int64_t n_ranges = static_cast<int64_t>(row_ranges(tiles).size());
+  const bool even_ranges = n_ranges % threads == 0 || n_ranges >= 4 * threads;
+  const bool tiles_shared = folded_transposed && threads > 1 && split_mode != "samples" &&
+                            (split_mode == "tiles" || (share < kMinSamplesPerWeightTranspose && even_ranges));
   const TapMajor tap_major_kind =
-      transposed && !split_rows && !direct ? tap_major_columns(g, sizeof(scalar_t), threads) : TapMajor::kNo;
+      transposed && !split_rows && !direct ? tap_major_columns(g, sizeof(scalar_t), share, tiles_shared)
+                                           : TapMajor::kNo;
   const bool tap_major = tap_major_kind != TapMajor::kNo;
   const bool tap_major_once = tap_major_kind == TapMajor::kOnce;  // W permuted once per call, else per run
+  if (tap_major) tiles = tiles_for(/*whole_channels=*/true);
   // the tap-major products skip the padded kernel rows of the first and last output rows (see
   // "Padded rows skipped")
   const std::vector<RowClass> classes = tap_major ? row_classes(g) : std::vector<RowClass>();
   const bool skip_rows = tap_major && classes.size() > 1 && skip_rows_mode == "auto";
-  const std::vector<Tile> tiles =
-      make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1, /*for_forward=*/true,
-                 folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes,
-                 /*rows_are_columns=*/transposed && !split_rows, /*whole_channels=*/tap_major);
   // tap-major: the channels of a tile cut in J (all of a group's otherwise), whose columns it orders
   const int64_t block_channels = tap_major ? tiles.front().cols() / g.taps() : 0;
   const int64_t max_tile = max_tile_elems(tiles);
@@ -1903,7 +1918,6 @@ at::Tensor forward_kernel(
       input_scale(ch.const_data_ptr<acc_t>() + b * Cin, s.const_data_ptr<acc_t>() + b * taps, g,
                   m_buf.data_ptr<acc_t>() + b * GJ);
     const std::vector<std::pair<size_t, size_t>> ranges = row_ranges(tiles);
-    const int64_t n_ranges = ranges.size();
     at::parallel_for(0, B * n_ranges, 1, [&](int64_t u0, int64_t u1) {
       at::Tensor kern_buf = at::empty({max_tile}, opts);
       at::Tensor scratch_buf = at::empty({J}, acc_opts);
@@ -2024,11 +2038,8 @@ at::Tensor forward_kernel(
   // thread count, in chunks of up to threads x per_run samples; tests run both).
   if constexpr (is_float) {
     const std::vector<std::pair<size_t, size_t>> ranges = row_ranges(tiles);
-    const int64_t n_ranges = ranges.size(), most = threads * per_run;
-    const int64_t chunk = even_step(g.batch, most), share = (g.batch + threads - 1) / threads;
-    const bool even_ranges = n_ranges % threads == 0 || n_ranges >= 4 * threads;
-    if (folded_transposed && threads > 1 && split_mode != "samples" &&
-        (split_mode == "tiles" || (share < kMinSamplesPerWeightTranspose && even_ranges))) {
+    const int64_t chunk = even_step(g.batch, threads * per_run);
+    if (tiles_shared) {
       at::Tensor rows_buf = at::empty({chunk * GJ * P}, opts), m_buf = at::empty({chunk * GJ}, acc_opts);
       at::Tensor out_t = at::empty({chunk * P * Cout}, opts);
       float *rows = rows_buf.data_ptr<float>(), *m = m_buf.data_ptr<float>(), *ot = out_t.data_ptr<float>();
