@@ -1538,45 +1538,12 @@ void transpose_weight_tile(const scalar_t* weight, const Geometry& g, const Tile
     }
 }
 
-// Every tile's K slices of W in tap-major column order (see "Tap-major columns"), transposed as
-// transpose_weight_tile lays them out, tile ti's at out + offsets[ti]: wt[((gi - t.g0) * K + k) * Jt * T
-// + jj * T + r] = W_k[gi * Cout/G + t.r0 + r, t.j0 + c * taps + tap] for the tile's tap-major column
-// jj = tap * Cb + c, Cb = Jt / taps its channels (a tile holds whole channels). Built once per call,
-// for all the threads' runs, where the transposed forward had copied W to tap-major order and then
-// transposed each tile's slices in every run of samples: per range of tile rows (its tiles share
-// rows, consecutive in `tiles`), each group's and kernel's rows are transposed whole (J x T, im2col's
-// column order, in scratch) and the tiles' rows of it copied in tap-major order, T values each.
-// ranges: row_ranges(tiles); scratch: J * T elements per thread.
-template <typename scalar_t>
-void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g, const std::vector<Tile>& tiles,
-                                      const std::vector<std::pair<size_t, size_t>>& ranges,
-                                      const std::vector<int64_t>& offsets, scalar_t* out) {
-  const int64_t J = g.cols_per_group(), K = g.kernel_num, k_stride = g.kernel_numel(), taps = g.taps();
-  at::parallel_for(0, static_cast<int64_t>(ranges.size()), 1, [&](int64_t r0, int64_t r1) {
-    std::vector<scalar_t> scratch;
-    for (int64_t ri = r0; ri < r1; ++ri) {
-      const Tile& first = tiles[ranges[ri].first];
-      const int64_t T = first.rows();
-      if (static_cast<int64_t>(scratch.size()) < J * T) scratch.resize(J * T);
-      for (int64_t gi = first.g0; gi < first.g1; ++gi)
-        for (int64_t k = 0; k < K; ++k) {
-          transpose_rows(weight + k * k_stride + (gi * g.out_per_group + first.r0) * J, T, J, J, scratch.data(), T);
-          for (size_t ti = ranges[ri].first; ti < ranges[ri].second; ++ti) {
-            const Tile& t = tiles[ti];
-            scalar_t* dst = out + offsets[ti] + ((gi - t.g0) * K + k) * t.cols() * T;
-            const int64_t Cb = t.cols() / taps;  // the tile's channels
-            for (int64_t jj = 0; jj < t.cols(); ++jj)
-              std::copy_n(scratch.data() + (t.j0 + jj % Cb * taps + jj / Cb) * T, T, dst + jj * T);
-          }
-        }
-    }
-  });
-}
-
-// One tile's K slices of W in tap-major column order, as transpose_weight_tiles_tap_major lays them
-// out, for one run of samples (where the call keeps no permuted copy of W): each group's and kernel's
-// slice (T x Jt, rows J apart) transposed into scratch (Jt x T, the tile's columns in im2col's order),
-// then its rows copied into wt in the tile's tap-major order.
+// One tile's K slices of W in tap-major column order (see "Tap-major columns"), transposed as
+// transpose_weight_tile lays them out: wt[((gi - t.g0) * K + k) * Jt * T + jj * T + r] = W_k[gi * Cout/G +
+// t.r0 + r, t.j0 + c * taps + tap] for the tile's tap-major column jj = tap * Cb + c, Cb = Jt / taps its
+// channels (a tile holds whole channels): each group's and kernel's slice (T x Jt, rows J apart)
+// transposed into scratch (Jt x T, the tile's columns in im2col's order), then its rows copied into wt
+// in the tile's tap-major order, T values each.
 template <typename scalar_t>
 void transpose_weight_tile_tap_major(const scalar_t* weight, const Geometry& g, const Tile& t, scalar_t* wt,
                                      scalar_t* scratch) {
@@ -1589,6 +1556,23 @@ void transpose_weight_tile_tap_major(const scalar_t* weight, const Geometry& g, 
       for (int64_t tap = 0; tap < taps; ++tap)
         for (int64_t c = 0; c < Cb; ++c) std::copy_n(scratch + (c * taps + tap) * T, T, dst + (tap * Cb + c) * T);
     }
+}
+
+// Every tile's slices as transpose_weight_tile_tap_major lays them out, tile ti's at out + offsets[ti]:
+// built once per call, for all the threads' runs, where the call keeps a permuted copy of W (else each
+// run builds its tiles' slices itself). The transposed forward had copied W to tap-major order and then
+// transposed each tile's slices in every run of samples.
+template <typename scalar_t>
+void transpose_weight_tiles_tap_major(const scalar_t* weight, const Geometry& g, const std::vector<Tile>& tiles,
+                                      const std::vector<int64_t>& offsets, scalar_t* out) {
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> scratch;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const Tile& t = tiles[ti];
+      scratch.resize(std::max<size_t>(scratch.size(), t.rows() * t.cols()));
+      transpose_weight_tile_tap_major(weight, g, t, out + offsets[ti], scratch.data());
+    }
+  });
 }
 
 // One row jj of Wb^T on a tile from the transposed slices: out[r] = f[r] * sum_k (a[k] m) wt_k[r], r < T
@@ -1866,7 +1850,7 @@ at::Tensor forward_kernel(
   at::Tensor weight_tiles_t;
   if (tap_major_once) {
     weight_tiles_t = at::empty({tile_offsets.back()}, opts);
-    transpose_weight_tiles_tap_major(weight.const_data_ptr<scalar_t>(), g, tiles, row_ranges(tiles), tile_offsets,
+    transpose_weight_tiles_tap_major(weight.const_data_ptr<scalar_t>(), g, tiles, tile_offsets,
                                      weight_tiles_t.data_ptr<scalar_t>());
   }
   // the tile's K slices of W transposed: from weight_tiles_t (tap-major, once), else transposed into
