@@ -267,6 +267,8 @@ inline int64_t vector_step(int64_t n, int64_t most) {
   const int64_t step = even_step(n, most);
   return step >= kMinVectorStep ? round_up_16(step, n) : step;
 }
+// Whole channels of `taps` columns each whose columns make a multiple of 16 (a vector, a brgemm block).
+inline int64_t channels_per_16_columns(int64_t taps) { return 16 / std::gcd<int64_t>(taps, 16); }
 
 // The budget of a folded tile's K slices of W (see kFoldedPassBytes): per column of a tile cut in J
 // (kMinTileRows rows), a pass holds K * rows values of W, kFoldedSamples * rows of A and
@@ -323,7 +325,7 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
     if (rows_are_columns) row_step = round_up_16(row_step, g.out_channels);
     int64_t col_step = vector_step(J, cols);
     if (whole_channels && col_step < J) {  // a multiple of taps columns, of 16 where it can
-      const int64_t taps = g.taps(), align = 16 / std::gcd<int64_t>(taps, 16);
+      const int64_t taps = g.taps(), align = channels_per_16_columns(taps);
       int64_t channels = even_step(g.in_channels, std::max<int64_t>(1, cols / taps));
       if (channels >= align) channels = std::min(g.in_channels, (channels + align - 1) / align * align);
       col_step = channels * taps;
@@ -2748,7 +2750,7 @@ std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int
   const int64_t rows = std::min(kMinTileRows, Cog);
   const int64_t most_columns =
       std::max<int64_t>(1, std::min(kTileBytes / (K * rows * elem_size), kBlockBytes / (2 * K * Cog * elem_size)));
-  const int64_t align = 16 / std::gcd<int64_t>(taps, 16);  // channels per 16-column multiple
+  const int64_t align = channels_per_16_columns(taps);
   const int64_t row_step = even_step(Cog, rows);
   std::vector<ColumnBlock> out;
   for (int64_t s0 = c_begin; s0 < c_end;) {  // the part's channels of one group: [s0, s1)
