@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--amp", default=AMP, choices=["none", "bf16"])
     p.add_argument("--limit", type=int, default=0, help="use about N training images, every k-th (smoke runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--release-memory", action="store_true",
+                   help="leave glibc's default of returning freed memory to the system; by default it is kept "
+                        "for the next step (odconv.keep_freed_memory: CPU steps 10-30%% faster, ~10%% more memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", default="", help="continue from this last.pt")
     p.add_argument("--evaluate", default="", metavar="CKPT", help="only evaluate this checkpoint on --split")
@@ -350,6 +353,8 @@ def main(argv=None):
         return export_checkpoint(*args.export)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.release_memory:
+        odconv.keep_freed_memory()  # each step reuses the last one's freed memory: no fresh pages to fault in
     if args.download:  # the split this run reads; torchvision skips what is already there
         import torchvision
         torchvision.datasets.GTSRB(args.data, split="test" if args.evaluate and args.split == "test" else "train",

@@ -7,7 +7,9 @@ For each layer shape it
      eager backends are also checked in that dtype against float64. A mismatch stops the run (exit 1);
   2. times forward under torch.no_grad() ("fwd") and forward + backward of all six inputs ("fwdbwd"), with
      torch.utils.benchmark's blocked_autorange after a warm-up, in --rounds rounds interleaved across
-     backends (a burst of load from elsewhere then hits all of them), merged: median over all blocks;
+     backends (a burst of load from elsewhere then hits all of them), merged: median over all blocks; the
+     process first makes glibc keep freed memory (odconv.keep_freed_memory(), as train.py does), so that no
+     backend's time includes taking its large buffers as fresh pages on every call (--release-memory: not);
   3. measures the peak memory of one training step, forward + backward ("mem").
 and prints markdown tables, then writes everything (machine, command line, per-shape results) to JSON.
 
@@ -468,6 +470,9 @@ def parse_args(argv=None):
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated subset of " + ",".join(BACKENDS))
     parser.add_argument("--no-compile", action="store_true", help="skip compiled_reference")
+    parser.add_argument("--release-memory", action="store_true",
+                        help="time under glibc's default, which returns freed memory to the system (large buffers "
+                             "then come back as fresh pages on every call); by default it is kept, as train.py does")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help=f"seconds per blocked_autorange measurement "
                              f"(default {DEFAULT_MIN_RUN_TIME}, quick {QUICK_MIN_RUN_TIME})")
@@ -589,6 +594,9 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     torch.set_num_threads(args.threads)
+    # as train.py: glibc keeps freed memory for the next call, so no backend's time includes taking its large
+    # buffers as fresh pages again on every call (the static convolution's were up to half of its time)
+    kept_freed_memory = False if args.release_memory else odconv.keep_freed_memory()
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # the best cuDNN algorithm for every conv, static and reference
         # cuDNN convs default to TF32 (10-bit mantissa): the reference and the static conv would then be timed
@@ -615,7 +623,7 @@ def main(argv=None):
         "machine": machine_info(device),
         "backend_info": odconv.backend_info(),
         "config": {"validation_batch": VALIDATION_BATCH, "rtol": {str(k): v for k, v in RTOL.items()},
-                   "targets": TARGETS,
+                   "targets": TARGETS, "keep_freed_memory": kept_freed_memory,
                    "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
                    if device == "cuda" else None,
                    "memory_method": "torch.cuda.max_memory_allocated() over one step, minus allocated before"

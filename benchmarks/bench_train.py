@@ -13,6 +13,10 @@ fastest round (its median step in that round). On a shared machine one process c
 than the next for reasons of its own; alternating and keeping the best round compares the
 configurations, not the machine's moments. Prints a markdown table and writes JSON (default
 benchmarks/results/bench_train_<device>.json).
+
+Like train.py, each worker first calls odconv.keep_freed_memory() (glibc keeps freed memory for the
+next step instead of unmapping it; see odconv/allocator.py); --release-memory leaves glibc's default,
+under which every step takes its large tensors as fresh pages.
 """
 import argparse
 import json
@@ -41,6 +45,8 @@ def worker(args):
     import odconv
     from odconv.models import build_model
 
+    # as train.py: freed memory stays in the process for the next step (odconv.allocator)
+    kept = False if args.release_memory else odconv.keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build_model({"conv": args.conv}).to(device).train()
@@ -68,7 +74,7 @@ def worker(args):
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     print(json.dumps({"conv": args.conv, "backend": odconv.backend_info()[device.type]["backend"], "amp": args.amp,
-                      "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
+                      "keep_freed_memory": kept, "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
                       "step_ms_all": [1e3 * t for t in times]}))
 
 
@@ -82,6 +88,8 @@ def main():
     p.add_argument("--rounds", type=int, default=None,
                    help=f"alternations of the configurations, the best kept (default {ROUNDS}; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="batch 16, 2 steps, 1 round: a smoke run")
+    p.add_argument("--release-memory", action="store_true",
+                   help="glibc's default: freed memory goes back to the system (train.py keeps it, as without this)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--conv", default="odconv", help=argparse.SUPPRESS)
@@ -100,6 +108,8 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--conv", conv, "--backend", backend,
                    "--amp", amp, "--device", args.device, "--batch-size", str(args.batch_size),
                    "--image-size", str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            if args.release_memory:
+                cmd.append("--release-memory")
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{conv}/{backend}/autocast {amp} failed:\n{out.stderr[-2000:]}")

@@ -6,6 +6,7 @@ the perf profile by library (benchmarks/perf_shares.py), the training-step bench
 plumbing without a GPU."""
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 HAS_CPU_EXTENSION = odconv.backend_info()["cpu"]["backend"] == "extension"
 TIMED = ["extension", "reference", "static"] if HAS_CPU_EXTENSION else ["reference", "static"]
+GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"  # odconv.keep_freed_memory applies
 
 sys.path.insert(0, BENCHMARKS)
 import bench_op  # noqa: E402
@@ -44,6 +46,8 @@ def test_quick_run_reports_machine_and_command(quick_run):
     for key in ("torch", "device_name", "torch_threads", "date", "cpu_model"):
         assert report["machine"][key], key
     assert report["backend_info"]["cpu"]["backend"] in ("extension", "reference")
+    # timed as train.py trains: glibc keeps freed memory (odconv.keep_freed_memory) where it can
+    assert report["config"]["keep_freed_memory"] is GLIBC_LINUX
     assert report["shapes"], "no shapes were benchmarked"
     assert "| shape |" in stdout and "worst fwdbwd" in stdout
 
@@ -111,7 +115,8 @@ def test_mismatch_stops_the_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_op, "make_forward", static_without_padding)
     path = tmp_path / "bench.json"
     status = bench_op.main(["--device", "cpu", "--shapes", "2,4,4,6,3,2,1,1", "--no-compile", "--backends",
-                            "reference,static", "--threads", str(torch.get_num_threads()), "--json", str(path)])
+                            "reference,static", "--threads", str(torch.get_num_threads()), "--json", str(path),
+                            "--release-memory"])  # in this process: leave its allocator as it is
     assert status == 1
     assert "VALIDATION FAILED" in capsys.readouterr().err
     with open(path) as f:
@@ -306,6 +311,7 @@ def test_train_benchmark_smoke_run(tmp_path):
         ("odconv", "none"), ("odconv", "none"), ("static", "none"), ("odconv", "bf16"), ("static", "bf16")]
     assert report["rounds"] == 2
     for r in results:
+        assert r["keep_freed_memory"] is GLIBC_LINUX  # as train.py
         assert len(r["round_step_ms"]) == 2 and r["step_ms"] == min(r["round_step_ms"])  # the fastest round
         assert r["images_per_s"] == pytest.approx(report["batch_size"] * 1e3 / r["step_ms"])
         assert f"| {r['amp']} | {r['step_ms']:.1f} |" in proc.stdout
