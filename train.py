@@ -371,7 +371,7 @@ def main(argv=None):
             raise SystemExit(f"error: {error}")
         saved = resume["args"]
         # a resumed run continues with the settings it was started with (except where to stop)
-        keep = {k: getattr(args, k) for k in ("resume", "epochs", "no_progress", "threads", "device")}
+        keep = {k: getattr(args, k) for k in ("resume", "epochs", "no_progress", "threads", "device", "release_memory")}
         for key, value in saved.items():
             setattr(args, key, value)
         for key, value in keep.items():

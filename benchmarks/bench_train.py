@@ -26,6 +26,11 @@ import subprocess
 import sys
 import time
 
+try:
+    import resource  # Unix
+except ImportError:
+    resource = None
+
 BATCH_SIZE = 128
 IMAGE_SIZE = 48
 STEPS = 12
@@ -73,8 +78,12 @@ def worker(args):
         step()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    # the process's peak resident set (Linux and BSD report KiB, macOS bytes): what keeping freed memory costs
+    peak_rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+                if resource is not None else None)
     print(json.dumps({"conv": args.conv, "backend": odconv.backend_info()[device.type]["backend"], "amp": args.amp,
-                      "keep_freed_memory": kept, "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
+                      "keep_freed_memory": kept, "peak_rss_mib": peak_rss,
+                      "step_ms": 1e3 * median, "images_per_s": args.batch_size / median,
                       "step_ms_all": [1e3 * t for t in times]}))
 
 
@@ -124,11 +133,12 @@ def main():
     ext, ref = by.get(("odconv", "extension", "none")), by.get(("odconv", "reference", "none"))
     print(f"GTSRB network training step, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.device}, "
           f"fastest of {args.rounds} rounds")
-    print("| network | odconv backend | autocast | step (ms) | images/s |")
-    print("|---|---|---|---:|---:|")
+    print("| network | odconv backend | autocast | step (ms) | images/s | peak RSS (MiB) |")
+    print("|---|---|---|---:|---:|---:|")
     for r in results:
         backend = r["backend"] if r["conv"] == "odconv" else "-"
-        print(f"| {r['conv']} | {backend} | {r['amp']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |")
+        rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        print(f"| {r['conv']} | {backend} | {r['amp']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {rss} |")
     speedup = None
     if ext and ref and ext["backend"] == "extension":
         speedup = ext["images_per_s"] / ref["images_per_s"]

@@ -8,10 +8,10 @@ zeroes it. ``keep_freed_memory()`` turns that off, as allocators like jemalloc a
 M_MMAP_MAX = 0 (every block from malloc's heaps) and M_TRIM_THRESHOLD = 2 GiB (freed memory stays in
 the process unless more than that lies free at the top of a heap).
 
-On this project's CPU machine (2 cores, torch 2.14.1) it cut the GTSRB network's training step from
-0.88-0.95 s to 0.61-0.62 s for the static twin and from 0.92-0.93 s to 0.78-0.86 s for ODConv, and the
-static convolution of the 48x48 layer (fwd + bwd) from 207 to 106 ms; the process's peak resident memory
-grew by ~10 % (``benchmarks/bench_train.py`` compares both settings: ``--release-memory``).
+On this project's CPU machine (2 cores, torch 2.14.1) the GTSRB network's training step went from
+135-151 to 181-182 images/s with ODConv layers and from 151-155 to 230-240 with plain ones, and the
+process's peak resident memory grew by 8 % and 26 % (``python benchmarks/bench_train.py`` with and
+without ``--release-memory``, two runs each; benchmarks/RESULTS.md).
 
 The setting is process-wide and is inherited by forked children (DataLoader workers). Call it once,
 before the large tensors exist.
