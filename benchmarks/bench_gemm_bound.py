@@ -25,6 +25,10 @@ a bound for a hand-written micro-kernel that fuses the aggregation into the prod
 below the target proves nothing either way: the aggregation and the other per-sample passes come on
 top.
 
+The process makes glibc keep freed memory first (odconv.keep_freed_memory(), as train.py and bench_op.py
+do), so the static convolution is not timed taking its large buffers as fresh pages on every call
+(--release-memory: glibc's default, as the runs before 2026-12-07 14:10 UTC).
+
 Examples
   python benchmarks/bench_gemm_bound.py                                  # default and extra suites
   python benchmarks/bench_gemm_bound.py --shapes "64,512,512,4,3,4,1,1"
@@ -40,7 +44,10 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # odconv, if not installed
 from common import machine_info, parse_shapes  # noqa: E402
+
+import odconv  # noqa: E402
 
 SHAPES = "default,extra"
 MIN_RUN_TIME = 0.3
@@ -200,8 +207,13 @@ def main(argv=None):
     p.add_argument("--primitives", default=PRIMITIVES, help="comma-separated, of bmm and brgemm")
     p.add_argument("--min-run-time", type=float, default=MIN_RUN_TIME)
     p.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds; the fastest is kept")
+    p.add_argument("--release-memory", action="store_true",
+                   help="glibc's default: freed memory goes back to the system, and the static convolution's large "
+                        "buffers come back as fresh pages on every call; by default it is kept, as train.py does")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
+    if not args.release_memory:
+        odconv.keep_freed_memory()
     primitives = [name for name in args.primitives.split(",") if name]
     unknown = sorted(set(primitives) - {"bmm", "brgemm"})
     if unknown or not primitives:

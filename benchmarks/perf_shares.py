@@ -12,6 +12,10 @@ are of the CPU time of all threads. The static convolution of the same layer is 
 JIT share of the op's time per call: the time the products took when the threads were busy
 throughout, to compare with the static layer's.
 
+The workers make glibc keep freed memory (odconv.keep_freed_memory(), as train.py and bench_op.py do);
+with --release-memory, glibc's default, the page faults of large buffers taken afresh on every call show
+as the kernel's share.
+
 Needs `perf` and permission to record a process you own (kernel.perf_event_paranoid <= 2).
 
 Examples
@@ -46,6 +50,8 @@ sys.path.insert(0, sys.argv[1])
 import torch, odconv
 from common import LayerShape, layer_calls
 mode, calls = sys.argv[3], int(sys.argv[4])
+if sys.argv[5] == "keep":
+    odconv.keep_freed_memory()  # as train.py and bench_op.py
 if not mode.startswith("static"):
     assert odconv.backend_info()["cpu"]["backend"] == "extension", odconv.backend_info()["cpu"]
 op = layer_calls(LayerShape(**json.loads(sys.argv[2])))[mode]
@@ -93,11 +99,12 @@ def parse_report(text):
     return shares
 
 
-def profile(shape, mode, calls, folder):
+def profile(shape, mode, calls, folder, keep_freed_memory=True):
     """(median ms per call, threads, shares by group) of `calls` calls of the op, recorded by perf."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([folder, os.path.dirname(os.path.abspath(__file__))]))
     worker = subprocess.Popen([sys.executable, "-c", WORKER, os.path.dirname(os.path.abspath(__file__)),
-                               json.dumps(dataclasses.asdict(shape)), mode, str(calls)],
+                               json.dumps(dataclasses.asdict(shape)), mode, str(calls),
+                               "keep" if keep_freed_memory else "release"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if worker.stdout.readline().strip() != "ready":
         worker.kill()
@@ -138,6 +145,9 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=CALLS)
     p.add_argument("--folder", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    help="checkout whose built extension to profile (default: this one)")
+    p.add_argument("--release-memory", action="store_true",
+                   help="glibc's default: freed memory goes back to the system (page faults show as kernel %%); "
+                        "by default the workers keep it, as train.py does")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -151,8 +161,9 @@ def main(argv=None):
     print("|---|---|---:|---:|" + "---:|" * (len(GROUPS) + 1))
     for shape in parse_shapes(args.shapes):
         for mode in modes:
-            static_ms = profile(shape, "static_" + mode, args.calls, args.folder)[0]
-            ms, threads, shares = profile(shape, mode, args.calls, args.folder)
+            keep = not args.release_memory
+            static_ms = profile(shape, "static_" + mode, args.calls, args.folder, keep)[0]
+            ms, threads, shares = profile(shape, mode, args.calls, args.folder, keep)
             jit_ms = ms * shares["jit"] / 100
             rows.append({"name": shape.name, "mode": mode, "ms": ms, "static_ms": static_ms, "threads": threads,
                          "shares_percent": shares, "jit_ms": jit_ms})
@@ -161,7 +172,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-                       "machine": machine_info("cpu"), "calls": args.calls, "results": rows}, fh, indent=1)
+                       "machine": machine_info("cpu"), "calls": args.calls,
+                       "keep_freed_memory": not args.release_memory, "results": rows}, fh, indent=1)
         print(f"\nwrote {args.json}")
     return rows
 

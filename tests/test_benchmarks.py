@@ -161,7 +161,8 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         bench_gemm_bound.main(["--shapes", "2,8,12,6,3,4,1,1;2,8,8,5,3,2,2,4", "--min-run-time", "0.01",
-                               "--rounds", "1", "--json", str(path)])
+                               "--rounds", "1", "--json", str(path),
+                               "--release-memory"])  # in this process: leave its allocator as it is
     finally:
         torch.set_num_threads(threads)  # the script runs on one thread
     table = capsys.readouterr().out
@@ -270,7 +271,8 @@ def test_perf_shares_smoke_run(tmp_path, capsys):
     path = tmp_path / "shares.json"
     rows = perf_shares.main(["--shapes", "32,64,64,8,3,4,1,1", "--calls", "30", "--json", str(path)])
     table = capsys.readouterr().out
-    assert json.loads(path.read_text())["results"] == rows
+    report = json.loads(path.read_text())
+    assert report["results"] == rows and report["keep_freed_memory"] is True  # the workers keep it by default
     assert [r["mode"] for r in rows] == ["fwd", "bwd"]
     for row in rows:
         shares = row["shares_percent"]
