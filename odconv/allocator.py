@@ -35,7 +35,7 @@ def _glibc():
         libc.gnu_get_libc_version  # only glibc has it (musl, for one, has no mallopt parameters like these)
     except (OSError, AttributeError):
         return None
-    return libc if hasattr(libc, "mallopt") else None
+    return libc
 
 
 def keep_freed_memory():

@@ -1,5 +1,6 @@
 """Shared test helpers: a slow, independent oracle of the odconv2d function and random inputs."""
 import os
+import platform
 import sys
 
 import pytest
@@ -11,6 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import odconv  # noqa: E402
 
 HAS_CPU_EXTENSION = odconv.backend_info()["cpu"]["backend"] == "extension"
+# where odconv.keep_freed_memory applies (glibc's mallopt on Linux)
+GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 requires_extension = pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="odconv CPU extension not built")
 
 

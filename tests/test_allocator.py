@@ -2,14 +2,14 @@
 unmap it), where by default it goes back to the system. Each case runs in a fresh interpreter: the
 setting is process-wide."""
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
+from conftest import GLIBC_LINUX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # Resident memory (MiB) before a 64 MiB tensor is written, while it lives, and after it is freed.
 PROBE = """

@@ -6,7 +6,6 @@ the perf profile by library (benchmarks/perf_shares.py), the training-step bench
 plumbing without a GPU."""
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -20,11 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 HAS_CPU_EXTENSION = odconv.backend_info()["cpu"]["backend"] == "extension"
 TIMED = ["extension", "reference", "static"] if HAS_CPU_EXTENSION else ["reference", "static"]
-GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"  # odconv.keep_freed_memory applies
 
 sys.path.insert(0, BENCHMARKS)
 import bench_op  # noqa: E402
 from common import LayerShape, parse_shapes  # noqa: E402
+from conftest import GLIBC_LINUX  # noqa: E402
 
 
 @pytest.fixture(scope="module")
