@@ -750,7 +750,8 @@ TRANSPOSED_GRAD_X = [
 FOLDED_BACKWARD = [
     (5, 40, 32, 4, 3, 4, 1, 1, 1, 1),      # P = 16: a pass of 4 samples, then 1
     (6, 24, 72, 6, 3, 3, 1, 1, 1, 1),      # P = 36, the largest folded map; passes of 4 + 2
-    (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: the reduction for any K; passes of 4 + 3
+    (7, 20, 16, 2, 3, 8, 1, 1, 1, 1),      # P = 4, K = 8: kernels in two chunks of 4; passes of 4 + 3 samples
+    (6, 24, 40, 4, 3, 6, 1, 1, 1, 1),      # K = 6: kernels in chunks of 4 + 2; passes of 4 + 2 samples
     (40, 16, 40, 4, 3, 2, 1, 1, 1, 1),     # two chunks of 20, Q' and A of 8 + 8 + 4 at a time: all add into grad_W
     (3, 30, 18, 5, 3, 1, 2, 1, 1, 1),      # stride 2 (P = 9), K = 1
     # 33-34 channels per part: float64 blocks of 32 + 1-2; chunks of 12 (8 + 4) in float32, of 6 in float64
@@ -775,6 +776,7 @@ BLOCK_CASES = [
     (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps (folded on AVX-512): 32 + 1-2
     (2, 3300, 8, 2, 1, 8, 1, 0, 1, 1),     # 1x1 without im2col: parts of 1100 channels in blocks of 560 + 540
     (40, 100, 40, 6, 3, 8, 1, 1, 1, 1),    # folded (P = 36): 32 + 1-2, two chunks per block
+    (3, 40, 24, 9, 3, 7, 1, 1, 1, 1),      # not folded (P = 81 > Cout/2), K = 7: the reduction's kernels in 4 + 3
 ]
 
 
@@ -796,10 +798,11 @@ def test_transposed_grad_x_of_1x1_kernels_gradcheck(monkeypatch, num_threads):
 
 
 @requires_extension
-def test_folded_backward_gradcheck(monkeypatch, num_threads):
+@pytest.mark.parametrize("kernel_num", [3, 6])  # K = 6: the reduction's kernels in chunks of 4 + 2
+def test_folded_backward_gradcheck(kernel_num, monkeypatch, num_threads):
     monkeypatch.setenv("ODCONV_CPU_BACKWARD_SPLIT", "columns")
     num_threads(2)
-    inputs = make_inputs(5, 8, 8, 2, 3, 3, 1)  # P = 4, Cout = 8: folded; passes of 4 + 1 samples
+    inputs = make_inputs(5, 8, 8, 2, 3, kernel_num, 1)  # P = 4, Cout = 8: folded; passes of 4 + 1 samples
     assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (1, 1), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
 
 
@@ -824,10 +827,10 @@ def test_folded_backward_with_vanishing_input_scale(dtype, kernel, monkeypatch, 
     assert torch.isfinite(grad_channel).all() and (grad_channel[:, :2] != 0).all()
 
 
-# On AVX-512 the folded backward's float32 reduction pass adds grad_W too (ODCONV_CPU_FOLDED_GRAD_W=auto, K <= 4);
-# elsewhere the (K x samples) @ (samples x columns) products after the pass do. Both ways against the reference
-# (on other CPUs both are the products), then the choice on 64 and 512 rows; 24 samples: sub-chunks of 8, passes
-# of 4, so the two orders of grad_W's sums differ in their roundings.
+# On AVX-512 the folded backward's float32 reduction pass adds grad_W too (ODCONV_CPU_FOLDED_GRAD_W=auto; K > 4 in
+# chunks of 4); elsewhere the (K x samples) @ (samples x columns) products after the pass do. Both ways against the
+# reference (on other CPUs both are the products), then the choice on 64 and 512 rows; 24 samples: sub-chunks of 8,
+# passes of 4, so the two orders of grad_W's sums differ in their roundings.
 @requires_extension
 @pytest.mark.parametrize("grad_w", ["reduction", "products"])
 @pytest.mark.parametrize("case", FOLDED_BACKWARD, ids=case_id)

@@ -1394,20 +1394,57 @@ inline void aggregate_row(const scalar_t* __restrict__ w, int64_t k_stride, cons
   }
 }
 
-// sum[j] = sum_k a[k] * w[k*k_stride + j] for any K, in K passes (A of one row, for the K without an
-// unrolled loop).
+// sum[j] (+)= sum_{k < KC} a[k] * w[k*k_stride + j] (kFirst: =), one pass over KC rows of W.
+template <int KC, bool kFirst, typename w_t, typename acc_t>
+inline void add_kernel_rows(const w_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t J,
+                            acc_t* __restrict__ sum) {
+  acc_t ak[KC];
+  for (int k = 0; k < KC; ++k) ak[k] = a[k];
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) {
+    acc_t s = kFirst ? acc_t(0) : sum[j];
+    for (int k = 0; k < KC; ++k) s += ak[k] * static_cast<acc_t>(w[k * k_stride + j]);
+    sum[j] = s;
+  }
+}
+
+// Kernels per pass of the loops for any K (sum_kernel_rows, reduce_row_any_k, the folded reduction):
+// as many as the unrolled loops of K <= 4 keep in registers. (Against one pass per kernel, which read
+// and wrote the row's sums, or G, K times: benchmarks/ab_builds.py, 2 threads, 4 rounds,
+// results/ab_kernel_chunks_avx512_cpu.json: backward 0.81-0.82 on B64 256->256 8x8 with K = 8, 4x4
+// with K = 6 and B128 128->256 6x6 with K = 5 (folded), 0.79 on B128 128->128 12x12 with K = 8,
+// 0.95 on B64 128->128 16x16 with K = 8, 0.88 on B32 128->128 16x16 with K = 16; forward 0.72 there,
+// 0.87 and 0.95 on the 4x4 and 6x6 layers; K <= 4, whose loops did not change, 0.95-1.05.)
+constexpr int64_t kKernelsPerPass = 4;
+
+// Runs body(std::integral_constant<int, KC>{}, k0) for the chunks [k0, k0 + KC) of K kernels, KC =
+// kKernelsPerPass but for a shorter last chunk.
+template <typename Body>
+inline void for_kernel_chunks(int64_t K, Body&& body) {
+  static_assert(kKernelsPerPass == 4, "one case per chunk width");
+  for (int64_t k0 = 0; k0 < K; k0 += kKernelsPerPass) {
+    switch (std::min<int64_t>(kKernelsPerPass, K - k0)) {
+      case 1: body(std::integral_constant<int, 1>{}, k0); break;
+      case 2: body(std::integral_constant<int, 2>{}, k0); break;
+      case 3: body(std::integral_constant<int, 3>{}, k0); break;
+      default: body(std::integral_constant<int, 4>{}, k0); break;
+    }
+  }
+}
+
+// sum[j] = sum_k a[k] * w[k*k_stride + j] for any K (A of one row, for the K without an unrolled
+// loop), in passes of kKernelsPerPass kernels: sum is read and written once per pass, not once per
+// kernel.
 template <typename w_t, typename acc_t>
 inline void sum_kernel_rows(const w_t* __restrict__ w, int64_t k_stride, const acc_t* a, int64_t K, int64_t J,
                             acc_t* __restrict__ sum) {
-  const acc_t a0 = a[0];
-#pragma omp simd
-  for (int64_t j = 0; j < J; ++j) sum[j] = a0 * static_cast<acc_t>(w[j]);
-  for (int64_t k = 1; k < K; ++k) {
-    const acc_t ak = a[k];
-    const w_t* __restrict__ wk = w + k * k_stride;
-#pragma omp simd
-    for (int64_t j = 0; j < J; ++j) sum[j] += ak * static_cast<acc_t>(wk[j]);
-  }
+  for_kernel_chunks(K, [&](auto kc, int64_t k0) {
+    constexpr int KC = decltype(kc)::value;
+    if (k0 == 0)
+      add_kernel_rows<KC, true>(w, k_stride, a, J, sum);
+    else
+      add_kernel_rows<KC, false>(w + k0 * k_stride, k_stride, a + k0, J, sum);
+  });
 }
 
 // The same as aggregate_row for any K, through `sum` (J elements).
@@ -2205,34 +2242,59 @@ inline void reduce_row(const scalar_t* __restrict__ q, const acc_t* __restrict__
   add_kernel_sums<K>(grad_a, d0, d1, d2, d3);
 }
 
-// The same for any K, in passes through `scratch` (J elements): A first, then the rest, then one
-// dot product per kernel.
+// One pass of reduce_row_any_k over the KC kernels of w (a: their attentions): partial[j] (+)= their
+// share of A[j], grad_a[k] += sum_j G[j] W_k[o,j]; the first pass (kFirst) writes G[j] = Q[j] f m[j]
+// into g_out, the others read it.
+template <int KC, bool kFirst, typename scalar_t, typename acc_t>
+inline void reduce_row_kernel_chunk(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
+                                    const acc_t* a, const acc_t* __restrict__ m, acc_t f, int64_t J,
+                                    acc_t* __restrict__ partial, acc_t* __restrict__ g_out, acc_t* grad_a) {
+  const acc_t a0 = a[0], a1 = KC > 1 ? a[1] : 0, a2 = KC > 2 ? a[2] : 0, a3 = KC > 3 ? a[3] : 0;
+  acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+  for (int64_t j = 0; j < J; ++j) {
+    const KernelColumn<KC, acc_t> col(w, k_stride, j, a0, a1, a2, a3);
+    acc_t gv;
+    if constexpr (kFirst) {
+      gv = static_cast<acc_t>(q[j]) * f * m[j];
+      g_out[j] = gv;
+      partial[j] = col.agg;
+    } else {
+      gv = g_out[j];
+      partial[j] += col.agg;
+    }
+    col.add_to(gv, d0, d1, d2, d3);
+  }
+  add_kernel_sums<KC>(grad_a, d0, d1, d2, d3);
+}
+
+// reduce_row for any K (`scratch`: J elements), in passes of kKernelsPerPass kernels
+// (reduce_row_kernel_chunk: each of the K rows of W read once, A summed in scratch), then one pass
+// from A for grad_f, grad_m and Wb.
 template <typename scalar_t, typename acc_t>
 inline void reduce_row_any_k(const scalar_t* __restrict__ q, const acc_t* __restrict__ w, int64_t k_stride,
                              const acc_t* a, int64_t K, const acc_t* __restrict__ m, acc_t f, int64_t J,
                              acc_t* __restrict__ scratch, acc_t* __restrict__ gm, acc_t* __restrict__ g_out, acc_t& gf,
                              acc_t* grad_a, scalar_t* __restrict__ wb) {
-  sum_kernel_rows(w, k_stride, a, K, J, scratch);
+  for_kernel_chunks(K, [&](auto kc, int64_t k0) {
+    constexpr int KC = decltype(kc)::value;
+    if (k0 == 0)
+      reduce_row_kernel_chunk<KC, true>(q, w, k_stride, a, m, f, J, scratch, g_out, grad_a);
+    else
+      reduce_row_kernel_chunk<KC, false>(q, w + k0 * k_stride, k_stride, a + k0, m, f, J, scratch, g_out,
+                                         grad_a + k0);
+  });
+  acc_t sf = 0;
   if (wb != nullptr)
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) wb[j] = static_cast<scalar_t>(scratch[j] * f * m[j]);
-  acc_t sf = 0;
+    for (int64_t j = 0; j < J; ++j) wb[j] = static_cast<scalar_t>(scratch[j] * f * m[j]);  // as aggregate_row
 #pragma omp simd reduction(+ : sf)
   for (int64_t j = 0; j < J; ++j) {
-    const acc_t qv = static_cast<acc_t>(q[j]);
-    const acc_t rv = qv * scratch[j];
+    const acc_t rv = static_cast<acc_t>(q[j]) * scratch[j];
     sf += rv * m[j];
     gm[j] += rv * f;
-    g_out[j] = qv * f * m[j];
   }
   gf += sf;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t* __restrict__ wk = w + k * k_stride;
-    acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < J; ++j) dot += g_out[j] * wk[j];
-    grad_a[k] += dot;
-  }
 }
 
 // One sample's gradients from Q on tile t (reduce_row for each of its rows): grad_f[o] += the
@@ -2271,12 +2333,14 @@ void reduce_tile_gradients(const Tile& t, const Geometry& g, const scalar_t* q, 
 }
 
 // One row o of one sample for the folded backward (see "The backward by columns"), from Q'[j] =
-// Q[o,j] m[j], the row of the gradient w.r.t. Wb with the input scale folded in:
-//   A[j]       = sum_k a[k] W_k[o,j]           into wb: the grad_x product's kernel, f and m folded out
-//   gf        += sum_j Q'[j] A[j]              (grad_f[o])
+// Q[o,j] m[j], the row of the gradient w.r.t. Wb with the input scale folded in, and K <= 4 kernels
+// (more go in chunks of kKernelsPerPass, each call given its chunk's rows of W and attentions):
+//   A[j]       = sum_k a[k] W_k[o,j]           into wb (kAddToWb: added to it, the chunks after the first):
+//                                              the grad_x product's kernel, f and m folded out
+//   gf        += sum_j Q'[j] A[j]              (grad_f[o]; the chunk's share of A)
 //   d[k]      += sum_j Q'[j] W_k[o,j]          (grad_a[k] += f[o] d[k], by the caller)
 // One store per element where reduce_row has three (Wb, G and grad_m).
-template <int K, typename T>
+template <int K, bool kAddToWb, typename T>
 inline void reduce_row_folded(const T* __restrict__ q, const T* __restrict__ w, int64_t k_stride, const T* a,
                               int64_t J, T* __restrict__ wb, T& gf, T* d) {
   static_assert(K >= 1 && K <= 4, "one sum per kernel in a named register");
@@ -2285,7 +2349,10 @@ inline void reduce_row_folded(const T* __restrict__ q, const T* __restrict__ w, 
 #pragma omp simd reduction(+ : sf, d0, d1, d2, d3)
   for (int64_t j = 0; j < J; ++j) {
     const KernelColumn<K, T> col(w, k_stride, j, a0, a1, a2, a3);
-    wb[j] = col.agg;
+    if constexpr (kAddToWb)
+      wb[j] += col.agg;
+    else
+      wb[j] = col.agg;
     const T qv = q[j];
     sf += qv * col.agg;
     col.add_to(qv, d0, d1, d2, d3);
@@ -2294,33 +2361,15 @@ inline void reduce_row_folded(const T* __restrict__ q, const T* __restrict__ w, 
   add_kernel_sums<K>(d, d0, d1, d2, d3);
 }
 
-// The same for any K: A into wb first, then one dot product with Q' for it and for each kernel.
-template <typename T>
-inline void reduce_row_folded_any_k(const T* __restrict__ q, const T* __restrict__ w, int64_t k_stride, const T* a,
-                                    int64_t K, int64_t J, T* __restrict__ wb, T& gf, T* d) {
-  sum_kernel_rows(w, k_stride, a, K, J, wb);
-  T sf = 0;
-#pragma omp simd reduction(+ : sf)
-  for (int64_t j = 0; j < J; ++j) sf += q[j] * wb[j];
-  gf += sf;
-  for (int64_t k = 0; k < K; ++k) {
-    const T* __restrict__ wk = w + k * k_stride;
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < J; ++j) dot += q[j] * wk[j];
-    d[k] += dot;
-  }
-}
-
 // reduce_row_folded for S samples at once on the same row o, so that the K rows of W are read once
 // for the S samples: q[s], wb[s] are sample s's rows, a[s] its K attentions; gf[s] and d[s][k]
 // accumulate as in reduce_row_folded.
 constexpr int kFoldedBackwardSamples = 4;
 
-template <int K, int S, typename T>
+template <int K, int S, bool kAddToWb, typename T>
 inline void reduce_rows_folded_portable(const T* const* q, const T* __restrict__ w, int64_t k_stride,
                                         const T (*a)[4], int64_t J, T* const* wb, T* gf, T (*d)[4]) {
-  for (int s = 0; s < S; ++s) reduce_row_folded<K>(q[s], w, k_stride, a[s], J, wb[s], gf[s], d[s]);
+  for (int s = 0; s < S; ++s) reduce_row_folded<K, kAddToWb>(q[s], w, k_stride, a[s], J, wb[s], gf[s], d[s]);
 }
 
 #if defined(__AVX512F__)
@@ -2331,7 +2380,7 @@ inline void reduce_rows_folded_portable(const T* const* q, const T* __restrict__
 // around each step of the folded chunk, B64 512->512 4x4, one thread: the reduction 24 % of its
 // cycles, those products 20 %; see grad_w_in_folded_reduction for the timings). grad_f comes from the
 // dot products, sum_j Q'[j] A[j] = sum_k a[k] <Q', W_k>, which frees the registers of gw.
-template <int K, int S, bool kGradW>
+template <int K, int S, bool kGradW, bool kAddToWb>
 void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict__ w, int64_t k_stride,
                                const float (*a)[4], const float (*c)[4], int64_t J, float* const* wb_in, float* gf,
                                float (*d)[4], float* __restrict__ gw, int64_t gw_stride, bool accumulate) {
@@ -2355,7 +2404,8 @@ void reduce_rows_folded_avx512(const float* const* q_in, const float* __restrict
     }
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
-      __m512 agg = _mm512_mul_ps(_mm512_set1_ps(a[s][0]), wv[0]);
+      __m512 agg = kAddToWb ? _mm512_fmadd_ps(_mm512_set1_ps(a[s][0]), wv[0], _mm512_maskz_loadu_ps(lanes, wb[s] + j))
+                            : _mm512_mul_ps(_mm512_set1_ps(a[s][0]), wv[0]);
 #pragma GCC unroll 4
       for (int k = 1; k < K; ++k) agg = _mm512_fmadd_ps(_mm512_set1_ps(a[s][k]), wv[k], agg);
       _mm512_mask_storeu_ps(wb[s] + j, lanes, agg);
@@ -2402,7 +2452,7 @@ inline float horizontal_sum(__m256 v) {
 // products, sum_j Q'[j] A[j] = sum_k a[k] <Q', W_k>, so it needs no register of its own. (The
 // portable loops compiled to scalar code here, gcc 12: a fifth of the backward's cycles on
 // B128 128->256 6x6.)
-template <int K, int S>
+template <int K, int S, bool kAddToWb>
 void reduce_rows_folded_avx2(const float* const* q, const float* __restrict__ w, int64_t k_stride,
                              const float (*a)[4], int64_t J, float* const* wb, float* gf, float (*d)[4]) {
   static_assert(S >= 1 && S <= 2, "the dot products of two samples fill the registers");
@@ -2417,7 +2467,8 @@ void reduce_rows_folded_avx2(const float* const* q, const float* __restrict__ w,
     for (int k = 0; k < K; ++k) wv[k] = load(w + k * k_stride + j);
 #pragma GCC unroll 2
     for (int s = 0; s < S; ++s) {
-      __m256 agg = _mm256_mul_ps(_mm256_set1_ps(a[s][0]), wv[0]);
+      __m256 agg = kAddToWb ? _mm256_fmadd_ps(_mm256_set1_ps(a[s][0]), wv[0], load(wb[s] + j))
+                            : _mm256_mul_ps(_mm256_set1_ps(a[s][0]), wv[0]);
 #pragma GCC unroll 4
       for (int k = 1; k < K; ++k) agg = _mm256_fmadd_ps(_mm256_set1_ps(a[s][k]), wv[k], agg);
       store(wb[s] + j, agg);
@@ -2448,42 +2499,54 @@ void reduce_rows_folded_avx2(const float* const* q, const float* __restrict__ w,
 }
 #endif
 
-// S (1..kFoldedBackwardSamples) samples of one row for K <= 4; false for other K. With with_grad_w
-// (only where grad_w_in_folded_reduction) it adds the row's grad_W too: c, gw, gw_stride, accumulate
-// as in reduce_rows_folded_avx512.
+// S (1..kFoldedBackwardSamples) samples of one row for K <= kKernelsPerPass kernels (callers pass more
+// in chunks: w, a and c those of the chunk, add_to_wb for every chunk after the first). With
+// with_grad_w (only where grad_w_in_folded_reduction) it adds the row's grad_W too: c, gw, gw_stride,
+// accumulate as in reduce_rows_folded_avx512.
 template <typename T>
-bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride, const T (*a)[4], int64_t K, int S,
-                                 int64_t J, T* const* wb, T* gf, T (*d)[4], bool with_grad_w, const T (*c)[4], T* gw,
-                                 int64_t gw_stride, bool accumulate) {
-  if (K < 1 || K > 4) return false;
+void reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride, const T (*a)[4], int64_t K, int S,
+                                 int64_t J, T* const* wb, T* gf, T (*d)[4], bool add_to_wb, bool with_grad_w,
+                                 const T (*c)[4], T* gw, int64_t gw_stride, bool accumulate) {
+  static_assert(kKernelsPerPass == 4, "one case per chunk width");
+  TORCH_CHECK(K >= 1 && K <= kKernelsPerPass, "reduce_rows_folded_dispatch: ", K,
+              " kernels in one pass, expected 1 to ", kKernelsPerPass);
   const auto with_k = [&](auto kc) {
     constexpr int KK = decltype(kc)::value;
-    const auto run = [&](auto sc) {
+    const auto run = [&](auto sc, auto add) {
       constexpr int SS = decltype(sc)::value;
+      constexpr bool kAdd = decltype(add)::value;
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float>) {
         if (with_grad_w)
-          return reduce_rows_folded_avx512<KK, SS, true>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride, accumulate);
-        return reduce_rows_folded_avx512<KK, SS, false>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride, accumulate);
+          return reduce_rows_folded_avx512<KK, SS, true, kAdd>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride,
+                                                              accumulate);
+        return reduce_rows_folded_avx512<KK, SS, false, kAdd>(q, w, k_stride, a, c, J, wb, gf, d, gw, gw_stride,
+                                                             accumulate);
       }
 #elif defined(__AVX2__) && defined(__FMA__)
       if constexpr (std::is_same_v<T, float>) {
         for (int s0 = 0; s0 < SS; s0 += 2) {  // pairs; the second reads the row of W_k again, from L1 or L2
           if (SS - s0 >= 2)
-            reduce_rows_folded_avx2<KK, 2>(q + s0, w, k_stride, a + s0, J, wb + s0, gf + s0, d + s0);
+            reduce_rows_folded_avx2<KK, 2, kAdd>(q + s0, w, k_stride, a + s0, J, wb + s0, gf + s0, d + s0);
           else
-            reduce_rows_folded_avx2<KK, 1>(q + s0, w, k_stride, a + s0, J, wb + s0, gf + s0, d + s0);
+            reduce_rows_folded_avx2<KK, 1, kAdd>(q + s0, w, k_stride, a + s0, J, wb + s0, gf + s0, d + s0);
         }
         return;
       }
 #endif
-      reduce_rows_folded_portable<KK, SS>(q, w, k_stride, a, J, wb, gf, d);
+      reduce_rows_folded_portable<KK, SS, kAdd>(q, w, k_stride, a, J, wb, gf, d);
+    };
+    const auto with_s = [&](auto sc) {
+      if (add_to_wb)
+        run(sc, std::true_type{});
+      else
+        run(sc, std::false_type{});
     };
     switch (S) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      default: run(std::integral_constant<int, 4>{}); break;
+      case 1: with_s(std::integral_constant<int, 1>{}); break;
+      case 2: with_s(std::integral_constant<int, 2>{}); break;
+      case 3: with_s(std::integral_constant<int, 3>{}); break;
+      default: with_s(std::integral_constant<int, 4>{}); break;
     }
   };
   switch (K) {
@@ -2492,11 +2555,11 @@ bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride
     case 3: with_k(std::integral_constant<int, 3>{}); break;
     default: with_k(std::integral_constant<int, 4>{}); break;
   }
-  return true;
 }
 
 // Whether the folded backward adds grad_W in its reduction pass (reduce_rows_folded_avx512: AVX-512,
-// float32, K <= 4) rather than by the products after it. (benchmarks/ab_env.py, Zen 4 EPYC, backward,
+// float32; K > 4 in chunks of kKernelsPerPass) rather than by the products after it.
+// (benchmarks/ab_env.py, Zen 4 EPYC, backward,
 // results/ab_folded_backward_grad_w_in_reduction_avx512_cpu.json, 10 rounds, ODCONV_CPU_FOLDED_GRAD_W
 // =reduction against products: 0.94-0.98 on B64 512->512 4x4, B32 512->512 7x7, B32 2048->512 1x1
 // on 7x7, 256->512 stride 2 onto 7x7, B32 256->256 7x7 with 4 groups, B128 128->128 6x6, B64 96->96
@@ -2506,13 +2569,17 @@ bool reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride
 // 0.91-0.96 on nine layers of 256-2048 rows, 0.94-0.97 on the GTSRB layer; the second, in a period
 // when every call took 1.5-2x as long, 1.06-1.19 on five layers of 64-128 rows, 0.95 on 128->128 1x1
 // on 7x7, ..._slow_period_avx512_cpu.json, ODCONV_TMP_GW_GEMM=1 there meaning products.)
+// With K = 5-8 in chunks of four kernels (ab_env.py, 12 rounds,
+// results/ab_folded_grad_w_kernel_chunks_avx512_cpu.json): products 1.07-1.09x the reduction's time
+// on B64 256->256 8x8 and 4x4, the 6x6 layer with K = 5 and B32 512->512 7x7, 1.02 on B128 64->64 6x6.
 // ODCONV_CPU_FOLDED_GRAD_W=auto (default: reduction where it can) | reduction | products overrides
 // it (tests run both).
 template <typename T>
 bool grad_w_in_folded_reduction(const Geometry& g) {
   const std::string mode = path_override("ODCONV_CPU_FOLDED_GRAD_W", {"auto", "reduction", "products"});
 #if defined(__AVX512F__)
-  return std::is_same_v<T, float> && g.kernel_num >= 1 && g.kernel_num <= 4 && mode != "products";
+  (void)g;
+  return std::is_same_v<T, float> && mode != "products";
 #else
   (void)g;
   return false;
@@ -2822,7 +2889,6 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
   T* kern = pt.kern.data_ptr<T>();  // A of every sample, q_slot apart
   T* gy_t = pt.gy_t.data_ptr<T>();
   T* coef = pt.coef.data_ptr<T>();
-  T* dk = pt.scratch.data_ptr<T>();
   for (const Tile& t : blk.tiles) {
     const int64_t rows_t = t.rows(), Jt = t.cols(), jo = t.j0 - j_local, row0 = t.first_row(Cog);
     for (int64_t s0 = 0; s0 < n; s0 += sub) {  // the chunk's samples, sub at a time (Q' and A in gbuf and kern)
@@ -2834,41 +2900,37 @@ void backward_folded_chunk(ColumnPart& pt, const ColumnBlock& blk, const Geometr
       // Row by row, every sample's A, grad_f and grad_a, kFoldedBackwardSamples samples per pass over the row
       // of W_k, which stays in L1 for all of them (the tile does not stay in L2 next to the samples' Q'
       // and A: read once per pass over the tile it streamed from L3, 12 of the 21 ms of these rows per
-      // thread on B64 512->512 4x4)
+      // thread on B64 512->512 4x4); more than kKernelsPerPass kernels in chunks of them, each chunk
+      // adding its share of A to the samples' rows
       for (int64_t r = 0; r < rows_t; ++r) {
         const int64_t o = row0 + r;
         for (int64_t i0 = s0; i0 < s0 + ns; i0 += kFoldedBackwardSamples) {
           const int S = static_cast<int>(std::min<int64_t>(kFoldedBackwardSamples, s0 + ns - i0));
           const T* qs[kFoldedBackwardSamples] = {};
           T* wbs[kFoldedBackwardSamples] = {};
-          T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
-          T cs[kFoldedBackwardSamples][4] = {};  // a_i[k] f_i[o], where the reduction adds grad_W
+          T fo[kFoldedBackwardSamples] = {};
           for (int s = 0; s < S; ++s) {
             qs[s] = gbuf + (i0 - s0 + s) * q_slot + r * Jt;
             wbs[s] = kern + (i0 - s0 + s) * q_slot + r * Jt;
-            const T fo = f_ptr[(c0 + i0 + s) * Cout + o];
-            for (int64_t k = 0; k < std::min<int64_t>(K, 4); ++k) {
-              as[s][k] = a_ptr[(c0 + i0 + s) * K + k];
-              cs[s][k] = as[s][k] * fo;
-            }
+            fo[s] = f_ptr[(c0 + i0 + s) * Cout + o];
           }
-          if (reduce_rows_folded_dispatch<T>(qs, w_acc + o * J + t.j0, N, as, K, S, Jt, wbs, gfs, ds, gw_in_reduction,
-                                             cs, grad_w_ptr + o * J + t.j0, N, /*accumulate=*/c0 + i0 > 0)) {
+          for (int64_t k0 = 0; k0 < K; k0 += kKernelsPerPass) {
+            const int64_t KC = std::min(kKernelsPerPass, K - k0);
+            T as[kFoldedBackwardSamples][4] = {}, gfs[kFoldedBackwardSamples] = {}, ds[kFoldedBackwardSamples][4] = {};
+            T cs[kFoldedBackwardSamples][4] = {};  // a_i[k] f_i[o], where the reduction adds grad_W
+            for (int s = 0; s < S; ++s)
+              for (int64_t k = 0; k < KC; ++k) {
+                as[s][k] = a_ptr[(c0 + i0 + s) * K + k0 + k];
+                cs[s][k] = as[s][k] * fo[s];
+              }
+            reduce_rows_folded_dispatch<T>(qs, w_acc + k0 * N + o * J + t.j0, N, as, KC, S, Jt, wbs, gfs, ds,
+                                           /*add_to_wb=*/k0 > 0, gw_in_reduction, cs,
+                                           grad_w_ptr + k0 * N + o * J + t.j0, N, /*accumulate=*/c0 + i0 > 0);
             for (int s = 0; s < S; ++s) {
               const int64_t i = i0 + s;
               gf[i * Cout + o] += gfs[s];
-              const T fo = f_ptr[(c0 + i) * Cout + o];
-              for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * ds[s][k];
+              for (int64_t k = 0; k < KC; ++k) ga[i * K + k0 + k] += fo[s] * ds[s][k];
             }
-            continue;
-          }
-          for (int s = 0; s < S; ++s) {  // K > 4
-            const int64_t i = i0 + s, b = c0 + i;
-            std::fill_n(dk, K, T(0));
-            reduce_row_folded_any_k(qs[s], w_acc + o * J + t.j0, N, a_ptr + b * K, K, Jt, wbs[s], gf[i * Cout + o],
-                                    dk);
-            const T fo = f_ptr[b * Cout + o];
-            for (int64_t k = 0; k < K; ++k) ga[i * K + k] += fo * dk[k];
           }
         }
       }
@@ -3030,7 +3092,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
       }
     }
     pt.m = at::empty({chunk * widest}, acc_opts);
-    pt.scratch = at::empty({std::max(J, K)}, acc_opts);
+    pt.scratch = at::empty({J}, acc_opts);
   }
 
   const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
