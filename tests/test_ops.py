@@ -777,6 +777,9 @@ BLOCK_CASES = [
     (2, 3300, 8, 2, 1, 8, 1, 0, 1, 1),     # 1x1 without im2col: parts of 1100 channels in blocks of 560 + 540
     (40, 100, 40, 6, 3, 8, 1, 1, 1, 1),    # folded (P = 36): 32 + 1-2, two chunks per block
     (3, 40, 24, 9, 3, 7, 1, 1, 1, 1),      # not folded (P = 81 > Cout/2), K = 7: the reduction's kernels in 4 + 3
+    # not folded, chunks of one sample in float64 (two in float32: im2row and gcols fill the budget); G kept for 7
+    # samples (14) before the grad_W products: products after 7, 14 and 16 (after 14 and 16)
+    (16, 96, 128, 12, 3, 4, 1, 1, 1, 1),
 ]
 
 

@@ -58,7 +58,8 @@
 //                         (T, Jt) scratch and a blocked transpose
 //   wt     (K, Jt, T)     W_k of the tile transposed, per group (float32 forward on maps like 6x6)
 //   q      (n, T, Jt)     Q of the tile (backward)
-//   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward)
+//   gbuf   (n, T, Jt)     G of the tile, accumulation type (backward; the backward by columns keeps
+//                         G of a block's tiles for up to kGradWSamplesBytes of samples)
 //   gW     (K, T*Jt)      the run's share of grad_W for the tile (backward; not for the first run)
 // grad_a is reduced row by row while G and W_k are in cache; after each tile, G of the thread's
 // samples goes into grad_W at once: grad_W[:, tile] += a^T @ G. The backward runs one parallel
@@ -2755,6 +2756,20 @@ constexpr int64_t kMinColumnsPerPart = 64;
 constexpr int64_t kMaxColumnsChunk = 32;
 constexpr int64_t kColumnsMinThreadBytes = 1024 * 1024;
 constexpr int64_t kColumnsThreadBytes = 4 * 1024 * 1024;
+// G of the samples since the unfolded backward's last grad_W products, per thread: those products,
+// (K x samples) @ (samples x the tile's columns) for each row, read and write the part's grad_W, and
+// with G of one chunk only (one sample on the GTSRB 128->128 12x12 layer, whose im2row and gcols take
+// the chunk's budget) that was a pass over 1.2 MB of grad_W per sample and thread, from L3. Keeping
+// G for kGradWSamplesBytes of samples (whole chunks), benchmarks/ab_env.py with a temporary switch,
+// 10 rounds, Zen 4 EPYC (results/ab_grad_w_samples_avx512_cpu.json): backward 0.96 on B128 128->128
+// 12x12, 0.90 on B64 128->128 12x12, 0.98 on B64 128->128 16x16, 1.00-1.03 on four other layers
+// (4 MB: 0.97, 0.86, 0.99). A first run (table not kept) fell in a slow period of the machine, when
+// the layers without it took 1.1-1.7x their usual time: 0.63 on B128 128->128 12x12, 0.76 on B128
+// 64->128 12x12, 0.81 on B64 128->128 16x16, 1.01 on B32 256->256 14x14 (4 MB: 0.62, 0.77, 0.77,
+// 0.99): the old passes over grad_W were what a busy memory system slowed. Peak memory of the training
+// step (bench_op.py --modes mem) 0.62 -> 0.71, 0.63 -> 0.75 and 0.66 -> 0.76 x static on the
+// slow run's first three layers (4 MB: 0.82-0.89).
+constexpr int64_t kGradWSamplesBytes = 2 * 1024 * 1024;
 constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: their rows do not share cache sets
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
 constexpr int64_t kFoldedBackwardMaxPixelsDirect = 64;  // 1x1 kernels without im2col
@@ -3068,13 +3083,27 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   chunk = (B + (B + chunk - 1) / chunk - 1) / ((B + chunk - 1) / chunk);  // even chunks
   // samples whose Q' (G) and kernels the buffers hold: the folded backward's sub-chunk, or the chunk
   const int64_t q_samples = folded ? std::min(chunk, kFoldedSubSamples) : chunk;
+  // the unfolded backward keeps G of every tile of a block for gw_samples samples (whole chunks) and
+  // multiplies grad_W's share once per gw_samples
+  int64_t block_elems = 0;  // a block's tiles, end to end
+  for (const ColumnPart& pt : part)
+    for (const ColumnBlock& blk : pt.blocks) {
+      int64_t e = 0;
+      for (const Tile& t : blk.tiles) e += t.rows() * t.cols();
+      block_elems = std::max(block_elems, e);
+    }
+  int64_t gw_samples = chunk;
+  if (want_params && !folded) {
+    const int64_t fit = kGradWSamplesBytes / std::max<int64_t>(1, block_elems * (int64_t)sizeof(acc_t));
+    gw_samples = std::max<int64_t>(1, std::min(fit, B) / chunk) * chunk;
+  }
   for (ColumnPart& pt : part) {
     const int64_t Jr = widest;
     if (want_params) {
       pt.rows = at::empty({chunk * P * Jr}, opts);
       if (!direct) pt.im2row_scratch = at::empty({im2row_scratch_elems(g)}, opts);
       if (!folded) pt.q = at::empty({max_tile}, opts);
-      pt.gbuf = at::empty({q_samples * q_slot}, acc_opts);
+      pt.gbuf = at::empty({folded ? q_samples * q_slot : gw_samples * block_elems}, acc_opts);
       if (folded) pt.coef = at::empty({K * q_samples}, acc_opts);
       pt.gm = at::empty({chunk * widest}, acc_opts);
       pt.gf = at::zeros({B * Cout}, acc_opts);
@@ -3142,11 +3171,17 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                                               w_acc, a_ptr, f_ptr, rows, m, widest, gbuf, gcols, gm, gf, ga,
                                               grad_w_ptr, gx_ptr + c0 * x_stride, gw_in_reduction, opts);
           } else {
+            // G of the chunk's samples goes to their slots of gbuf (block_elems each, from the first sample
+            // since the last grad_W products), tile by tile
+            const int64_t gw_first = c0 / gw_samples * gw_samples, slot0 = c0 - gw_first;
+            int64_t tile_offset = 0;
             for (size_t ti = 0; ti < blk.tiles.size(); ++ti) {
               const Tile& t = blk.tiles[ti];
               const Panel& pn = blk.panels[blk.panel_of[ti]];
               const int64_t T = t.rows(), Jt = t.cols(), tile = T * Jt, jo = t.j0 - j_local;
               const int64_t row0 = t.first_row(g.out_per_group);
+              acc_t* g_tile = want_params ? gbuf + tile_offset : nullptr;
+              tile_offset += tile;
               for (int64_t i = 0; i < n; ++i) {
                 const int64_t b = c0 + i;
                 const scalar_t* gy_rows = gy_ptr + b * Cout * P + row0 * P;
@@ -3157,7 +3192,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   grouped_gemm<scalar_t>(1, T, Jt, P, gy_rows, P, 0, rows + i * P * Jr + jo, Jr, 0, q, Jt, 0,
                                          /*accumulate=*/false, opts, /*in_column_blocks=*/q_in_blocks);
                   reduce_tile_gradients(t, g, q, a_ptr + b * K, w_acc, m + i * widest, f_ptr + b * Cout, scratch,
-                                        gm + i * widest, gbuf + i * tile, gf + i * Cout, ga + i * K,
+                                        gm + i * widest, g_tile + (slot0 + i) * block_elems, gf + i * Cout,
+                                        ga + i * K,
                                         gx_transposed ? pt.kern.data_ptr<scalar_t>() : nullptr, /*m_col0=*/j_begin);
                 }
                 if (gx_transposed) {
@@ -3186,11 +3222,14 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
                   }
                 }
               }
-              // grad_W[:, row, tile cols] (+)= a[c0:c0+n]^T @ G[:, row]  (K x n) @ (n x Jt), row by row
-              if (want_params)
+              // once gbuf is full (or the batch done): grad_W[:, row, tile cols] (+)= a[gw_first:c0+n]^T @
+              // G[:, row], (K x ns) @ (ns x Jt), row by row
+              const int64_t ns = c0 + n - gw_first;
+              if (want_params && (ns == gw_samples || c0 + n == B))
                 for (int64_t r = 0; r < T; ++r)
-                  grouped_gemm<acc_t>(1, K, Jt, n, a_t.const_data_ptr<acc_t>() + c0, B, 0, gbuf + r * Jt, tile, 0,
-                                      grad_w_ptr + (row0 + r) * J + t.j0, N, 0, /*accumulate=*/c0 > 0, acc_opts);
+                  grouped_gemm<acc_t>(1, K, Jt, ns, a_t.const_data_ptr<acc_t>() + gw_first, B, 0, g_tile + r * Jt,
+                                      block_elems, 0, grad_w_ptr + (row0 + r) * J + t.j0, N, 0,
+                                      /*accumulate=*/gw_first > 0, acc_opts);
             }
           }
           for (int64_t i = 0; i < n; ++i) {
