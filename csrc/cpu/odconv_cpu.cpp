@@ -2576,13 +2576,11 @@ void reduce_rows_folded_dispatch(const T* const* q, const T* w, int64_t k_stride
 // ODCONV_CPU_FOLDED_GRAD_W=auto (default: reduction where it can) | reduction | products overrides
 // it (tests run both).
 template <typename T>
-bool grad_w_in_folded_reduction(const Geometry& g) {
+bool grad_w_in_folded_reduction() {
   const std::string mode = path_override("ODCONV_CPU_FOLDED_GRAD_W", {"auto", "reduction", "products"});
 #if defined(__AVX512F__)
-  (void)g;
   return std::is_same_v<T, float> && mode != "products";
 #else
-  (void)g;
   return false;
 #endif
 }
@@ -3036,7 +3034,7 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
   const bool gx_transposed = want_x && grad_x_by_transposed_product(g, /*by_columns=*/true, folds);
   const bool folded = folds && gx_transposed;
   // the folded reduction adds grad_W itself, else the products after it do
-  const bool gw_in_reduction = folded && grad_w_in_folded_reduction<scalar_t>(g);
+  const bool gw_in_reduction = folded && grad_w_in_folded_reduction<scalar_t>();
   // gcols: the gradient of the im2col matrix, or with the transposed grad_x product its transpose
   const bool has_gcols = want_x && (!direct || gx_transposed);
   const auto opts = x.options();
