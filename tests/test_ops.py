@@ -298,6 +298,9 @@ BLOCKING = [
                                            # (2 x 48 + 4 on CPUs with AVX-512)
     (2, 25, 16, 11, 3, 4, 1, 1, 1, 1),     # P = 121: a last block of 1 column (24s) or 25 (48s); without
                                            # AVX-512 the backward's Q in blocks too, J = 225 = 9 x 24 + 9
+    (3, 128, 40, 10, 3, 1, 1, 1, 1, 1),    # K = 1: the forward sizes its tiles as for K = 4, so they are cut in
+                                           # J (20 rows x 3 blocks of 384; float32 20 x 2 of 576), where
+                                           # the K slices alone would fit all 40 rows by all 1152 columns
 ]
 
 

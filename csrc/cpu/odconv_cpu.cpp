@@ -114,6 +114,7 @@ namespace odconv {
 namespace {
 
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
+constexpr int64_t kTileKernelsAtLeast = 4;         // the plain forward's tiles are sized for at least this K
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
 constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
 constexpr int64_t kForwardCutRows = 16;            // the forward cuts J below this many rows (make_tiles)
@@ -1853,9 +1854,21 @@ at::Tensor forward_kernel(
   const bool folded_transposed = !split_rows && is_float && transposed;
   // the transposed products over tap-major columns (see "Tap-major columns"); not with im2col-free
   // kernels, whose rows are x itself transposed, nor for the split of rows, which multiplies Wb @ cols
+  // The plain products' tiles with fewer than kTileKernelsAtLeast kernels: kTileBytes budgets a tile's K
+  // slices of W, and the sample's Wb tile that the product reads is one slice, so with K = 1 a tile of
+  // 512->512 3x3 on 14x14 was 28 rows by all 4608 columns, a 516 KB Wb next to the 3.6 MB im2col matrix
+  // it re-read for every 28 rows. Such layers size their tiles as if they had kTileKernelsAtLeast
+  // kernels (Wb at most a quarter of kTileBytes), so they take the tiles cut in J that K = 4 takes.
+  // (benchmarks/ab_env.py against the old budget with a temporary switch, Zen 4 EPYC, 12 and 16 rounds,
+  // results/ab_forward_tiles_small_k_avx512_cpu*.json: forward 0.31-0.34 on B32 512->512 10x10 and
+  // B16 512->512 14x14 with K = 1, 0.78-0.83 on 256->256 9x9, 10x10 and 14x14 with K = 1, 0.82-0.83
+  // with K = 2 and 3 on 14x14, 0.90 on 256->256 12x12 with K = 2; 0.98-1.03 on the 128-channel 12x12
+  // and 28x28 layers, the 64->64 32x32 layer and a grouped K = 2 layer. Layers without im2col keep the
+  // old budget: 1.08 and 1.10 on a 256->1024 1x1 layer on 14x14 in the two runs.)
+  const int64_t plain_tile_bytes = direct ? kTileBytes : kTileBytes * K / std::max<int64_t>(K, kTileKernelsAtLeast);
   const auto tiles_for = [&](bool whole_channels) {
     return make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1,
-                      /*for_forward=*/true, folded || folded_transposed ? folded_tile_bytes(g, P) : kTileBytes,
+                      /*for_forward=*/true, folded || folded_transposed ? folded_tile_bytes(g, P) : plain_tile_bytes,
                       /*rows_are_columns=*/transposed && !split_rows, whole_channels);
   };
   std::vector<Tile> tiles = tiles_for(false);
