@@ -3647,7 +3647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // 56x56 and 32x32 and on the 5x5 96->96 24x24 layer (same method, 5 rounds).
 // The float32 backward of dense layers takes it where the map has at least kSampleConvMinPixels output
 // pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1 unpadded
-// kernels), and that of any layer whose im2col matrix reaches kConvPathBackwardIm2colBytes: the GEMM
+// kernels), and that of any layer whose im2col matrix reaches kConvPathIm2colBytes: the GEMM
 // path streams im2row and gcols, kh*kw times the activations, through memory for every sample, where
 // the convolution's backward reads and writes the activations only. There each thread takes a run of
 // samples (backward_by_sample_convolutions, below), and a call covers as many samples as make
@@ -3680,9 +3680,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathForwardOneChunkBytes = 8 * 1024 * 1024;  // see forward_conv_path
-constexpr int64_t kConvPathBackwardIm2colBytes = 4 * 1024 * 1024;
+constexpr int64_t kConvPathIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
+// The float32 forward of dense layers with few output channels whose im2col matrix reaches
+// kConvPathIm2colBytes takes the convolution path on smaller maps too: the GEMM path writes
+// and reads that matrix for every sample, and its products use each of its elements only Cout times,
+// where building the sample's kernel (K * Cout * J) is cheap and oneDNN's convolution reads x itself.
+// (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=always against the GEMM path that auto took, 6 rounds,
+// Zen 4 EPYC, two runs, results/ab_forward_conv_path_large_im2col_avx512_cpu.json and _b.json: forward
+// 0.41-0.45 on B4 and B32 1024->16 12x12 with 7x7 kernels (29 MB of im2col a sample), 0.46 on 512->16
+// 12x12 5x5, 0.55 on 1024->32 14x14 5x5 and 4096->16 7x7, 0.61 on 256->32 12x12 7x7, 0.64 on 512->64
+// 14x14 5x5, 0.84-0.85 on 512->64 12x12 5x5, 2048->32 7x7 5x5 and 768->48 10x10 5x5, 0.67 with K = 1.
+// Not taken: with more rows 0.74-1.00 on four layers of 96-512 rows but 1.14 on 1024->1024 14x14 and
+// 1.60 on 1024->512 10x10 5x5; on 6x6 and 4x4 maps 1.33-2.70, with 64 rows. The rule against
+// ODCONV_CPU_CONV_PATH=never, 8 rounds, _c.json: 0.43-0.58 on four of those layers, 0.84 and 0.94 on
+// two more, 0.98-1.00 on 1024->64 6x6 and 1024->1024 14x14, which it leaves on the GEMM path.)
+constexpr int64_t kSampleConvLargeIm2colMaxRows = 64;
+constexpr int64_t kSampleConvLargeIm2colMinPixels = 49;
 // On AVX-512 the backward of 16x16 maps stays on the GEMM path: ODCONV_CPU_CONV_PATH=never against
 // auto, Zen 4 EPYC, 12 rounds (results/ab_conv_path_backward_16x16_avx512_cpu*.json): backward 0.78-0.80
 // on B32 256->256 and 192->192 16x16, 0.93-0.94 on B64 128->128 16x16 (two runs), 1.02 on B128
@@ -3748,11 +3763,14 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
       return true;
   }
   if (backward)
-    return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathBackwardIm2colBytes ||
+    return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathIm2colBytes ||
            (dtype == at::kFloat && g.out_pixels() >= sample_conv_min_pixels_backward() && !g.im2col_is_identity());
   if (dtype == at::kFloat && g.im2col_is_identity())
     return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
            g.out_pixels() >= kSampleConvMinDirectPixels && g.out_pixels() <= kSampleConvMaxDirectPixels;
+  if (dtype == at::kFloat && g.groups == 1 && im2col_bytes(g, sizeof(float)) >= kConvPathIm2colBytes &&
+      g.out_channels <= kSampleConvLargeIm2colMaxRows && g.out_pixels() >= kSampleConvLargeIm2colMinPixels)
+    return true;
   return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
          ((g.groups == 1 && g.in_per_group >= kSampleConvMinCallChannels) ||
           im2col_bytes(g, sizeof(float)) >= kSampleConvMinIm2colBytes);
