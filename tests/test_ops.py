@@ -512,12 +512,13 @@ def test_dense_backward_path_by_map_size(case, wants, monkeypatch, num_threads):
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
 
 
-# Dense layers on 10x10 maps with 5 MB of im2col a sample (7x7 kernels, 256 channels) take the convolution
-# path backward; forward too with few output channels (8), not with 72.
+# Layers on 10x10 maps with 5 MB of im2col a sample (7x7 kernels, 256 channels) take the convolution path
+# backward; forward too with few output channels per group (8; 12 in each of two groups), not with 72.
 @requires_extension
 @pytest.mark.parametrize("case,wants", [((2, 256, 8, 10, 7, 2, 1, 3, 1, 1), ("always", "always")),
+                                        ((2, 256, 24, 10, 7, 2, 1, 3, 1, 2), ("always", "always")),
                                         ((2, 256, 72, 10, 7, 2, 1, 3, 1, 1), ("never", "always"))],
-                         ids=["8_rows", "72_rows"])
+                         ids=["8_rows", "2_groups_of_12_rows", "72_rows"])
 def test_large_im2col_path_by_rows(case, wants, monkeypatch, num_threads):
     num_threads(2)
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)

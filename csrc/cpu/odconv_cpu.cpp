@@ -3683,9 +3683,9 @@ constexpr int64_t kConvPathForwardOneChunkBytes = 8 * 1024 * 1024;  // see forwa
 constexpr int64_t kConvPathIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
-// The float32 forward of dense layers with few output channels whose im2col matrix reaches
+// The float32 forward of layers with few output channels (per group) whose im2col matrix reaches
 // kConvPathIm2colBytes takes the convolution path on smaller maps too: the GEMM path writes
-// and reads that matrix for every sample, and its products use each of its elements only Cout times,
+// and reads that matrix for every sample, and its products use each of its elements only Cout/G times,
 // where building the sample's kernel (K * Cout * J) is cheap and oneDNN's convolution reads x itself.
 // (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=always against the GEMM path that auto took, 6 rounds,
 // Zen 4 EPYC, two runs, results/ab_forward_conv_path_large_im2col_avx512_cpu.json and _b.json: forward
@@ -3696,6 +3696,16 @@ constexpr int64_t kSampleConvMinPixels = 256;
 // 1.60 on 1024->512 10x10 5x5; on 6x6 and 4x4 maps 1.33-2.70, with 64 rows. The rule against
 // ODCONV_CPU_CONV_PATH=never, 8 rounds, _c.json: 0.43-0.58 on four of those layers, 0.84 and 0.94 on
 // two more, 0.98-1.00 on 1024->64 6x6 and 1024->1024 14x14, which it leaves on the GEMM path.)
+// Grouped layers likewise, by their rows per group (their GEMM path's tiles are whole groups):
+// ODCONV_CPU_CONV_PATH=always against the GEMM path auto took, 5 rounds,
+// results/ab_forward_conv_path_large_groups_avx512_cpu.json: forward 0.31 on 1024->128 with two groups
+// on 14x14, 0.86 on 1024->256 with four (stride 2 from 28x28), 0.90
+// on 1024->512 with eight (64 rows per group, 7.2 MB of im2col); not taken: 0.83 on 512->128 with two and
+// 0.85 on 2048->256 with four onto 7x7 (3.6 MB), 0.99 on 256->64 with two (1.8 MB), and with 128 rows per
+// group 0.37 on 1024->256 with two but 1.06 on 256->256 with two and 1.74 on 512->512 7x7 with two (_b.json,
+// a first rule that took groups by the size of their kernel). The rule against ODCONV_CPU_CONV_PATH=never,
+// 6 rounds, _c.json: 0.36-0.38 on two-group layers (1024->128 on 14x14, and from 28x28 with stride 2 and
+// K = 1), 0.81 with four; 0.99-1.04 on those it leaves.
 constexpr int64_t kSampleConvLargeIm2colMaxRows = 64;
 constexpr int64_t kSampleConvLargeIm2colMinPixels = 49;
 // On AVX-512 the backward of 16x16 maps stays on the GEMM path: ODCONV_CPU_CONV_PATH=never against
@@ -3768,8 +3778,8 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype == at::kFloat && g.im2col_is_identity())
     return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
            g.out_pixels() >= kSampleConvMinDirectPixels && g.out_pixels() <= kSampleConvMaxDirectPixels;
-  if (dtype == at::kFloat && g.groups == 1 && im2col_bytes(g, sizeof(float)) >= kConvPathIm2colBytes &&
-      g.out_channels <= kSampleConvLargeIm2colMaxRows && g.out_pixels() >= kSampleConvLargeIm2colMinPixels)
+  if (dtype == at::kFloat && im2col_bytes(g, sizeof(float)) >= kConvPathIm2colBytes &&
+      g.out_per_group <= kSampleConvLargeIm2colMaxRows && g.out_pixels() >= kSampleConvLargeIm2colMinPixels)
     return true;
   return dtype == at::kFloat && g.out_pixels() >= kSampleConvMinPixels &&
          ((g.groups == 1 && g.in_per_group >= kSampleConvMinCallChannels) ||
