@@ -1,7 +1,7 @@
 """The operator benchmark (benchmarks/bench_op.py): its smoke run validates, times, measures memory and
 writes the JSON it promises; its validation catches a wrong backend. The GEMM bound script
 (benchmarks/bench_gemm_bound.py), the brgemm column-block timing (benchmarks/bench_brgemm_blocks.py),
-the perf profile by library (benchmarks/perf_shares.py), the training-step benchmark (benchmarks/bench_train.py) and the A/B script (benchmarks/ab_builds.py) run and report consistent numbers; the GPU check's CPU error probe
+the perf profile by library (benchmarks/perf_shares.py), the training-step benchmark (benchmarks/bench_train.py), the A/B scripts (benchmarks/ab_builds.py, ab_env.py) and the shape sweep (benchmarks/sweep_shapes.py) run and report consistent numbers; the GPU check's CPU error probe
 (benchmarks/cpu_error_probe.py) passes and the GPU check script (benchmarks/gpu_check.sh) runs its
 plumbing without a GPU."""
 import json
@@ -398,6 +398,34 @@ def test_ab_env_alternates_variants_in_one_process(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit):
         ab_env.main(["--variants", "-", "NO_EQUALS_SIGN"])
     assert "VAR=VALUE[,VAR=VALUE...], got 'NO_EQUALS_SIGN'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+def test_sweep_shapes_smoke_run(tmp_path):
+    # a subprocess: the script makes glibc keep freed memory, a process-wide setting
+    path = tmp_path / "sweep.json"
+    command = [sys.executable, os.path.join(BENCHMARKS, "sweep_shapes.py"), "--count", "3", "--calls", "1",
+               "--seed", "5", "--min-macs", "1e5", "--max-macs", "3e6", "--flag", "0", "--json", str(path)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(path.read_text())
+    assert len(report["results"]) == 3 and report["args"]["seed"] == 5
+    import random
+    import sweep_shapes
+    rng = random.Random(5)
+    for row in report["results"]:
+        shape = LayerShape(**{k: row["shape"][k] for k in ("batch", "in_channels", "out_channels", "size", "kernel",
+                                                           "kernel_num", "stride", "groups")})
+        assert shape == sweep_shapes.draw(rng, 1e5, 3e6)  # the seed gives the same layers
+        macs = shape.batch * shape.out_channels * shape.in_channels // shape.groups * shape.kernel ** 2 * \
+            shape.out_size ** 2
+        assert 1e5 <= macs <= 3e6
+        ms = row["median_ms"]
+        assert row["fwd_over_floor"] == pytest.approx(ms["fwd"] / ms["static_fwd"] / shape.floor)
+        assert row["fwdbwd_over_floor"] == pytest.approx(
+            (ms["fwd"] + ms["bwd"]) / (ms["static_fwd"] + ms["static_bwd"]) / shape.floor)
+        assert row["flagged"] and row["name"] in proc.stdout  # --flag 0 marks every layer
+    assert "3 of 3 layers above 0.0" in proc.stdout
 
 
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")

@@ -301,6 +301,9 @@ BLOCKING = [
     (3, 128, 40, 10, 3, 1, 1, 1, 1, 1),    # K = 1: the forward sizes its tiles as for K = 4, so they are cut in
                                            # J (20 rows x 3 blocks of 384; float32 20 x 2 of 576), where
                                            # the K slices alone would fit all 40 rows by all 1152 columns
+    (2, 512, 256, 9, 3, 4, 1, 1, 1, 2),    # a group's Wb (128 x 2304) is over 1 MB: the forward cuts each group
+                                           # as a dense layer (32 rows x 5 blocks of 464/448; float32 x 3 of 768)
+    (1, 512, 256, 9, 3, 1, 1, 1, 1, 2),    # the same with K = 1 at batch 1 (the rows split between threads)
 ]
 
 

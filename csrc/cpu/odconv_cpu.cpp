@@ -115,6 +115,7 @@ namespace {
 
 constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
 constexpr int64_t kTileKernelsAtLeast = 4;         // the plain forward's tiles are sized for at least this K
+constexpr int64_t kWholeGroupTileMaxBytes = 1024 * 1024;  // a group's Wb larger than this is cut (make_tiles)
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
 constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
 constexpr int64_t kForwardCutRows = 16;            // the forward cuts J below this many rows (make_tiles)
@@ -306,9 +307,20 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // N = 6 blocks of 16 and a ragged 11, and its forward ran 1.3x as slow as the plain orientation.
 // whole_channels: tiles cut in J hold whole input channels (a multiple of taps columns; of 16 too where
 // that is at most a vector_step piece's channels rounded up), as the tap-major columns need (see there).
+// cut_groups (the plain forward products, Wb @ cols): with G > 1 a group whose Wb (Cout/G x J) is
+// larger than kWholeGroupTileMaxBytes, the L2 of the CPUs this was tuned on, is cut into tiles of its
+// rows and columns as a dense layer's; before, a tile was always whole groups, and each sample's Wb
+// tile (9.8 MB on 384->1024 5x5 with two groups) streamed through L3 for its product.
+// (benchmarks/ab_env.py against whole groups with a temporary switch, 6 rounds, Zen 4 EPYC,
+// results/ab_forward_cut_groups_avx512_cpu*.json, two runs: forward 0.35-0.47 on B4 384->1024 24x24 5x5
+// stride 2, B16 1024->256 28x28 stride 2 and B16 768->768 14x14, all with two groups, 0.89 on 1024->1024
+// 14x14 with four, 0.99-1.03 on 512->512 7x7 with two; unchanged on grouped layers whose groups are
+// smaller, ResNeXt's 32 groups of 32 rows among them. Cutting every group larger than a tile's K slices, as a first run did, read 1.06 and 1.17 on
+// 256->256 14x14 with two groups and 512->512 14x14 with four (590 KB of Wb a group), 0.94 on 512->96
+// 12x12 with two (442 KB): those keep whole groups.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
                              int64_t tile_bytes = kTileBytes, bool rows_are_columns = false,
-                             bool whole_channels = false) {
+                             bool whole_channels = false, bool cut_groups = false) {
   const int64_t J = g.cols_per_group();
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, tile_bytes / row_bytes);
@@ -335,6 +347,22 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
     for (int64_t r = 0; r < g.out_channels; r += row_step)
       for (int64_t j = 0; j < J; j += col_step)
         tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
+  } else if (cut_groups && g.out_per_group * J * elem_size > kWholeGroupTileMaxBytes) {
+    // a group's K slices exceed the budget: each group in tiles of its rows and columns, as a dense
+    // layer's (see cut_groups below)
+    const int64_t Cog = g.out_per_group;
+    const bool cut_columns =
+        rows_per_tile < kMinTileRows &&
+        (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || rows_per_tile < kForwardCutRows);
+    int64_t rows = cut_columns ? kMinTileRows : rows_per_tile;
+    if (min_row_blocks > g.groups)
+      rows = std::min(rows, std::max(kMinSplitRows, (Cog * g.groups + min_row_blocks - 1) / min_row_blocks));
+    const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
+    const int64_t row_step = even_step(Cog, rows), col_step = vector_step(J, cols);
+    for (int64_t gi = 0; gi < g.groups; ++gi)
+      for (int64_t r = 0; r < Cog; r += row_step)
+        for (int64_t j = 0; j < J; j += col_step)
+          tiles.push_back({gi, gi + 1, r, std::min(Cog, r + row_step), j, std::min(J, j + col_step)});
   } else {
     const int64_t groups_per_tile = std::clamp<int64_t>(rows_per_tile / g.out_per_group, 1,
                                                         (g.groups + min_row_blocks - 1) / min_row_blocks);
@@ -1869,7 +1897,8 @@ at::Tensor forward_kernel(
   const auto tiles_for = [&](bool whole_channels) {
     return make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1,
                       /*for_forward=*/true, folded || folded_transposed ? folded_tile_bytes(g, P) : plain_tile_bytes,
-                      /*rows_are_columns=*/transposed && !split_rows, whole_channels);
+                      /*rows_are_columns=*/transposed && !split_rows, whole_channels,
+                      /*cut_groups=*/!transposed && !folded);
   };
   std::vector<Tile> tiles = tiles_for(false);
   // whether the threads share the tiles' ranges of rows ("Tiles between threads" below; the ranges do
