@@ -675,6 +675,47 @@ def test_orientation_of_grouped_forwards(case, want, monkeypatch, num_threads):
     assert_auto_takes(case, "ODCONV_CPU_TRANSPOSED_FORWARD", (want,), monkeypatch)
 
 
+# K = 1: one kernel shared by the batch, the samples' scaled im2col matrices side by side in one product
+# (forward_shared_kernel). Cases: several runs of samples per thread (70 samples, runs of at most 32 on
+# 4x4), blocks of 32 rows and 1024 columns of W (40 rows, J = 1152), groups, stride, dilation and
+# padding, a 1x1 kernel, batch 1 (always), a 3x3 map.
+SHARED_KERNEL = [
+    (70, 8, 6, 4, 3, 1, 1, 1, 1, 1),
+    (4, 128, 40, 4, 3, 1, 1, 1, 1, 1),
+    (3, 12, 9, 7, 3, 1, 2, 1, 1, 3),
+    (4, 6, 4, 10, 5, 1, 1, 4, 2, 2),
+    (3, 24, 10, 5, 1, 1, 1, 0, 1, 1),
+    (1, 16, 8, 6, 3, 1, 1, 1, 1, 1),
+    (5, 16, 8, 3, 3, 1, 1, 1, 1, 1),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("path", ["always", "never"])
+@pytest.mark.parametrize("case", SHARED_KERNEL, ids=case_id)
+def test_shared_kernel_forward_matches_reference(case, path, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_SHARED_KERNEL", path)
+    assert_case_matches_reference(case)
+
+
+# auto takes it with K = 1 on maps of at most 49 pixels (a batch of at least the thread count), not on
+# 10x10 (nor on 8x8, whose folded per-sample build computes the same bits here: a = 1 with one kernel)
+@requires_extension
+@pytest.mark.parametrize("case,want", [((4, 16, 8, 7, 3, 1, 1, 1, 1, 1), "always"),
+                                       ((4, 16, 8, 10, 3, 1, 1, 1, 1, 1), "never")], ids=["7x7", "10x10"])
+def test_shared_kernel_forward_by_map_size(case, want, monkeypatch, num_threads):
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_SHARED_KERNEL", (want, None), monkeypatch)
+
+
+@requires_extension
+def test_shared_kernel_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_SHARED_KERNEL", "yes")
+    x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 1, 1, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_SHARED_KERNEL.*auto, always or never.*'yes'"):
+        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
+
+
 @requires_extension
 @pytest.mark.parametrize("variable,value,choices", [("ODCONV_CPU_TRANSPOSED_FORWARD", "yes", "auto, always or never"),
                                                     ("ODCONV_CPU_TAP_MAJOR", "sometimes",

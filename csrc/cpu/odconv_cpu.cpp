@@ -4198,6 +4198,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // bfloat16 and float16 take float32 kernels on float32 copies where 16-bit products are slower.
 bool is_16bit(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+// ---- One kernel: the batch's product (K = 1) -----------------------------------------------------
+// With one kernel a sample's Wb[o, j] = a_b f_b[o] W[o, j] m_b[j] (m = channel x spatial attention of
+// column j), so
+//   out_b[o, p] = a_b f_b[o] sum_j W[o, j] (m_b[j] cols_b[j, p])
+// with the same W for every sample: the scaled im2col matrices of n samples side by side make one
+// product per group, (Cout/G x Jg) @ (Jg x n*P), as a static im2col convolution multiplies, where the
+// per-sample path multiplies n products of P columns (16 on a 4x4 map) and builds each sample's Wb.
+// Per thread, for a run of n samples (shared_kernel_samples):
+//   cols  (G*Jg, n*P)  the samples' im2col matrices, row j scaled by m_b[j], sample i in columns [i*P, (i+1)*P)
+//   tmp   (G*Jg, P)    one sample's im2col matrix
+//   z     (Cout, n*P)  the product; out_b[o, :] = a_b f_b[o] z[o, i*P : (i+1)*P]
+//   m     (G*Jg)       one sample's input scales
+// ODCONV_CPU_SHARED_KERNEL=auto (default: K = 1, a batch of at least the thread count, maps of at most
+// kSharedKernelMaxPixels pixels) | always (K = 1) | never overrides the choice.
+// The per-sample path is as fast or faster from 6x6 maps up, where its products have 36+ columns and
+// its folded and transposed variants apply: auto takes this one on maps of at most
+// kSharedKernelMaxPixels pixels. (benchmarks/ab_env.py, ODCONV_CPU_SHARED_KERNEL=never against auto,
+// Zen 4 EPYC, 8 rounds, results/ab_forward_shared_kernel_avx512_cpu.json: forward 0.61 on B64 512->512
+// 2x2, 0.66 on B64 1024->256 1x1 7x7, 0.73 on B64 512->512 4x4, 0.82 on B64 256->256 3x3, 0.87 on
+// 256->512 4x4, 0.91 on B32 512->512 7x7; 0.97-1.03 on 6x6, 5x5, a grouped 7x7 and stride 2 onto 7x7.
+// A run before it with every K = 1 layer on this path, 5 rounds, table not kept: 1.02-1.17 on B32 256->256
+// 8x8, 0.99-1.02 on 6x6, 12x12 and 14x14; blocks of 32 x 1024 were within 0.01-0.04 of 64 x 512 and
+// 128 x 256 but on 8x8.)
+constexpr int64_t kSharedKernelColumns = 512;                 // columns (n*P) of a run's product, at most
+constexpr int64_t kSharedKernelThreadBytes = 4 * 1024 * 1024;  // a run's cols buffer, at most
+constexpr int64_t kSharedKernelRows = 32;
+constexpr int64_t kSharedKernelInner = 1024;
+constexpr int64_t kSharedKernelMaxPixels = 49;
+
+bool use_shared_kernel_forward(const Geometry& g, at::ScalarType dtype) {
+  if (g.kernel_num != 1 || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  const std::string mode = path_override("ODCONV_CPU_SHARED_KERNEL", {"auto", "always", "never"});
+  if (mode != "auto") return mode == "always";
+  return g.batch >= at::get_num_threads() && g.out_pixels() <= kSharedKernelMaxPixels;
+}
+
+int64_t shared_kernel_samples(const Geometry& g, int64_t elem_size) {
+  const int64_t P = std::max<int64_t>(1, g.out_pixels());
+  const int64_t per_sample = g.groups * g.cols_per_group() * P * elem_size;
+  return std::max<int64_t>(1, std::min(kSharedKernelColumns / P, kSharedKernelThreadBytes / per_sample));
+}
+
+template <typename scalar_t>
+at::Tensor forward_shared_kernel(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
+                                 const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in,
+                                 const Geometry& g) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  advise_huge_pages(out);
+  if (g.batch == 0) return out;
+  const int64_t P = g.out_pixels(), Cout = g.out_channels, Cog = g.out_per_group, G = g.groups;
+  const int64_t Jg = g.cols_per_group(), GJ = G * Jg, x_stride = g.in_channels * g.height * g.width;
+  const int64_t per_run = shared_kernel_samples(g, sizeof(scalar_t));
+  const auto opts = x.options();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+  const scalar_t *ch_ptr = ch.const_data_ptr<scalar_t>(), *f_ptr = f.const_data_ptr<scalar_t>();
+  const scalar_t *s_ptr = s.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
+    const int64_t n_most = std::min(per_run, b_end - b_begin);
+    std::vector<scalar_t> cols(GJ * n_most * P), tmp(GJ * P), z(Cout * n_most * P), m(GJ);
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += n_most) {
+      const int64_t n = std::min(n_most, b_end - b0), N = n * P;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = b0 + i;
+        im2col(x_ptr + b * x_stride, g, tmp.data());
+        input_scale(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m.data());
+        for (int64_t j = 0; j < GJ; ++j) {
+          const scalar_t mj = m[j];
+          const scalar_t* __restrict__ src = tmp.data() + j * P;
+          scalar_t* __restrict__ dst = cols.data() + j * N + i * P;
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) dst[p] = mj * src[p];
+        }
+      }
+      // z[group rows] = W[group rows] @ cols[group columns]: (Cog x Jg) @ (Jg x n*P), one product per group
+      // z[group rows] = W[group rows] @ cols[group columns], (Cog x Jg) @ (Jg x n*P) per group, in blocks of
+      // kSharedKernelRows rows by kSharedKernelInner columns of W that accumulate (one brgemm call over
+      // all of W streamed it for every block of columns: 2.4x the per-sample path's time on 512->512 4x4)
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t r0 = 0; r0 < Cog; r0 += kSharedKernelRows)
+          for (int64_t j0 = 0; j0 < Jg; j0 += kSharedKernelInner)
+            grouped_gemm<scalar_t>(1, std::min(kSharedKernelRows, Cog - r0), N, std::min(kSharedKernelInner, Jg - j0),
+                                   w_ptr + (gi * Cog + r0) * Jg + j0, Jg, 0, cols.data() + (gi * Jg + j0) * N, N, 0,
+                                   z.data() + (gi * Cog + r0) * N, N, 0, /*accumulate=*/j0 > 0, opts,
+                                   /*in_column_blocks=*/true);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = b0 + i;
+        const scalar_t ab = a_ptr[b];
+        for (int64_t o = 0; o < Cout; ++o) {
+          const scalar_t scale = ab * f_ptr[b * Cout + o];
+          const scalar_t* __restrict__ src = z.data() + o * N + i * P;
+          scalar_t* __restrict__ dst = out_ptr + (b * Cout + o) * P;
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) dst[p] = scale * src[p];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
 
 at::Tensor odconv2d_cpu(
@@ -4214,6 +4318,13 @@ at::Tensor odconv2d_cpu(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (use_conv_path(g, x.scalar_type(), /*backward=*/false)) {
     return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
+  }
+  if (use_shared_kernel_forward(g, x.scalar_type())) {
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_shared_kernel", [&] {
+      out = forward_shared_kernel<scalar_t>(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
+    });
+    return out;
   }
   if (is_16bit(x) && g.out_pixels() <= kHalfForwardMaxPixelsIn16Bit) {
     // On small maps the 16-bit route (per-sample ATen matmuls) is the slower one: with 16x16 maps or
