@@ -348,8 +348,8 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
       for (int64_t j = 0; j < J; j += col_step)
         tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
   } else if (cut_groups && g.out_per_group * J * elem_size > kWholeGroupTileMaxBytes) {
-    // a group's K slices exceed the budget: each group in tiles of its rows and columns, as a dense
-    // layer's (see cut_groups below)
+    // a group's Wb exceeds kWholeGroupTileMaxBytes: each group in tiles of its rows and columns, as a
+    // dense layer's (see cut_groups above)
     const int64_t Cog = g.out_per_group;
     const bool cut_columns =
         rows_per_tile < kMinTileRows &&
@@ -4260,22 +4260,24 @@ at::Tensor forward_shared_kernel(const at::Tensor& x_in, const at::Tensor& weigh
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     const int64_t n_most = std::min(per_run, b_end - b_begin);
-    std::vector<scalar_t> cols(GJ * n_most * P), tmp(GJ * P), z(Cout * n_most * P), m(GJ);
+    at::Tensor cols_buf = at::empty({GJ * n_most * P}, opts), tmp_buf = at::empty({GJ * P}, opts);
+    at::Tensor z_buf = at::empty({Cout * n_most * P}, opts), m_buf = at::empty({GJ}, opts);
+    scalar_t *cols = cols_buf.data_ptr<scalar_t>(), *tmp = tmp_buf.data_ptr<scalar_t>();
+    scalar_t *z = z_buf.data_ptr<scalar_t>(), *m = m_buf.data_ptr<scalar_t>();
     for (int64_t b0 = b_begin; b0 < b_end; b0 += n_most) {
       const int64_t n = std::min(n_most, b_end - b0), N = n * P;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i;
-        im2col(x_ptr + b * x_stride, g, tmp.data());
-        input_scale(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m.data());
+        im2col(x_ptr + b * x_stride, g, tmp);
+        input_scale(ch_ptr + b * g.in_channels, s_ptr + b * g.taps(), g, m);
         for (int64_t j = 0; j < GJ; ++j) {
           const scalar_t mj = m[j];
-          const scalar_t* __restrict__ src = tmp.data() + j * P;
-          scalar_t* __restrict__ dst = cols.data() + j * N + i * P;
+          const scalar_t* __restrict__ src = tmp + j * P;
+          scalar_t* __restrict__ dst = cols + j * N + i * P;
 #pragma omp simd
           for (int64_t p = 0; p < P; ++p) dst[p] = mj * src[p];
         }
       }
-      // z[group rows] = W[group rows] @ cols[group columns]: (Cog x Jg) @ (Jg x n*P), one product per group
       // z[group rows] = W[group rows] @ cols[group columns], (Cog x Jg) @ (Jg x n*P) per group, in blocks of
       // kSharedKernelRows rows by kSharedKernelInner columns of W that accumulate (one brgemm call over
       // all of W streamed it for every block of columns: 2.4x the per-sample path's time on 512->512 4x4)
@@ -4283,15 +4285,15 @@ at::Tensor forward_shared_kernel(const at::Tensor& x_in, const at::Tensor& weigh
         for (int64_t r0 = 0; r0 < Cog; r0 += kSharedKernelRows)
           for (int64_t j0 = 0; j0 < Jg; j0 += kSharedKernelInner)
             grouped_gemm<scalar_t>(1, std::min(kSharedKernelRows, Cog - r0), N, std::min(kSharedKernelInner, Jg - j0),
-                                   w_ptr + (gi * Cog + r0) * Jg + j0, Jg, 0, cols.data() + (gi * Jg + j0) * N, N, 0,
-                                   z.data() + (gi * Cog + r0) * N, N, 0, /*accumulate=*/j0 > 0, opts,
+                                   w_ptr + (gi * Cog + r0) * Jg + j0, Jg, 0, cols + (gi * Jg + j0) * N, N, 0,
+                                   z + (gi * Cog + r0) * N, N, 0, /*accumulate=*/j0 > 0, opts,
                                    /*in_column_blocks=*/true);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i;
         const scalar_t ab = a_ptr[b];
         for (int64_t o = 0; o < Cout; ++o) {
           const scalar_t scale = ab * f_ptr[b * Cout + o];
-          const scalar_t* __restrict__ src = z.data() + o * N + i * P;
+          const scalar_t* __restrict__ src = z + o * N + i * P;
           scalar_t* __restrict__ dst = out_ptr + (b * Cout + o) * P;
 #pragma omp simd
           for (int64_t p = 0; p < P; ++p) dst[p] = scale * src[p];
