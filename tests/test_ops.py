@@ -304,6 +304,7 @@ BLOCKING = [
     (2, 512, 256, 9, 3, 4, 1, 1, 1, 2),    # a group's Wb (128 x 2304) is over 1 MB: the forward cuts each group
                                            # as a dense layer (32 rows x 5 blocks of 464/448; float32 x 3 of 768)
     (1, 512, 256, 9, 3, 1, 1, 1, 1, 2),    # the same with K = 1 at batch 1 (the rows split between threads)
+    (3, 512, 256, 4, 3, 4, 1, 1, 1, 2),    # the same on a 4x4 map: the folded float32 forward's tiles cut groups too
 ]
 
 

@@ -307,7 +307,7 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // N = 6 blocks of 16 and a ragged 11, and its forward ran 1.3x as slow as the plain orientation.
 // whole_channels: tiles cut in J hold whole input channels (a multiple of taps columns; of 16 too where
 // that is at most a vector_step piece's channels rounded up), as the tap-major columns need (see there).
-// cut_groups (the plain forward products, Wb @ cols): with G > 1 a group whose Wb (Cout/G x J) is
+// cut_groups (the forward's products Wb @ cols, plain and folded): with G > 1 a group whose Wb (Cout/G x J) is
 // larger than kWholeGroupTileMaxBytes, the L2 of the CPUs this was tuned on, is cut into tiles of its
 // rows and columns as a dense layer's; before, a tile was always whole groups, and each sample's Wb
 // tile (9.8 MB on 384->1024 5x5 with two groups) streamed through L3 for its product.
@@ -317,7 +317,10 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // 14x14 with four, 0.99-1.03 on 512->512 7x7 with two; unchanged on grouped layers whose groups are
 // smaller, ResNeXt's 32 groups of 32 rows among them. Cutting every group larger than a tile's K slices, as a first run did, read 1.06 and 1.17 on
 // 256->256 14x14 with two groups and 512->512 14x14 with four (590 KB of Wb a group), 0.94 on 512->96
-// 12x12 with two (442 KB): those keep whole groups.)
+// 12x12 with two (442 KB): those keep whole groups. The folded forward (maps of at most 64 pixels) the
+// same way, ..._folded_avx512_cpu*.json, two runs of 6 and 8 rounds: 0.27 on B4 512->1024 4x4 5x5 with
+// two groups, 0.61-0.62 on B64 512->512 4x4 with two, 0.63-0.74 on 1024->1024 4x4 with four, 0.78 on
+// B32 512->512 7x7 with two, 0.82 on 8x8 with two; 0.99-1.04 on 256->512 8x8 and 6x6 with two.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
                              int64_t tile_bytes = kTileBytes, bool rows_are_columns = false,
                              bool whole_channels = false, bool cut_groups = false) {
@@ -1898,7 +1901,7 @@ at::Tensor forward_kernel(
     return make_tiles(g, sizeof(scalar_t), split_rows ? (2 * threads + g.batch - 1) / g.batch : 1,
                       /*for_forward=*/true, folded || folded_transposed ? folded_tile_bytes(g, P) : plain_tile_bytes,
                       /*rows_are_columns=*/transposed && !split_rows, whole_channels,
-                      /*cut_groups=*/!transposed && !folded);
+                      /*cut_groups=*/!transposed);
   };
   std::vector<Tile> tiles = tiles_for(false);
   // whether the threads share the tiles' ranges of rows ("Tiles between threads" below; the ranges do
