@@ -528,6 +528,17 @@ def test_large_im2col_path_by_rows(case, wants, monkeypatch, num_threads):
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
 
 
+# Dense layers of 3 output channels stay on the GEMM path on an 18x18 map (8 channels take the convolution path
+# there). The backward shows it: on this layer the two forwards compute the same bits.
+@requires_extension
+@pytest.mark.parametrize("case,wants", [((4, 32, 3, 18, 3, 2, 1, 1, 1, 1), (None, "never")),
+                                        ((4, 32, 8, 18, 3, 2, 1, 1, 1, 1), ("always", "always"))],
+                         ids=["3_rows", "8_rows"])
+def test_few_output_channels_path(case, wants, monkeypatch, num_threads):
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
+
+
 @requires_extension
 @pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS[1:4], ids=case_id)
 def test_backward_by_sample_convolutions_gradient_groups(case, monkeypatch):

@@ -3738,6 +3738,13 @@ constexpr int64_t kSampleConvMinPixels = 256;
 // a first rule that took groups by the size of their kernel). The rule against ODCONV_CPU_CONV_PATH=never,
 // 6 rounds, _c.json: 0.36-0.38 on two-group layers (1024->128 on 14x14, and from 28x28 with stride 2 and
 // K = 1), 0.81 with four; 0.99-1.04 on those it leaves.
+// Dense layers of 1-3 and 5-7 output channels (a head predicting RGB, a mask) stay off the convolution
+// path whatever their map: oneDNN's convolution of so few channels ran several times the GEMM path's
+// time (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=never against auto, 4 rounds, Zen 4 EPYC,
+// results/ab_conv_path_tiny_cout_avx512_cpu*.json: forward 0.43-0.73 and backward 0.30-0.66 on 1, 2, 3,
+// 5 and 6 channels on 32x32 and 64x64 maps and 3 on 20x20 with 5x5 kernels; with 4 channels forward
+// 1.55 and backward 0.84, with 8, 12 and 16 forward 1.25-2.51 and backward 1.05-3.00: those keep it).
+constexpr int64_t kConvPathMinOddRows = 8;
 constexpr int64_t kSampleConvLargeIm2colMaxRows = 64;
 constexpr int64_t kSampleConvLargeIm2colMinPixels = 49;
 // On AVX-512 the backward of 16x16 maps stays on the GEMM path: ODCONV_CPU_CONV_PATH=never against
@@ -3795,6 +3802,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
   const std::string mode = path_override("ODCONV_CPU_CONV_PATH", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
+  if (g.groups == 1 && g.out_channels < kConvPathMinOddRows && g.out_channels % 4 != 0) return false;
   if (depthwise_like(g)) return true;
   if (dtype == at::kFloat && narrow_groups(g)) {
     if (backward && g.stride_h == 1 && g.stride_w == 1 && !narrow_group_backward_by_columns(g)) return true;
