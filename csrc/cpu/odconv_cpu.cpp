@@ -328,49 +328,37 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
   const int64_t row_bytes = std::max<int64_t>(1, g.kernel_num * J * elem_size);
   const int64_t rows_per_tile = std::max<int64_t>(1, tile_bytes / row_bytes);
   std::vector<Tile> tiles;
-  if (g.groups == 1) {
+  const int64_t Cog = g.out_per_group;
+  if (g.groups == 1 || (cut_groups && Cog * J * elem_size > kWholeGroupTileMaxBytes)) {
+    // each group (a dense layer's one; with cut_groups, groups whose Wb exceeds kWholeGroupTileMaxBytes)
+    // in tiles of its rows, cut in J where the rows alone would be thin (see above)
     const bool cut_columns =
-        rows_per_tile < kMinTileRows && g.out_channels > rows_per_tile &&
-        (im2col_bytes(g, elem_size) <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
+        rows_per_tile < kMinTileRows && Cog > rows_per_tile &&
+        (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
     const int64_t rows_wanted = cut_columns ? kMinTileRows : rows_per_tile;
     const int64_t rows =
-        min_row_blocks > 1
-            ? std::min(rows_wanted, std::max(kMinSplitRows, (g.out_channels + min_row_blocks - 1) / min_row_blocks))
+        min_row_blocks > g.groups
+            ? std::min(rows_wanted, std::max(kMinSplitRows, (Cog * g.groups + min_row_blocks - 1) / min_row_blocks))
             : rows_wanted;
     const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
-    int64_t row_step = even_step(g.out_channels, rows);
-    if (rows_are_columns) row_step = round_up_16(row_step, g.out_channels);
+    int64_t row_step = even_step(Cog, rows);
+    if (rows_are_columns) row_step = round_up_16(row_step, Cog);
     int64_t col_step = vector_step(J, cols);
     if (whole_channels && col_step < J) {  // a multiple of taps columns, of 16 where it can
       const int64_t taps = g.taps(), align = channels_per_16_columns(taps);
-      int64_t channels = even_step(g.in_channels, std::max<int64_t>(1, cols / taps));
-      if (channels >= align) channels = std::min(g.in_channels, (channels + align - 1) / align * align);
+      int64_t channels = even_step(g.in_per_group, std::max<int64_t>(1, cols / taps));
+      if (channels >= align) channels = std::min(g.in_per_group, (channels + align - 1) / align * align);
       col_step = channels * taps;
     }
-    for (int64_t r = 0; r < g.out_channels; r += row_step)
-      for (int64_t j = 0; j < J; j += col_step)
-        tiles.push_back({0, 1, r, std::min(g.out_channels, r + row_step), j, std::min(J, j + col_step)});
-  } else if (cut_groups && g.out_per_group * J * elem_size > kWholeGroupTileMaxBytes) {
-    // a group's Wb exceeds kWholeGroupTileMaxBytes: each group in tiles of its rows and columns, as a
-    // dense layer's (see cut_groups above)
-    const int64_t Cog = g.out_per_group;
-    const bool cut_columns =
-        rows_per_tile < kMinTileRows &&
-        (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || rows_per_tile < kForwardCutRows);
-    int64_t rows = cut_columns ? kMinTileRows : rows_per_tile;
-    if (min_row_blocks > g.groups)
-      rows = std::min(rows, std::max(kMinSplitRows, (Cog * g.groups + min_row_blocks - 1) / min_row_blocks));
-    const int64_t cols = cut_columns ? std::max<int64_t>(16, tile_bytes / (g.kernel_num * rows * elem_size)) : J;
-    const int64_t row_step = even_step(Cog, rows), col_step = vector_step(J, cols);
     for (int64_t gi = 0; gi < g.groups; ++gi)
       for (int64_t r = 0; r < Cog; r += row_step)
         for (int64_t j = 0; j < J; j += col_step)
           tiles.push_back({gi, gi + 1, r, std::min(Cog, r + row_step), j, std::min(J, j + col_step)});
   } else {
-    const int64_t groups_per_tile = std::clamp<int64_t>(rows_per_tile / g.out_per_group, 1,
-                                                        (g.groups + min_row_blocks - 1) / min_row_blocks);
+    const int64_t groups_per_tile =
+        std::clamp<int64_t>(rows_per_tile / Cog, 1, (g.groups + min_row_blocks - 1) / min_row_blocks);
     for (int64_t gi = 0; gi < g.groups; gi += groups_per_tile)
-      tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, g.out_per_group, 0, J});
+      tiles.push_back({gi, std::min(g.groups, gi + groups_per_tile), 0, Cog, 0, J});
   }
   return tiles;
 }
