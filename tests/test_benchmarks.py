@@ -276,7 +276,10 @@ def test_perf_shares_smoke_run(tmp_path, capsys):
     for row in rows:
         shares = row["shares_percent"]
         assert sum(shares.values()) == pytest.approx(100, abs=1)
-        assert shares["jit"] + shares["extension"] > 40 and shares["python"] < 10, shares
+        # the op's own libraries: its products, its code and its threads' barriers (libgomp, whose share grows
+        # when other processes load the machine: jit + extension alone read 37 % once under a concurrent
+        # build, 80 % or more alone)
+        assert shares["jit"] + shares["extension"] + shares["openmp"] > 50 and shares["python"] < 10, shares
         assert row["ms"] > 0 and row["static_ms"] > 0 and row["jit_ms"] == pytest.approx(row["ms"] * shares["jit"] / 100)
         assert f"| {row['name']} | {row['mode']} |" in table
 
