@@ -743,6 +743,102 @@ def test_forward_path_overrides_are_checked(variable, value, choices, monkeypatc
         torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
 
 
+# ---- Kernel rows and columns that read only padding are dropped (DeadTaps in csrc/cpu/odconv_cpu.cpp):
+# a 3x3 kernel on 1x1 maps (its centre), 7x7 on 3x3 (its middle 5x5), a dilation beyond the map, dead rows
+# only (1x5 maps), stride 2 with groups (5x5 on 2x2), a 1x7 kernel, and a dead pair of rows with live
+# columns under a rectangular dilation. -------------------------------------------------------------------
+DEAD_TAPS = [
+    (4, 8, 6, 1, 3, 2, 1, 1, 1, 1),
+    (3, 6, 4, 3, 7, 2, 1, 3, 1, 1),
+    (2, 4, 6, 5, 3, 2, 1, 6, 6, 1),
+    (2, 4, 6, (1, 5), 3, 2, 1, 1, 1, 1),
+    (3, 4, 4, 2, 5, 3, 2, 2, 1, 2),
+    (2, 4, 6, (3, 2), (1, 7), 2, 1, (0, 3), 1, 1),
+    (2, 6, 4, (4, 9), 3, 3, 1, (5, 2), (5, 2), 1),
+]
+# (live rows at each end trimmed, live columns): the layers of DEAD_TAPS without their dead taps
+DEAD_TAPS_TRIMMED = [(1, 1), (1, 1), (1, 1), (1, 0), (1, 1), (0, 2), (1, 0)]
+
+
+@requires_extension
+@pytest.mark.parametrize("path", ["auto", "never"])
+@pytest.mark.parametrize("case", DEAD_TAPS, ids=case_id)
+def test_dead_taps_match_reference(case, path, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_DEAD_TAPS", path)
+    assert_case_matches_reference(case)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dead_taps_16_bit(dtype):
+    assert_case_matches_reference(DEAD_TAPS[1], (dtype,))
+
+
+@requires_extension
+def test_dead_taps_gradcheck():
+    inputs = make_inputs(2, 3, 4, 2, 5, 2, 1)  # 5x5 on 2x2: its middle 3x3
+    assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (2, 2), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+@pytest.mark.parametrize("case,trim", list(zip(DEAD_TAPS, DEAD_TAPS_TRIMMED)), ids=[case_id(c) for c in DEAD_TAPS])
+def test_dead_taps_are_those_no_pixel_reads(case, trim, monkeypatch):
+    """The layer with dead taps gives bit for bit the output and gradients of the same layer with the trimmed
+    kernel (weight and spatial_att without the dead rows and columns, padding less by as many dilations), zeros
+    in the dead taps' gradients."""
+    monkeypatch.setenv("ODCONV_CPU_DEAD_TAPS", "auto")
+    inputs, (stride, padding, dilation, groups), grad_out = float32_layer(case)
+    rows, cols = trim
+    x, weight, ch, f, s, a = inputs
+    kh, kw = weight.shape[-2:]
+    live = lambda t: t[..., rows:kh - rows, cols:kw - cols].contiguous()  # noqa: E731
+    live_padding = [padding[0] - rows * dilation[0], padding[1] - cols * dilation[1]]
+    trimmed = [x, live(weight), ch, f, live(s), a]
+    out = torch.ops.odconv.odconv2d(*inputs, stride, padding, dilation, groups)
+    assert torch.equal(out, torch.ops.odconv.odconv2d(*trimmed, stride, live_padding, dilation, groups))
+    grads = torch.ops.odconv.odconv2d_backward(grad_out, *inputs, stride, padding, dilation, groups, [True, True])
+    want = torch.ops.odconv.odconv2d_backward(grad_out, *trimmed, stride, live_padding, dilation, groups,
+                                              [True, True])
+    for i, (got, expected) in enumerate(zip(grads, want)):
+        if i in (1, 4):  # weight, spatial_att: the trimmed layer's in the live taps, zeros in the dead ones
+            assert got.shape == inputs[i].shape
+            assert torch.equal(live(got), expected)
+            got = got.clone()
+            got[..., rows:kh - rows, cols:kw - cols] = 0
+            assert not got.any()
+        else:
+            assert torch.equal(got, expected)
+    # and the full kernel's products round differently somewhere: auto did trim
+    monkeypatch.setenv("ODCONV_CPU_DEAD_TAPS", "never")
+    untrimmed = [torch.ops.odconv.odconv2d(*inputs, stride, padding, dilation, groups),
+                 *torch.ops.odconv.odconv2d_backward(grad_out, *inputs, stride, padding, dilation, groups, [True, True])]
+    assert not all(torch.equal(a, b) for a, b in zip([out, *grads], untrimmed))
+
+
+# Kept whole: every tap read by some pixel (5x5 on 3x3), a dead row at one end only (3x3 on 2x2 with stride 2),
+# a dead pair of rows the padding does not cover (3x3 with dilation 3 and padding 2 on 4x4 maps: only the
+# centre row reads the map, but trimming a row would take the padding below zero)
+@requires_extension
+@pytest.mark.parametrize("case", [(2, 4, 4, 3, 5, 2, 1, 2, 1, 1), (2, 4, 4, 2, 3, 2, 2, 1, 1, 1),
+                                  (2, 4, 4, 4, 3, 2, 1, 2, 3, 1)], ids=["all_live", "one_end", "padding_short"])
+def test_dead_taps_kept_when_not_both_ends(case, monkeypatch):
+    inputs, conv, grad_out = float32_layer(case)
+    results = []
+    for mode in ("auto", "never"):
+        monkeypatch.setenv("ODCONV_CPU_DEAD_TAPS", mode)
+        results.append([torch.ops.odconv.odconv2d(*inputs, *conv),
+                        *torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@requires_extension
+def test_dead_taps_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_DEAD_TAPS", "always")
+    x, w, ch, f, s, a = make_inputs(2, 8, 8, 1, 3, 2, 1, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_DEAD_TAPS.*auto or never.*'always'"):
+        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
+
+
 # ---- float32 rows of stride 2 in im2col (forward, im2row) and col2im (grad_x) move 16 outputs at a
 # time on AVX-512 with masked ends: output widths around that block, padding, dilation, stride 2 in
 # width only, on the GEMM path (the convolution path has no im2col), both backward splits. ---------
