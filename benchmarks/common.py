@@ -16,7 +16,7 @@ NAMES = ("x", "weight", "channel_att", "filter_att", "spatial_att", "kernel_att"
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """One ODConv layer: square maps and kernels, dilation 1, padding k//2 unless `pad` says otherwise."""
+    """One ODConv layer: square maps and kernels, padding dilation*(k//2) unless `pad` says otherwise."""
     batch: int
     in_channels: int
     out_channels: int
@@ -28,14 +28,19 @@ class LayerShape:
     pad: int = -1      # padding; -1: k//2. A static convolution skips the taps that fall in the padding
     #                    (oneDNN's direct kernels), an im2col product multiplies their zeros: padding 0
     #                    on a larger input gives the same output with every tap inside the map.
+    dilation: int = 1
+
+    @property
+    def default_padding(self):
+        return self.dilation * (self.kernel // 2)
 
     @property
     def padding(self):
-        return self.kernel // 2 if self.pad < 0 else self.pad
+        return self.default_padding if self.pad < 0 else self.pad
 
     @property
     def out_size(self):
-        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+        return (self.size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
 
     @property
     def floor(self):
@@ -48,13 +53,14 @@ class LayerShape:
 
     @property
     def name(self):
-        padding = f" p{self.padding}" if self.padding != self.kernel // 2 else ""
+        padding = f" p{self.padding}" if self.padding != self.default_padding else ""
+        dilation = f" d{self.dilation}" if self.dilation != 1 else ""
         return (f"B{self.batch} {self.in_channels}->{self.out_channels} {self.size}x{self.size} "
-                f"k{self.kernel} K{self.kernel_num} s{self.stride} g{self.groups}{padding}")
+                f"k{self.kernel} K{self.kernel_num} s{self.stride} g{self.groups}{padding}{dilation}")
 
     def conv_args(self):
         """(stride, padding, dilation, groups) as pairs, the way F.conv2d and the reference take them."""
-        return (self.stride, self.stride), (self.padding, self.padding), (1, 1), self.groups
+        return (self.stride, self.stride), (self.padding, self.padding), (self.dilation, self.dilation), self.groups
 
     def with_batch(self, batch):
         return dataclasses.replace(self, batch=batch)
@@ -176,19 +182,21 @@ def env_settings(items):
 
 
 def parse_shapes(spec):
-    """Suite names and/or custom shapes: "default,layer4" or "B,Cin,Cout,H,k,K,stride,groups[,padding];..."
-    (mixable with ';', e.g. "layer4;32,256,256,8,3,4,1,1"; padding defaults to k//2)."""
+    """Suite names and/or custom shapes: "default,layer4" or "B,Cin,Cout,H,k,K,stride,groups[,padding[,dilation]];..."
+    (mixable with ';', e.g. "layer4;32,256,256,8,3,4,1,1"; padding -1 or left out: dilation*(k//2))."""
     shapes = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         tokens = [t.strip() for t in part.split(",") if t.strip()]
-        if all(t.isdigit() for t in tokens):
-            if len(tokens) not in (8, 9):
-                raise ValueError(f"custom shape {part!r}: expected 8 or 9 integers B,Cin,Cout,H,k,K,stride,groups"
-                                 f"[,padding]")
-            shape = LayerShape(*map(int, tokens))
-            if min(map(int, tokens[:8])) < 1 or (shape.in_channels % shape.groups
-                                                 or shape.out_channels % shape.groups):
-                raise ValueError(f"custom shape {part!r}: sizes must be >= 1 and groups must divide Cin and Cout")
+        if all(t.lstrip("-").isdigit() for t in tokens):
+            if len(tokens) not in (8, 9, 10):
+                raise ValueError(f"custom shape {part!r}: expected 8 to 10 integers B,Cin,Cout,H,k,K,stride,groups"
+                                 f"[,padding[,dilation]]")
+            values = list(map(int, tokens))
+            shape = LayerShape(*values)
+            if (min(values[:8] + values[9:]) < 1 or shape.pad < -1
+                    or shape.in_channels % shape.groups or shape.out_channels % shape.groups):
+                raise ValueError(f"custom shape {part!r}: sizes and dilation must be >= 1, padding >= 0 (or -1) and "
+                                 f"groups must divide Cin and Cout")
             if shape.out_size < 1:
                 raise ValueError(f"custom shape {part!r}: padding {shape.padding} leaves no output pixel")
             shapes.append(shape)

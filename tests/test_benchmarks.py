@@ -139,7 +139,12 @@ def test_parse_shapes():
     unpadded = parse_shapes("2,8,16,6,3,4,1,1,0")[0]  # a 4x4 output with every tap inside the 6x6 map
     assert (unpadded.padding, unpadded.out_size, unpadded.name) == (0, 4, "B2 8->16 6x6 k3 K4 s1 g1 p0")
     assert unpadded.conv_args()[1] == (0, 0) and parse_shapes("2,8,16,6,3,4,1,1,1")[0].name.endswith("g1")
-    for bad in ("nope", "1,2,3", "2,6,8,10,3,4,1,4", "2,8,16,2,5,4,1,1,0"):
+    dilated = parse_shapes("8,512,256,21,3,4,1,1,-1,24")[0]  # an atrous layer: padding 24, a 21x21 output
+    assert (dilated.padding, dilated.out_size, dilated.name) == (24, 21, "B8 512->256 21x21 k3 K4 s1 g1 d24")
+    assert dilated.conv_args() == ((1, 1), (24, 24), (24, 24), 1)
+    assert parse_shapes("2,8,16,9,3,4,1,1,1,2")[0].out_size == 7
+    for bad in ("nope", "1,2,3", "2,6,8,10,3,4,1,4", "2,8,16,2,5,4,1,1,0", "2,8,16,9,3,4,1,1,-2",
+                "2,8,16,9,3,4,1,1,1,0", "2,8,16,9,3,4,1,1,1,2,3"):
         with pytest.raises(ValueError):
             parse_shapes(bad)
 
