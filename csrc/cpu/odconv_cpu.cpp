@@ -4367,18 +4367,27 @@ at::Tensor live_taps(const at::Tensor& t_in, DeadTaps d, bool dead_to_zero = fal
   sizes[sizes.size() - 2] = dst_h;
   sizes[sizes.size() - 1] = dst_w;
   at::Tensor out = at::empty(sizes, t.options());
+  // the full grad_W of a big layer (151 MB for K = 4 1024->1024 3x3) before its first write: B16
+  // 1024->1024 on 1x1 maps the backward took 0.41 of its time without (ab_env, 6 rounds; 0.61 on 512->512)
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "odconv_live_taps", [&] {
     const scalar_t* src = t.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, planes, 1024, [&](int64_t begin, int64_t end) {
+      // one fill for the chunk's planes, and no library call per tap of a kernel's centre (a 3x3 kernel
+      // on 1x1 maps): filling and copying plane by plane took 35 ms for B16 1024->1024's 4M planes
+      if (dead_to_zero) std::fill_n(dst + begin * dst_h * dst_w, (end - begin) * dst_h * dst_w, scalar_t(0));
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* src_plane = src + i * src_h * src_w;
         scalar_t* dst_plane = dst + i * dst_h * dst_w;
-        if (dead_to_zero) std::fill_n(dst_plane, dst_h * dst_w, scalar_t(0));
         for (int64_t u = 0; u < live_h; ++u) {
           const int64_t full_offset = (u + d.rows) * full_w + d.cols, live_offset = u * live_w;
-          std::copy_n(src_plane + (dead_to_zero ? live_offset : full_offset), live_w,
-                      dst_plane + (dead_to_zero ? full_offset : live_offset));
+          const scalar_t* from = src_plane + (dead_to_zero ? live_offset : full_offset);
+          scalar_t* to = dst_plane + (dead_to_zero ? full_offset : live_offset);
+          if (live_w == 1)
+            *to = *from;
+          else
+            std::copy_n(from, live_w, to);
         }
       }
     });
