@@ -463,7 +463,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: the '{QUICK_SHAPES}' suite (unless --shapes), {QUICK_MIN_RUN_TIME}s timings")
     parser.add_argument("--shapes", default=None,
-                        help=f"suites ({', '.join(SUITES)}) and/or 'B,Cin,Cout,H,k,K,stride,groups' "
+                        help=f"suites ({', '.join(SUITES)}) and/or 'B,Cin,Cout,H,k,K,stride,groups[,padding[,dilation]]' "
                              f"shapes, separated by ';' (suites also by ','); default: {DEFAULT_SHAPES}")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the timed runs")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
