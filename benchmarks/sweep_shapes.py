@@ -3,7 +3,8 @@
 The speed targets are to hold "on other reasonable shapes" too, and the suites cannot list them all.
 This script draws --count layers (seeded, so a run can be repeated) from a space of plausible ones --
 batch 1-128, 3-2048 channels, square maps of 2-56 pixels, 1x1 to 7x7 kernels, stride 1 or 2, up to 32
-groups, K = 1-8 -- keeps those whose static convolution makes --min-macs to --max-macs multiply-adds,
+groups, K = 1-8, and with --dilations a dilation from that list (default 1, which draws none, so a seed
+gives the layers it gave before the option) -- keeps those whose static convolution makes --min-macs to --max-macs multiply-adds,
 and times, in one process, the extension's forward (the odconv2d op) and backward (odconv2d_backward,
 both gradient groups) against the static convolution's (F.conv2d and aten's convolution_backward of one
 of the K kernels): the median of --calls calls each, alternated, after a warm-up. It prints each layer's
@@ -18,6 +19,7 @@ the GEMM path of layers with few output channels and large im2col matrices (HIST
 Examples
   python benchmarks/sweep_shapes.py                          # 40 layers, seed 0
   python benchmarks/sweep_shapes.py --count 100 --seed 3 --flag 1.6 --json /tmp/sweep.json
+  python benchmarks/sweep_shapes.py --seed 2 --dilations 1,1,2,4,12   # atrous layers too
 """
 import argparse
 import json
@@ -49,7 +51,7 @@ GROUPS = (1, 1, 1, 1, 2, 4, 8, 32)
 KERNEL_NUMS = (1, 2, 4, 4, 4, 8)
 
 
-def draw(rng, min_macs, max_macs):
+def draw(rng, min_macs, max_macs, dilations=(1,)):
     """A random LayerShape whose static forward makes [min_macs, max_macs] multiply-adds."""
     while True:
         groups = rng.choice(GROUPS)
@@ -57,7 +59,8 @@ def draw(rng, min_macs, max_macs):
         if groups > 1:  # channels a multiple of the groups
             cin, cout = groups * max(1, cin // groups), groups * max(1, cout // groups)
         shape = LayerShape(rng.choice(BATCHES), cin, cout, rng.choice(SIZES), rng.choice(KERNELS),
-                           rng.choice(KERNEL_NUMS), rng.choice((1, 1, 1, 2)), groups)
+                           rng.choice(KERNEL_NUMS), rng.choice((1, 1, 1, 2)), groups,
+                           dilation=rng.choice(dilations) if len(dilations) > 1 else dilations[0])
         if shape.out_size < 1:
             continue
         macs = shape.batch * cout * (cin // groups) * shape.kernel ** 2 * shape.out_size ** 2
@@ -88,6 +91,8 @@ def main(argv=None):
     p.add_argument("--flag", type=float, default=FLAG, help="mark layers above this ratio to static x floor")
     p.add_argument("--min-macs", type=float, default=MIN_MACS)
     p.add_argument("--max-macs", type=float, default=MAX_MACS)
+    p.add_argument("--dilations", default="1",
+                   help="comma-separated dilations to draw from, repeats weighting them (default 1: none drawn)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -95,6 +100,12 @@ def main(argv=None):
         p.error("--count and --calls must be at least 1")
     if not 0 < args.min_macs <= args.max_macs:
         p.error("need 0 < --min-macs <= --max-macs")
+    try:
+        dilations = tuple(int(d) for d in args.dilations.split(","))
+    except ValueError:
+        dilations = ()
+    if not dilations or min(dilations) < 1:
+        p.error(f"--dilations must be a comma-separated list of integers >= 1, got {args.dilations!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = odconv.backend_info()["cpu"]
@@ -107,7 +118,7 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|---:|")
     results = []
     for _ in range(args.count):
-        shape = draw(rng, args.min_macs, args.max_macs)
+        shape = draw(rng, args.min_macs, args.max_macs, dilations)
         ms = time_layer(shape, args.calls)
         fwd = ms["fwd"] / ms["static_fwd"] / shape.floor
         fwdbwd = (ms["fwd"] + ms["bwd"]) / (ms["static_fwd"] + ms["static_bwd"]) / shape.floor

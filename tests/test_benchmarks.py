@@ -413,7 +413,8 @@ def test_sweep_shapes_smoke_run(tmp_path):
     # a subprocess: the script makes glibc keep freed memory, a process-wide setting
     path = tmp_path / "sweep.json"
     command = [sys.executable, os.path.join(BENCHMARKS, "sweep_shapes.py"), "--count", "3", "--calls", "1",
-               "--seed", "5", "--min-macs", "1e5", "--max-macs", "3e6", "--flag", "0", "--json", str(path)]
+               "--seed", "5", "--min-macs", "1e5", "--max-macs", "3e6", "--flag", "0", "--dilations", "1,3",
+               "--json", str(path)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(path.read_text())
@@ -423,8 +424,8 @@ def test_sweep_shapes_smoke_run(tmp_path):
     rng = random.Random(5)
     for row in report["results"]:
         shape = LayerShape(**{k: row["shape"][k] for k in ("batch", "in_channels", "out_channels", "size", "kernel",
-                                                           "kernel_num", "stride", "groups")})
-        assert shape == sweep_shapes.draw(rng, 1e5, 3e6)  # the seed gives the same layers
+                                                           "kernel_num", "stride", "groups", "dilation")})
+        assert shape == sweep_shapes.draw(rng, 1e5, 3e6, (1, 3))  # the seed gives the same layers
         macs = shape.batch * shape.out_channels * shape.in_channels // shape.groups * shape.kernel ** 2 * \
             shape.out_size ** 2
         assert 1e5 <= macs <= 3e6
@@ -434,6 +435,18 @@ def test_sweep_shapes_smoke_run(tmp_path):
             (ms["fwd"] + ms["bwd"]) / (ms["static_fwd"] + ms["static_bwd"]) / shape.floor)
         assert row["flagged"] and row["name"] in proc.stdout  # --flag 0 marks every layer
     assert "3 of 3 layers above 0.0" in proc.stdout
+
+
+def test_sweep_shapes_dilations():
+    import random
+    import sweep_shapes
+    # the default draws no dilation, so a seed's layers are those it gave before --dilations existed
+    assert sweep_shapes.draw(random.Random(0), 2e7, 4e9) == LayerShape(8, 160, 96, 56, 3, 4, 1, 2)  # seed 0 in RESULTS
+    drawn = [sweep_shapes.draw(random.Random(seed), 2e7, 4e9, (2, 6)) for seed in range(20)]
+    assert {s.dilation for s in drawn} == {2, 6} and all(s.out_size >= 1 for s in drawn)
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(SystemExit):
+            sweep_shapes.main(["--dilations", bad])
 
 
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="probes the compiled CPU extension")
