@@ -529,11 +529,15 @@ def test_large_im2col_path_by_rows(case, wants, monkeypatch, num_threads):
 
 
 # Dense layers of 3 output channels stay on the GEMM path on an 18x18 map (8 channels take the convolution path
-# there). The backward shows it: on this layer the two forwards compute the same bits.
+# there). The backward shows it: on this layer the two forwards compute the same bits. With a sample's im2col
+# matrix of 12 MiB or more (64 channels, 7x7 kernel, 32x32 map: 12.3 MB) the forward takes the convolution
+# path, and from 48 MiB (128 channels on 45x45: 50.8 MB) the backward too.
 @requires_extension
 @pytest.mark.parametrize("case,wants", [((4, 32, 3, 18, 3, 2, 1, 1, 1, 1), (None, "never")),
-                                        ((4, 32, 8, 18, 3, 2, 1, 1, 1, 1), ("always", "always"))],
-                         ids=["3_rows", "8_rows"])
+                                        ((4, 32, 8, 18, 3, 2, 1, 1, 1, 1), ("always", "always")),
+                                        ((2, 64, 3, 32, 7, 2, 1, 3, 1, 1), ("always", "never")),
+                                        ((2, 128, 3, 45, 7, 2, 1, 3, 1, 1), ("always", "always"))],
+                         ids=["3_rows", "8_rows", "3_rows_12MB_im2col", "3_rows_50MB_im2col"])
 def test_few_output_channels_path(case, wants, monkeypatch, num_threads):
     num_threads(2)
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)

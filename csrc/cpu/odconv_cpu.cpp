@@ -3735,7 +3735,16 @@ constexpr int64_t kSampleConvMinPixels = 256;
 // results/ab_conv_path_tiny_cout_avx512_cpu*.json: forward 0.43-0.73 and backward 0.30-0.66 on 1, 2, 3,
 // 5 and 6 channels on 32x32 and 64x64 maps and 3 on 20x20 with 5x5 kernels; with 4 channels forward
 // 1.55 and backward 0.84, with 8, 12 and 16 forward 1.25-2.51 and backward 1.05-3.00: those keep it).
+// But not when a sample's im2col matrix is large: the GEMM path then streams it from memory for three
+// multiply-adds an element (and a per-thread buffer of more than 64 MB comes from fresh pages on every
+// call), where the convolution's work does not grow with it. Against ODCONV_CPU_CONV_PATH=always, 3
+// rounds, B2-B8 layers of 1-6 channels on 28x28-112x112 maps with 3x3-7x7 kernels
+// (results/ab_conv_path_few_rows_large_im2col_avx512_cpu*.json): forward 0.08-0.36 at 29-118 MB of
+// im2col a sample, 0.56-0.68 at 13-15 MB, 1.00 at 9-12 MB and 1.5-1.7 at 5-7 MB; backward 0.13-0.31 at
+// 50-118 MB, but 1.45-1.80 at 30-40 MB with 5x5 kernels (0.73 with 7x7) and 1.2-3.0 below.
 constexpr int64_t kConvPathMinOddRows = 8;
+constexpr int64_t kFewRowsConvPathIm2colBytesForward = 12 * 1024 * 1024;
+constexpr int64_t kFewRowsConvPathIm2colBytesBackward = 48 * 1024 * 1024;
 constexpr int64_t kSampleConvLargeIm2colMaxRows = 64;
 constexpr int64_t kSampleConvLargeIm2colMinPixels = 49;
 // On AVX-512 the backward of 16x16 maps stays on the GEMM path: ODCONV_CPU_CONV_PATH=never against
@@ -3793,7 +3802,10 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;  // the others keep their fp32 accumulation
   const std::string mode = path_override("ODCONV_CPU_CONV_PATH", {"auto", "always", "never"});
   if (mode != "auto") return mode == "always";
-  if (g.groups == 1 && g.out_channels < kConvPathMinOddRows && g.out_channels % 4 != 0) return false;
+  if (g.groups == 1 && g.out_channels < kConvPathMinOddRows && g.out_channels % 4 != 0) {
+    const int64_t large = backward ? kFewRowsConvPathIm2colBytesBackward : kFewRowsConvPathIm2colBytesForward;
+    return im2col_bytes(g, at::elementSize(dtype)) >= large;
+  }
   if (depthwise_like(g)) return true;
   if (dtype == at::kFloat && narrow_groups(g)) {
     if (backward && g.stride_h == 1 && g.stride_w == 1 && !narrow_group_backward_by_columns(g)) return true;
