@@ -543,6 +543,17 @@ def test_few_output_channels_path(case, wants, monkeypatch, num_threads):
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
 
 
+# A 1x1 kernel without stride or padding has no im2col matrix: 4.5 MB of x a sample does not send its backward to
+# the convolution path (a 3x3 kernel's 4.1 MB of im2col does)
+@requires_extension
+@pytest.mark.parametrize("case,wants", [((2, 1024, 32, 33, 1, 2, 1, 0, 1, 1), ("never", "never")),
+                                        ((2, 112, 32, 33, 3, 2, 1, 1, 1, 1), (None, "always"))],
+                         ids=["1x1", "3x3"])
+def test_backward_path_of_identity_im2col(case, wants, monkeypatch, num_threads):
+    num_threads(2)
+    assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
+
+
 @requires_extension
 @pytest.mark.parametrize("case", SAMPLE_CONVOLUTION_BACKWARDS[1:4], ids=case_id)
 def test_backward_by_sample_convolutions_gradient_groups(case, monkeypatch):

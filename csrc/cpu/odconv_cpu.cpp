@@ -3815,8 +3815,13 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
         g.out_channels * g.cols_per_group() * g.out_pixels() >= kNarrowGroupMinSampleMacs)
       return true;
   }
+  // (A 1x1 kernel with unit stride and no padding has no im2col matrix to stream: its backward keeps the GEMM
+  // path whatever the size of x. ODCONV_CPU_CONV_PATH=never against auto, 3 rounds, two runs,
+  // results/ab_conv_path_backward_identity_im2col_avx512_cpu*.json: backward 0.36-0.40 on B16 1024->32 32x32
+  // and B64 768->32 56x56 with 8 groups, 0.66-0.85 on grouped layers of 32-64 rows per group on 32x32 and
+  // 48x48, 0.91-1.00 on dense layers of 64-512 rows, 1.00-1.10 on 768->768 56x56 with 8 groups.)
   if (backward)
-    return im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathIm2colBytes ||
+    return (!g.im2col_is_identity() && im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathIm2colBytes) ||
            (dtype == at::kFloat && g.out_pixels() >= sample_conv_min_pixels_backward() && !g.im2col_is_identity());
   if (dtype == at::kFloat && g.im2col_is_identity())
     return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
