@@ -11,6 +11,9 @@ calls alike: on the 2-vCPU EPYC of 2026-12-06 such ratios held to 2-3 % over 30 
 benchmarks/ab_builds.py's fastest medians of fresh processes (the way to compare two builds) moved
 by 10-20 %.
 
+By default the process keeps glibc's defaults, under which buffers of 32 MiB and more come as fresh pages on
+every call; --keep-freed-memory makes glibc keep freed memory first (odconv.keep_freed_memory(), as train.py,
+bench_op.py and sweep_shapes.py run), which A/B runs of allocation-heavy paths should use to read as training.
 A variant is a comma-separated list of VAR=VALUE settings ("" or "-" for none: the defaults); a
 setting with an empty value unsets the variable.
 
@@ -88,6 +91,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="make glibc keep freed memory, as train.py does (process-wide; default: glibc's defaults)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if len(args.variants) < 2:
@@ -106,6 +111,7 @@ def main(argv=None):
     info = odconv.backend_info()["cpu"]
     if info["backend"] != "extension":
         sys.exit(f"ab_env.py times the compiled CPU extension, which is not in use: {info}")
+    kept = bool(odconv.keep_freed_memory()) if args.keep_freed_memory else False
 
     reference = args.variants[0]
     print("| shape | op | variant | median ms | / first, median of rounds [range] |")
@@ -126,7 +132,7 @@ def main(argv=None):
     if args.json:
         report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": machine_info("cpu"),
                   "threads": torch.get_num_threads(), "rounds": args.rounds, "reference": reference,
-                  "results": results}
+                  "keep_freed_memory": kept, "results": results}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return results

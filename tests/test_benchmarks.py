@@ -398,6 +398,13 @@ def test_ab_env_alternates_variants_in_one_process(tmp_path, capsys, monkeypatch
         assert row["name"] in table and first["median_ms"] > 0
     # the environment is as it was: set, unset
     assert os.environ["ODCONV_CPU_TRANSPOSED_FORWARD"] == "never" and "ODCONV_CPU_BACKWARD_SPLIT" not in os.environ
+    assert report["keep_freed_memory"] is False  # glibc's defaults unless asked
+    calls = []  # --keep-freed-memory asks odconv (a stand-in here: the setting is process-wide)
+    monkeypatch.setattr(ab_env.odconv, "keep_freed_memory", lambda: calls.append(True) or True)
+    ab_env.main(["--variants", "-", "ODCONV_CPU_FORWARD_SPLIT=samples", "--shapes", "2,4,6,6,3,2,1,1", "--modes", "fwd",
+                 "--rounds", "1",
+                 "--warmup", "0", "--keep-freed-memory", "--json", str(path)])
+    assert calls == [True] and json.loads(path.read_text())["keep_freed_memory"] is True
     # the op reads a variant's override at the call: a value it rejects fails there, and is undone
     with pytest.raises(RuntimeError, match="ODCONV_CPU_BACKWARD_SPLIT must be auto, samples or columns, got 'bad'"):
         ab_env.main(["--variants", "-", "ODCONV_CPU_BACKWARD_SPLIT=bad", "--shapes", "2,4,6,6,3,2,1,1",

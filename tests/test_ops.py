@@ -305,6 +305,8 @@ BLOCKING = [
                                            # as a dense layer (32 rows x 5 blocks of 464/448; float32 x 3 of 768)
     (1, 512, 256, 9, 3, 1, 1, 1, 1, 2),    # the same with K = 1 at batch 1 (the rows split between threads)
     (3, 512, 256, 4, 3, 4, 1, 1, 1, 2),    # the same on a 4x4 map: the folded float32 forward's tiles cut groups too
+    (2, 216, 136, 14, 5, 4, 1, 2, 1, 1),   # im2col of 4.2 MB a sample (float32; 8.5 float64): the forward's tiles
+                                           # cut in J take up to 128 rows (136 = 2 x 68) by 256 columns
 ]
 
 

@@ -120,6 +120,8 @@ constexpr int64_t kTileBytes = 512 * 1024;         // K slices of W_k per tile
 constexpr int64_t kTileKernelsAtLeast = 4;         // the plain forward's tiles are sized for at least this K
 constexpr int64_t kWholeGroupTileMaxBytes = 1024 * 1024;  // a group's Wb larger than this is cut (make_tiles)
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
+constexpr int64_t kForwardLargeIm2colTileRows = 128;  // ... in the forward with a large im2col matrix
+constexpr int64_t kForwardLargeIm2colBytes = 4 * 1024 * 1024;
 constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
 constexpr int64_t kForwardCutRows = 16;            // the forward cuts J below this many rows (make_tiles)
 // One sample's im2col matrix (J x P) up to this size stays in cache (L2) while a thread works on it.
@@ -324,6 +326,16 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // same way, ..._folded_avx512_cpu*.json, two runs of 6 and 8 rounds: 0.27 on B4 512->1024 4x4 5x5 with
 // two groups, 0.61-0.62 on B64 512->512 4x4 with two, 0.63-0.74 on 1024->1024 4x4 with four, 0.78 on
 // B32 512->512 7x7 with two, 0.82 on 8x8 with two; 0.99-1.04 on 256->512 8x8 and 6x6 with two.)
+// The forward's tiles cut in J take kForwardLargeIm2colTileRows rows instead of kMinTileRows where a
+// sample's im2col matrix (one group's, J x P) is kForwardLargeIm2colBytes or more: each range of rows
+// re-reads that matrix from beyond L2, 16 times a sample for 512 rows in tiles of 32 (each tile then
+// holds 256 columns of J instead of 1024, accumulated over more products). (benchmarks/ab_env.py with a
+// temporary switch, 3 rounds, Zen 4 EPYC, results/ab_forward_tile_rows_large_im2col_avx512_cpu*.json:
+// forward 0.79-0.90 with 128 rows on B4 384->512 and B16 512->512 14x14 5x5, B32 1024->512 10x10 5x5,
+// B16 1024->256 12x12 5x5 and B8 1024->1024 14x14 3x3 (7-15 MB of im2col a sample), 64 rows 0.84-0.99;
+// 0.98-1.09 on layers with 0.3-3.6 MB (4x4, 12x12, 10x10, 14x14 3x3), which keep 32. Only the plain
+// products on maps of more than kMaxFoldedPixels pixels, where it was measured: not the folded forward's
+// tiles nor the transposed forward's, whose rows are the products' columns.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
                              int64_t tile_bytes = kTileBytes, bool rows_are_columns = false,
                              bool whole_channels = false, bool cut_groups = false) {
@@ -338,7 +350,10 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
     const bool cut_columns =
         rows_per_tile < kMinTileRows && Cog > rows_per_tile &&
         (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
-    const int64_t rows_wanted = cut_columns ? kMinTileRows : rows_per_tile;
+    const bool large_im2col = for_forward && !rows_are_columns && g.out_pixels() > kMaxFoldedPixels &&
+                              J * g.out_pixels() * elem_size >= kForwardLargeIm2colBytes;
+    const int64_t rows_wanted =
+        cut_columns ? (large_im2col ? kForwardLargeIm2colTileRows : kMinTileRows) : rows_per_tile;
     const int64_t rows =
         min_row_blocks > g.groups
             ? std::min(rows_wanted, std::max(kMinSplitRows, (Cog * g.groups + min_row_blocks - 1) / min_row_blocks))
