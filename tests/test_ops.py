@@ -764,13 +764,14 @@ def test_forward_path_overrides_are_checked(variable, value, choices, monkeypatc
 # a 3x3 kernel on 1x1 maps (its centre), 7x7 on 3x3 (its middle 5x5), a dilation beyond the map, dead rows
 # only (1x5 maps), stride 2 with groups (5x5 on 2x2), a 1x7 kernel, and a dead pair of rows with live
 # columns under a rectangular dilation. -------------------------------------------------------------------
+# Batches large enough that the trim pays (dead_taps: B * (1 + P/K) * dead fraction >= 16).
 DEAD_TAPS = [
-    (4, 8, 6, 1, 3, 2, 1, 1, 1, 1),
-    (3, 6, 4, 3, 7, 2, 1, 3, 1, 1),
+    (16, 8, 6, 1, 3, 2, 1, 1, 1, 1),
+    (8, 6, 4, 3, 7, 2, 1, 3, 1, 1),
     (2, 4, 6, 5, 3, 2, 1, 6, 6, 1),
-    (2, 4, 6, (1, 5), 3, 2, 1, 1, 1, 1),
-    (3, 4, 4, 2, 5, 3, 2, 2, 1, 2),
-    (2, 4, 6, (3, 2), (1, 7), 2, 1, (0, 3), 1, 1),
+    (8, 4, 6, (1, 5), 3, 2, 1, 1, 1, 1),
+    (20, 4, 4, 2, 5, 3, 2, 2, 1, 2),
+    (8, 4, 6, (3, 2), (1, 7), 2, 1, (0, 3), 1, 1),
     (2, 6, 4, (4, 9), 3, 3, 1, (5, 2), (5, 2), 1),
 ]
 # (live rows at each end trimmed, live columns): the layers of DEAD_TAPS without their dead taps
@@ -793,7 +794,7 @@ def test_dead_taps_16_bit(dtype):
 
 @requires_extension
 def test_dead_taps_gradcheck():
-    inputs = make_inputs(2, 3, 4, 2, 5, 2, 1)  # 5x5 on 2x2: its middle 3x3
+    inputs = make_inputs(9, 3, 4, 2, 5, 2, 1)  # 5x5 on 2x2: its middle 3x3 (9 samples: the trim pays)
     assert torch.autograd.gradcheck(lambda *t: ext(t, (1, 1), (2, 2), (1, 1), 1), inputs, eps=1e-6, atol=1e-7)
 
 
@@ -834,10 +835,12 @@ def test_dead_taps_are_those_no_pixel_reads(case, trim, monkeypatch):
 
 # Kept whole: every tap read by some pixel (5x5 on 3x3), a dead row at one end only (3x3 on 2x2 with stride 2),
 # a dead pair of rows the padding does not cover (3x3 with dilation 3 and padding 2 on 4x4 maps: only the
-# centre row reads the map, but trimming a row would take the padding below zero)
+# centre row reads the map, but trimming a row would take the padding below zero), and a batch too small to
+# pay for the trim (DEAD_TAPS[0] with 2 samples: 2 * 1.5 * 8/9 < 16)
 @requires_extension
-@pytest.mark.parametrize("case", [(2, 4, 4, 3, 5, 2, 1, 2, 1, 1), (2, 4, 4, 2, 3, 2, 2, 1, 1, 1),
-                                  (2, 4, 4, 4, 3, 2, 1, 2, 3, 1)], ids=["all_live", "one_end", "padding_short"])
+@pytest.mark.parametrize("case", [(32, 4, 4, 3, 5, 2, 1, 2, 1, 1), (32, 4, 4, 2, 3, 2, 2, 1, 1, 1),
+                                  (32, 4, 4, 4, 3, 2, 1, 2, 3, 1), (2, 8, 6, 1, 3, 2, 1, 1, 1, 1)],
+                         ids=["all_live", "one_end", "padding_short", "small_batch"])
 def test_dead_taps_kept_when_not_both_ends(case, monkeypatch):
     inputs, conv, grad_out = float32_layer(case)
     results = []

@@ -4349,7 +4349,8 @@ at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
 // kernel without them: trimming t rows from both ends with padding pad - t*dil keeps every remaining tap's
 // input row and the output size, and the gradients of weight and spatial_att are zero in the trimmed taps.
 // Rows are trimmed in pairs (top and bottom) only while both are dead and the padding covers them, so the
-// trimmed layer is an ordinary symmetric one. ODCONV_CPU_DEAD_TAPS=auto (default) | never overrides it.
+// trimmed layer is an ordinary symmetric one, and only where the batch amortises the trim (dead_taps).
+// ODCONV_CPU_DEAD_TAPS=auto (default) | never overrides it.
 struct DeadTaps {
   int64_t rows = 0, cols = 0;  // kernel rows (columns) dropped at each end
   bool any() const { return rows > 0 || cols > 0; }
@@ -4369,10 +4370,25 @@ int64_t dead_kernel_ends(int64_t in, int64_t out, int64_t kernel, int64_t stride
   return t;
 }
 
+// Trimming costs a pass over all of W (and, backward, one over grad_W), so it pays only where the batch
+// saves more than that: per element of one kernel, each sample spends about 1 + P/K multiply-adds on it
+// (building Wb from the K kernels, the product over P pixels), and the trim copies it at the cost of
+// ~kDeadTapsMinSavedMacs of them. So the taps are dropped when B * (1 + P/K) * (dead fraction) reaches
+// that. (benchmarks/ab_env.py --keep-freed-memory, ODCONV_CPU_DEAD_TAPS=never against always-trim, 3
+// rounds, results/ab_dead_taps_small_batch_avx512_cpu.json: forward untrimmed 0.33-0.91 of the trimmed
+// time at B1-B8 on 1x1-3x3 maps (scores 1.1-10.7), trimmed better at B1 on a 21x21 map with dilation 24
+// (98), B16-B64 on 1x1-3x3 maps (18-71); the backward the same but for K = 8 layers, where trimming won
+// at scores 2.4-10.7 (1.2-1.8x) and the rule gives that up.)
+constexpr double kDeadTapsMinSavedMacs = 16;
+
 DeadTaps dead_taps(const Geometry& g) {
   if (path_override("ODCONV_CPU_DEAD_TAPS", {"auto", "never"}) == "never") return {};
-  return {dead_kernel_ends(g.height, g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dil_h),
-          dead_kernel_ends(g.width, g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dil_w)};
+  const DeadTaps d{dead_kernel_ends(g.height, g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dil_h),
+                   dead_kernel_ends(g.width, g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dil_w)};
+  if (!d.any()) return d;
+  const double live = double((g.kernel_h - 2 * d.rows) * (g.kernel_w - 2 * d.cols)) / double(g.taps());
+  const double saved = double(g.batch) * (1.0 + double(g.out_pixels()) / double(g.kernel_num)) * (1.0 - live);
+  return saved >= kDeadTapsMinSavedMacs ? d : DeadTaps{};
 }
 
 Geometry without_dead_taps(const Geometry& g, DeadTaps d) {
