@@ -3819,7 +3819,7 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   if (mode != "auto") return mode == "always";
   if (g.groups == 1 && g.out_channels < kConvPathMinOddRows && g.out_channels % 4 != 0) {
     const int64_t large = backward ? kFewRowsConvPathIm2colBytesBackward : kFewRowsConvPathIm2colBytesForward;
-    return im2col_bytes(g, at::elementSize(dtype)) >= large;
+    return im2col_bytes(g, c10::elementSize(dtype)) >= large;
   }
   if (depthwise_like(g)) return true;
   if (dtype == at::kFloat && narrow_groups(g)) {
@@ -4443,30 +4443,6 @@ at::Tensor live_taps(const at::Tensor& t_in, DeadTaps d, bool dead_to_zero = fal
   return out;
 }
 
-at::Tensor forward_checked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
-                           const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
-                           const Geometry& g);
-
-at::Tensor odconv2d_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
-    const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const Geometry g = check_inputs(
-      "odconv2d", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride, padding,
-      dilation, groups);
-  TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
-  read_masked_taps_override();
-  read_ragged_tail_override();
-  // the products below run on views of working buffers: keep autograd out of them
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const DeadTaps dead = dead_taps(g);
-  if (dead.any()) {
-    return forward_checked(x, live_taps(weight, dead), channel_att, filter_att, live_taps(spatial_att, dead),
-                           kernel_att, without_dead_taps(g, dead));
-  }
-  return forward_checked(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
-}
-
 // The forward of checked inputs, by path.
 at::Tensor forward_checked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
                            const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
@@ -4497,6 +4473,26 @@ at::Tensor forward_checked(const at::Tensor& x, const at::Tensor& weight, const 
   return out;
 }
 
+at::Tensor odconv2d_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
+    const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Geometry g = check_inputs(
+      "odconv2d", x, weight, channel_att, filter_att, spatial_att, kernel_att, stride, padding,
+      dilation, groups);
+  TORCH_CHECK(x.device().is_cpu(), "odconv2d: the CPU kernel got x on ", x.device());
+  read_masked_taps_override();
+  read_ragged_tail_override();
+  // the products below run on views of working buffers: keep autograd out of them
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const DeadTaps dead = dead_taps(g);
+  if (dead.any()) {
+    return forward_checked(x, live_taps(weight, dead), channel_att, filter_att, live_taps(spatial_att, dead),
+                           kernel_att, without_dead_taps(g, dead));
+  }
+  return forward_checked(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
+}
+
 // The backward of checked float32 / float64 inputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_checked(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
@@ -4515,10 +4511,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return grads;
 }
 
+// The backward of checked inputs of any dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any_dtype(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
     const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att, const Geometry& g,
-    std::array<bool, 2> output_mask);
+    std::array<bool, 2> output_mask) {
+  if (!is_16bit(x)) {
+    return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
+  }
+  // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
+  // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
+  // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
+  // The forward stays in 16 bit on maps larger than 16x16, where that was faster (2.3x at 48x48).
+  const auto grads = backward_checked(to_float(grad_out), to_float(x), to_float(weight), to_float(channel_att),
+                                      to_float(filter_att), to_float(spatial_att), to_float(kernel_att), g,
+                                      output_mask);
+  const auto back = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
+  return std::make_tuple(back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)),
+                         back(std::get<3>(grads)), back(std::get<4>(grads)), back(std::get<5>(grads)));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> odconv2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -4542,26 +4553,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return grads;
   }
   return backward_any_dtype(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
-}
-
-// The backward of checked inputs of any dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any_dtype(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
-    const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att, const Geometry& g,
-    std::array<bool, 2> output_mask) {
-  if (!is_16bit(x)) {
-    return backward_checked(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g, output_mask);
-  }
-  // Half-precision backward runs the float32 kernels on float32 copies and rounds the gradients
-  // back: faster here than the 16-bit products (1.5-1.9x on the GTSRB network's layers, batch
-  // 128; the 16-bit GEMMs are per-sample ATen matmuls, float32 has brgemm), and more accurate.
-  // The forward stays in 16 bit on maps larger than 16x16, where that was faster (2.3x at 48x48).
-  const auto grads = backward_checked(to_float(grad_out), to_float(x), to_float(weight), to_float(channel_att),
-                                      to_float(filter_att), to_float(spatial_att), to_float(kernel_att), g,
-                                      output_mask);
-  const auto back = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
-  return std::make_tuple(back(std::get<0>(grads)), back(std::get<1>(grads)), back(std::get<2>(grads)),
-                         back(std::get<3>(grads)), back(std::get<4>(grads)), back(std::get<5>(grads)));
 }
 
 } // namespace
