@@ -518,13 +518,16 @@ def test_dense_backward_path_by_map_size(case, wants, monkeypatch, num_threads):
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)
 
 
-# Layers on 10x10 maps with 5 MB of im2col a sample (7x7 kernels, 256 channels) take the convolution path
-# backward; forward too with few output channels per group (8; 12 in each of two groups), not with 72.
+# Layers on 10x10 maps with 5 MB of im2col a sample (7x7 kernels, 256 channels): the forward takes the convolution
+# path with at most 64 output channels per group; the backward (a map under the pixel rule's) with 100 pixels for
+# at least 6 rows of a group: 8 rows, 16, two groups of 12, not 24 (forward only) or 72 (neither).
 @requires_extension
 @pytest.mark.parametrize("case,wants", [((2, 256, 8, 10, 7, 2, 1, 3, 1, 1), ("always", "always")),
+                                        ((2, 256, 16, 10, 7, 2, 1, 3, 1, 1), ("always", "always")),
                                         ((2, 256, 24, 10, 7, 2, 1, 3, 1, 2), ("always", "always")),
-                                        ((2, 256, 72, 10, 7, 2, 1, 3, 1, 1), ("never", "always"))],
-                         ids=["8_rows", "2_groups_of_12_rows", "72_rows"])
+                                        ((2, 256, 24, 10, 7, 2, 1, 3, 1, 1), ("always", "never")),
+                                        ((2, 256, 72, 10, 7, 2, 1, 3, 1, 1), ("never", "never"))],
+                         ids=["8_rows", "16_rows", "2_groups_of_12_rows", "24_rows", "72_rows"])
 def test_large_im2col_path_by_rows(case, wants, monkeypatch, num_threads):
     num_threads(2)
     assert_auto_takes(case, "ODCONV_CPU_CONV_PATH", wants, monkeypatch)

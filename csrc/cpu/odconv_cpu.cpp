@@ -3687,7 +3687,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // pixels (more on AVX-512: sample_conv_min_pixels_backward; and im2col is not x itself, 1x1 unpadded
 // kernels), and that of any layer whose im2col matrix reaches kConvPathIm2colBytes: the GEMM
 // path streams im2row and gcols, kh*kw times the activations, through memory for every sample, where
-// the convolution's backward reads and writes the activations only. There each thread takes a run of
+// the convolution's backward reads and writes the activations only. On maps below the pixel rule's
+// the im2col rule holds only with at least kConvPathIm2colMinPixelsPerRow output pixels per output
+// channel of a group: the convolution path streams each sample's kernel and its gradient, (Cout/G) x J
+// a group against the im2col matrix's J x P, so with many rows on a small map it moves more than the
+// GEMM path saves. (benchmarks/ab_env.py, ODCONV_CPU_CONV_PATH=never against auto, 3-4 rounds, memory
+// kept, Zen 4 EPYC, results/ab_conv_path_backward_im2col_small_maps_avx512_cpu*.json: backward 0.29-0.33
+// on B8 4096->512 7x7 and 512->512 7x7 with 7x7 kernels, 0.52-0.55 with 32-64 rows on 7x7-12x12 maps,
+// 0.64-0.87 on 14x14-16x16 layers of 48-1024 rows (grouped too), 0.86-0.94 with 24-32 rows on 10x10;
+// kept on the convolution path: 8 rows on 16x16 (GEMM 2.52), 16 rows on 10x10 (1.06), 32 on 14x14 (1.09),
+// 16 on 12x12 (0.95-0.98, the only losses, with 29-58 MB of im2col a sample).) There each thread takes a run of
 // samples (backward_by_sample_convolutions, below), and a call covers as many samples as make
 // kSampleConvCallMacs multiply-adds (small layers: fewer calls), one at a time when a group has fewer
 // than kSampleConvMinCallChannels input channels (oneDNN's grouped convolution with 3 channels per
@@ -3719,6 +3728,7 @@ constexpr int64_t kConvPathMaxMacs = 64;
 constexpr int64_t kConvPathChunkBytes = 4 * 1024 * 1024;
 constexpr int64_t kConvPathForwardOneChunkBytes = 8 * 1024 * 1024;  // see forward_conv_path
 constexpr int64_t kConvPathIm2colBytes = 4 * 1024 * 1024;
+constexpr int64_t kConvPathIm2colMinPixelsPerRow = 6;  // the backward on maps below the pixel rule: see above
 constexpr int64_t kSampleConvMinIm2colBytes = 3 * 512 * 1024;
 constexpr int64_t kSampleConvMinPixels = 256;
 // The float32 forward of layers with few output channels (per group) whose im2col matrix reaches
@@ -3836,8 +3846,11 @@ bool use_conv_path(const Geometry& g, at::ScalarType dtype, bool backward) {
   // and B64 768->32 56x56 with 8 groups, 0.66-0.85 on grouped layers of 32-64 rows per group on 32x32 and
   // 48x48, 0.91-1.00 on dense layers of 64-512 rows, 1.00-1.10 on 768->768 56x56 with 8 groups.)
   if (backward)
-    return (!g.im2col_is_identity() && im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathIm2colBytes) ||
-           (dtype == at::kFloat && g.out_pixels() >= sample_conv_min_pixels_backward() && !g.im2col_is_identity());
+    return !g.im2col_is_identity() &&
+           ((im2col_bytes(g, c10::elementSize(dtype)) >= kConvPathIm2colBytes &&
+             (g.out_pixels() >= sample_conv_min_pixels_backward() ||
+              g.out_pixels() >= kConvPathIm2colMinPixelsPerRow * g.out_per_group)) ||
+            (dtype == at::kFloat && g.out_pixels() >= sample_conv_min_pixels_backward()));
   if (dtype == at::kFloat && g.im2col_is_identity())
     return g.groups == 1 && g.in_channels >= kSampleConvMinDirectChannels &&
            g.out_pixels() >= kSampleConvMinDirectPixels && g.out_pixels() <= kSampleConvMaxDirectPixels;
