@@ -628,13 +628,19 @@ TRANSPOSED_FORWARD = [
     # class: stride 2 (two classes), dilation 2 (three classes of two, three and two rows), padding 0
     # (one class: one product), padding 3 (the first and last rows' classes have no kernel row inside
     # the map: their rows of out^T are zeros), and tiles cut in J (whole channels, tap-major within
-    # each: 400 channels in blocks of 64 and a last of 16; the 150-channel cases above 64, 64, 22).
+    # each: 400 channels in five blocks of 80; the 150-channel cases above 64, 64, 22).
     (4, 16, 24, 12, 3, 4, 2, 1, 1, 1),
     (3, 16, 24, 7, 3, 4, 1, 2, 2, 1),
     (3, 16, 24, 8, 3, 4, 1, 0, 1, 1),
     (3, 16, 24, 5, 3, 4, 1, 3, 1, 1),
     (3, 400, 40, 6, 3, 4, 1, 1, 1, 1),
     (12, 400, 40, 6, 3, 4, 1, 1, 1, 1),
+    # Column-block runs (dense layers whose tiles are cut in J, tap-major per run, the batch split): the rows
+    # of one block of channels at a time from x channels-last, every tile of the block over the run's samples;
+    # 4 and 1 samples per thread above build each sample's Wb^T, 6 here fold A^T (150 channels: blocks of 64,
+    # 64 and 22 for 32 + 8 rows; 200 channels with 5x5 kernels and stride 2: six blocks of 32 and one of 8)
+    (18, 150, 40, 6, 3, 4, 1, 1, 1, 1),
+    (18, 200, 24, 7, 5, 4, 2, 2, 1, 1),
 ]
 
 

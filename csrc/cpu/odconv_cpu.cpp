@@ -47,7 +47,9 @@
 //   cols   (n, G*J, P)    im2col of x (forward); not built for 1x1, stride-1, unpadded kernels
 //   rows   (n, P, G*J)    im2row of x (backward, for Q; float32 forward on maps like 6x6 and 7x7,
 //                         which multiplies out^T = rows @ Wb^T into out_t (n, P, Cout), its columns
-//                         in (tap, channel) order, of each tile's channels: "Tap-major columns")
+//                         in (tap, channel) order, of each tile's channels: "Tap-major columns"; dense
+//                         layers whose tiles are cut in J hold one column block's (n, P, Jt) at a time,
+//                         from x channels-last (n, H*W, Cin): "Column-block runs")
 //   gcols  (n, G*J, P)    gradient of cols (backward; for the im2col-free case grad_x itself)
 //   folded (4, T, Jt)     A of the tile for four samples (float32 forward on 4x4 and 8x8 maps), or
 //                         A^T (4, Jt, T) (float32 forward on maps like 6x6, in runs of 5+ samples)
@@ -1338,43 +1340,41 @@ void input_scale_tap_major(const acc_t* ch, const acc_t* s, const Geometry& g, i
     }
 }
 
+// The tap-major rows of the input channels [c0, c0 + Cb) (one block of a group's channels) from x_t, x_b
+// channels-last (H*W x Cin): rows[p * ld + t * Cb + c] = x_b[c0 + c] at tap t's input pixel of output pixel p
+// (0 in the padding).
 template <typename scalar_t>
-void im2row_tap_major(const scalar_t* x, const Geometry& g, int64_t block_channels, scalar_t* x_t, scalar_t* rows,
-                      int64_t ld) {
-  const int64_t Cin = g.in_channels, Cg = g.in_per_group, J = g.cols_per_group(), H = g.height, W = g.width;
-  const int64_t taps = g.taps();
-  transpose_into(x, Cin, H * W, x_t, Cin);
+void im2row_tap_major_channels(const scalar_t* x_t, const Geometry& g, int64_t c0, int64_t Cb, scalar_t* rows,
+                               int64_t ld) {
+  const int64_t Cin = g.in_channels, H = g.height, W = g.width;
   for (int64_t oh = 0; oh < g.out_h; ++oh)
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
       scalar_t* row = rows + (oh * g.out_w + ow) * ld;
       for (int64_t u = 0; u < g.kernel_h; ++u) {
         const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
         for (int64_t v = 0; v < g.kernel_w; ++v) {
-          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, t = u * g.kernel_w + v;
-          const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-          for (int64_t gi = 0; gi < g.groups; ++gi)
-            for (int64_t c0 = 0; c0 < Cg; c0 += block_channels) {
-              const int64_t Cb = std::min(block_channels, Cg - c0);
-              scalar_t* dst = row + gi * J + c0 * taps + t * Cb;
-              if (inside)
-                std::copy_n(x_t + (ih * W + iw) * Cin + gi * Cg + c0, Cb, dst);
-              else
-                std::fill_n(dst, Cb, scalar_t(0));
-            }
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w;
+          scalar_t* dst = row + (u * g.kernel_w + v) * Cb;
+          if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+            std::copy_n(x_t + (ih * W + iw) * Cin + c0, Cb, dst);
+          else
+            std::fill_n(dst, Cb, scalar_t(0));
         }
       }
     }
 }
 
-// ---- Padded rows skipped (the tap-major products) ---------------------------------------------------
-// In tap-major order a kernel row u owns the columns [u*kw*Cb, (u+1)*kw*Cb) of a tile's Cb channels, and
-// the output rows oh whose input row oh*stride - pad + u*dil lies in the padding hold zeros there. Output
-// rows with the same range [u0, u1) of kernel rows inside the map form a row class (3x3 with padding 1:
-// the first row, the middle rows, the last row); the transposed product of a class, out^T[its pixels]
-// = rows[its pixels, columns of u0..u1] @ B[those columns], skips the zeros the single product would
-// multiply: 1/6 of a 3x3 product's multiply-adds on 4x4 maps, 1/9 on 6x6, 1/12 on 8x8 (oneDNN's direct
-// convolution skips every padded tap, rows and columns; columns stay, as their taps are not contiguous).
-// ODCONV_CPU_SKIP_PADDED_ROWS=auto (default) | never overrides it (A/B runs).
+template <typename scalar_t>
+void im2row_tap_major(const scalar_t* x, const Geometry& g, int64_t block_channels, scalar_t* x_t, scalar_t* rows,
+                      int64_t ld) {
+  const int64_t Cg = g.in_per_group, J = g.cols_per_group();
+  transpose_into(x, g.in_channels, g.height * g.width, x_t, g.in_channels);
+  for (int64_t gi = 0; gi < g.groups; ++gi)
+    for (int64_t c0 = 0; c0 < Cg; c0 += block_channels)
+      im2row_tap_major_channels(x_t, g, gi * Cg + c0, std::min(block_channels, Cg - c0), rows + gi * J + c0 * g.taps(),
+                                ld);
+}
+
 struct RowClass {
   int64_t oh0, oh1, u0, u1;  // output rows [oh0, oh1), kernel rows [u0, u1) inside the map
 };
@@ -2017,10 +2017,13 @@ at::Tensor forward_kernel(
   // out_b^T[:, rows of t] (+)= rows_b[:, cols of t] @ Wb[rows, cols of t]^T, with Wb^T of the tile built
   // into kern (through kern_rows); out_t_b is the sample's (P x Cout) transposed output.
   // wt: the tile's K slices of W transposed (transpose_weight_tile), or null: then Wb^T is built from W.
+  // rows_b's row p holds its columns from col_base on at rows_b + p * ld (ld 0: all G*J columns, GJ apart).
   const auto multiply_tile_transposed = [&](const Tile& t, int64_t b, const scalar_t* rows_b, const acc_t* m_b,
                                             scalar_t* kern, scalar_t* kern_rows, acc_t* scratch, scalar_t* out_t_b,
-                                            const scalar_t* wt) {
+                                            const scalar_t* wt, int64_t ld = 0, int64_t col_base = 0) {
     const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), row0 = t.first_row(Cog);
+    const int64_t lda = ld > 0 ? ld : GJ;
+    const scalar_t* rows_t = rows_b + t.g0 * J + (t.j0 - col_base);  // the tile's columns
     bool built = false;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
       if (wt != nullptr) {
@@ -2033,11 +2036,11 @@ at::Tensor forward_kernel(
       build_tile_kernel(w_ptr, a.const_data_ptr<acc_t>() + b * K, f.const_data_ptr<acc_t>() + b * Cout, m_b, g, t,
                         /*transposed=*/true, kern, kern_rows, scratch, /*ld=*/T, /*col0=*/0);
     if (skip_rows)
-      tap_major_product<scalar_t>(classes, g, t, nG, T, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T,
-                                  out_t_b + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+      tap_major_product<scalar_t>(classes, g, t, nG, T, rows_t, lda, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
+                                  /*accumulate=*/t.j0 > 0, opts);
     else
-      grouped_gemm<scalar_t>(nG, P, T, Jt, rows_b + t.g0 * J + t.j0, GJ, J, kern, T, Jt * T, out_t_b + row0, Cout,
-                             Cog, /*accumulate=*/t.j0 > 0, opts);
+      grouped_gemm<scalar_t>(nG, P, T, Jt, rows_t, lda, J, kern, T, Jt * T, out_t_b + row0, Cout, Cog,
+                             /*accumulate=*/t.j0 > 0, opts);
   };
   // The transposed product's rows_b (im2row, or over tap-major columns) and input scale m_b of sample b;
   // scratch: a channels-last copy of x_b (tap-major) or im2row's blocks, none without im2col.
@@ -2056,12 +2059,14 @@ at::Tensor forward_kernel(
   // (with wt: rows matrices) lie cols_stride apart from cols: A of the tile for up to kFoldedSamples
   // samples per pass, then out_b (+)= A @ (m cols_b) into out; with wt, W's slices of the tile first
   // transposed into wt, A^T built from them, and out_b^T (+)= (rows_b m) @ A^T into ot, P x Cout per
-  // sample from the run's first.
+  // sample from the run's first. With wt, a rows matrix's row p may hold its columns from col_base on, at
+  // cols + p * ld (ld 0: all G*J columns).
   const auto multiply_tile_folded = [&](size_t ti, int64_t s0, int64_t n, const float* w, const float* cols,
                                         int64_t cols_stride, bool with_wt, float* wt_buf, float* kern, float* out,
-                                        float* ot) {
+                                        float* ot, int64_t ld = 0, int64_t col_base = 0) {
     const Tile& t = tiles[ti];
     const int64_t nG = t.groups(), T = t.rows(), Jt = t.cols(), elems = nG * T * Jt, row0 = t.first_row(Cog);
+    const int64_t lda = ld > 0 ? ld : GJ, col0 = t.g0 * J + (t.j0 - col_base);  // the tile's first column
     const float* wt = with_wt ? weight_tile_t(ti, wt_buf) : nullptr;
     for (int64_t i0 = 0; i0 < n; i0 += kFoldedSamples) {
       const int64_t S = std::min(kFoldedSamples, n - i0);
@@ -2073,10 +2078,10 @@ at::Tensor forward_kernel(
       for (int64_t q = 0; q < S; ++q) {
         const float* cols_q = cols + (i0 + q) * cols_stride;
         if (wt != nullptr && skip_rows)  // as below, class by class
-          tap_major_product<float>(classes, g, t, nG, T, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T,
-                                   Jt * T, ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
+          tap_major_product<float>(classes, g, t, nG, T, cols_q + col0, lda, J, kern + q * elems, T, Jt * T,
+                                   ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
         else if (wt != nullptr)  // out_q^T[:, rows of t] (+)= (rows_q m)[:, cols of t] @ A^T
-          grouped_gemm<float>(nG, P, T, Jt, cols_q + t.g0 * J + t.j0, GJ, J, kern + q * elems, T, Jt * T,
+          grouped_gemm<float>(nG, P, T, Jt, cols_q + col0, lda, J, kern + q * elems, T, Jt * T,
                               ot + (i0 + q) * P * Cout + row0, Cout, Cog, /*accumulate=*/t.j0 > 0, opts);
         else  // out_q[rows of t] (+)= A @ (m cols_q)[cols of t]
           grouped_gemm<float>(nG, T, P, Jt, kern + q * elems, Jt, T * Jt, cols_q + t.g0 * J * P + t.j0 * P, P, J * P,
@@ -2084,8 +2089,28 @@ at::Tensor forward_kernel(
       }
     }
   };
+  // Column-block runs. A run over tap-major columns permutes and transposes every tile's slices of W
+  // (per run, not once per call: W larger than 16 MB or than the output), and its rows matrices, P x J a
+  // sample, bound it to kTransposedForwardThreadBytes: 3 samples of 512->512 with 7x7 kernels on 7x7
+  // (4.9 MB each), so 11 passes over its 205 MB of W per call on two threads, a third of the forward
+  // in perf. Where the tiles are cut in J (dense layers; whole channels per column block), a run instead
+  // holds its samples' x channels-last and goes column block by column block: the rows of the block's
+  // channels (P x its columns, a sample), then every tile of that block (its range of rows) over all of
+  // the run's samples, into their transposed outputs. Its samples cost P * Cout + Cin * H * W + P *
+  // (a block's columns) elements each, so runs take up to kMaxSamplesPerThread samples where W is large,
+  // and fold their builds (at least kMinSamplesPerWeightTranspose samples); the products and the sums
+  // are the same. (benchmarks/ab_env.py against a temporary switch, 4 rounds, memory kept, Zen 4 EPYC,
+  // results/ab_forward_block_runs_avx512_cpu*.json: forward 0.60-0.64 on B32 512->512 7x7 with 7x7
+  // kernels, 0.70-0.71 on B16 2048->512 7x7, 0.77 on B32 256->256 7x7 with 5x5 kernels, 0.86-0.90 on
+  // B16 384->384 6x6 5x5, B128 256->256 6x6, B16 1024->1024 7x7 and B256 512->512 7x7, 0.87-0.96 on
+  // B32 512->512 7x7, 0.93-0.97 on B64 256->256 5x5, B32 1024->1024 3x3, K = 8 and stride 2 onto 7x7;
+  // K = 1 1.02.)
+  const bool block_runs = is_float && tap_major && !tap_major_once && !tiles_shared && g.groups == 1 &&
+                          block_channels * g.taps() < J;
+  const int64_t block_cols = block_channels * g.taps();  // a column block's columns, at most
   const int64_t per_run = samples_per_run(
-      reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t)),
+      block_runs ? (P * Cout + g.in_channels * g.height * g.width + P * block_cols) * static_cast<int64_t>(sizeof(scalar_t))
+                 : (reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t))),
       transposed ? kTransposedForwardThreadBytes
                  : (folded ? std::clamp<int64_t>(K * Cout * J * static_cast<int64_t>(sizeof(scalar_t)),
                                                  kForwardThreadBytes, kFoldedThreadBytes)
@@ -2153,14 +2178,17 @@ at::Tensor forward_kernel(
   }
   for_each_batch_range(g.batch, [&](int64_t, int64_t b_begin, int64_t b_end) {
     const int64_t step = even_step(b_end - b_begin, per_run);
-    at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * GJ * P}, opts);
+    // the run's rows (block runs: of one column block)
+    const int64_t rows_stride = block_runs ? P * block_cols : GJ * P;
+    at::Tensor cols_buf = reads_x ? at::Tensor() : at::empty({step * rows_stride}, opts);
     at::Tensor kern_buf = at::empty({max_tile}, opts);  // Wb of one sample's tile
     at::Tensor scratch_buf = at::empty({J}, acc_opts), m_buf = at::empty({step * GJ}, acc_opts);
     at::Tensor im2row_scratch, kern_rows, out_t, wt_buf;
     if (transposed) {
       // tap-major: x_b channels-last (H*W x Cin); otherwise im2row's im2col blocks
+      // (block runs: every sample's x_b channels-last)
       const int64_t scratch_elems = tap_major ? g.in_channels * g.height * g.width : im2row_scratch_elems(g);
-      if (!direct) im2row_scratch = at::empty({scratch_elems}, opts);
+      if (!direct) im2row_scratch = at::empty({(block_runs ? step : 1) * scratch_elems}, opts);
       kern_rows = at::empty({max_tile}, opts);
       out_t = at::empty({step * P * Cout}, opts);
       if ((step >= kMinSamplesPerWeightTranspose || tap_major) && !tap_major_once)
@@ -2178,7 +2206,42 @@ at::Tensor forward_kernel(
       const int64_t cols_stride = reads_x ? x_stride : GJ * P;
       // runs that transpose W's slices build A^T instead of Wb^T
       const bool fold_run = folded_transposed && n >= kMinSamplesPerWeightTranspose;
-      for (int64_t i = 0; i < n; ++i) {
+      scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major once
+      if constexpr (is_float) {
+        if (block_runs) {
+          const int64_t Cin = g.in_channels, HW = g.height * g.width, taps = g.taps();
+          float* x_t = im2row_scratch.data_ptr<float>();
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = s0 + i;
+            transpose_into(x.const_data_ptr<float>() + b * x_stride, Cin, HW, x_t + i * Cin * HW, Cin);
+            input_scale_tap_major(ch.const_data_ptr<float>() + b * Cin, s.const_data_ptr<float>() + b * taps, g,
+                                  block_channels, m + i * GJ);
+          }
+          // tiles[r * n_blocks + jb]: row range r, column block jb
+          const size_t n_blocks = static_cast<size_t>((J + block_cols - 1) / block_cols);
+          for (size_t jb = 0; jb < n_blocks; ++jb) {
+            const int64_t j0 = tiles[jb].j0, Jt = tiles[jb].cols();
+            for (int64_t i = 0; i < n; ++i) {
+              im2row_tap_major_channels(x_t + i * Cin * HW, g, j0 / taps, Jt / taps, buf + i * rows_stride, Jt);
+              if (fold_run) scale_columns(buf + i * rows_stride, P, Jt, m + i * GJ + j0);  // rows_b * m
+            }
+            for (size_t ti = jb; ti < tiles.size(); ti += n_blocks) {
+              if (fold_run) {
+                multiply_tile_folded(ti, s0, n, w_ptr, buf, rows_stride, /*with_wt=*/true, wt_space,
+                                     folded_kern.data_ptr<float>(), y, ot, /*ld=*/Jt, /*col_base=*/j0);
+                continue;
+              }
+              const float* wt = weight_tile_t(ti, wt_space);
+              for (int64_t i = 0; i < n; ++i)
+                multiply_tile_transposed(tiles[ti], s0 + i, buf + i * rows_stride, m + i * GJ,
+                                         kern_buf.data_ptr<float>(), kern_rows.data_ptr<float>(),
+                                         scratch_buf.data_ptr<float>(), ot + i * P * Cout, wt, /*ld=*/Jt,
+                                         /*col_base=*/j0);
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < n && !block_runs; ++i) {
         const int64_t b = s0 + i;
         if (transposed) {
           transposed_rows(b, direct ? nullptr : im2row_scratch.data_ptr<scalar_t>(), buf + i * GJ * P, m + i * GJ);
@@ -2195,8 +2258,7 @@ at::Tensor forward_kernel(
       // the tiles' slices of W transposed (runs of enough samples to pay for transposing them, and every
       // run over tap-major columns), else null
       const bool with_wt = transposed && (tap_major || n >= kMinSamplesPerWeightTranspose);
-      scalar_t* wt_space = wt_buf.defined() ? wt_buf.data_ptr<scalar_t>() : nullptr;  // none with tap-major once
-      for (size_t ti = 0; ti < tiles.size(); ++ti) {
+      for (size_t ti = 0; ti < tiles.size() && !block_runs; ++ti) {
         const Tile& t = tiles[ti];
         if constexpr (is_float) {
           if (folded || fold_run) {
