@@ -624,6 +624,8 @@ TRANSPOSED_FORWARD = [
     # (1x1 160->200 on 7x7: 112 + 88 rows, even cuts would make 100 + 100; 24->150 3x3: 80 + 70).
     (12, 160, 200, 7, 1, 4, 1, 0, 1, 1),
     (3, 24, 150, 7, 3, 4, 1, 1, 1, 1),
+    # 1x1 without im2col on 7x7 with tiles cut in J: ranges of 64 rows (64 + 36) by blocks of up to 512 columns
+    (12, 1100, 100, 7, 1, 4, 1, 0, 1, 1),
     # Tap-major products skip the padded kernel rows of the first and last output rows, class by
     # class: stride 2 (two classes), dilation 2 (three classes of two, three and two rows), padding 0
     # (one class: one product), padding 3 (the first and last rows' classes have no kernel row inside

@@ -124,6 +124,8 @@ constexpr int64_t kWholeGroupTileMaxBytes = 1024 * 1024;  // a group's Wb larger
 constexpr int64_t kMinTileRows = 32;               // rows of a tile cut in J (see make_tiles)
 constexpr int64_t kForwardLargeIm2colTileRows = 128;  // ... in the forward with a large im2col matrix
 constexpr int64_t kForwardLargeIm2colBytes = 4 * 1024 * 1024;
+constexpr int64_t kTransposedDirectTileRows = 64;  // ... in the transposed forward of 1x1 layers (make_tiles)
+constexpr int64_t kTransposedDirectTileMinPixels = 36;
 constexpr int64_t kMinSplitRows = 8;               // rows of a range split between threads, at least
 constexpr int64_t kForwardCutRows = 16;            // the forward cuts J below this many rows (make_tiles)
 // One sample's im2col matrix (J x P) up to this size stays in cache (L2) while a thread works on it.
@@ -338,6 +340,13 @@ inline int64_t folded_tile_bytes(const Geometry& g, int64_t P) {
 // 0.98-1.09 on layers with 0.3-3.6 MB (4x4, 12x12, 10x10, 14x14 3x3), which keep 32. Only the plain
 // products on maps of more than kMaxFoldedPixels pixels, where it was measured: not the folded forward's
 // tiles nor the transposed forward's, whose rows are the products' columns.)
+// The transposed forward's tiles cut in J take kTransposedDirectTileRows rows (N of its products, against
+// M = P) on 1x1 layers without im2col on maps of kTransposedDirectTileMinPixels pixels or more: deep 1x1
+// layers on 6x6 and 7x7 (ResNet-50's last stage, ConvNeXt's last MLPs). (benchmarks/ab_env.py with a
+// temporary switch, 4 rounds, memory kept, Zen 4 EPYC, results/ab_forward_transposed_tile_rows_avx512_cpu*.json:
+// forward 0.90-0.94 on 2048->512 7x7 at B4 and B8 and with K = 8 at B32, 3072->768 and 1024->256 on 7x7, 1024->256
+// 6x6; 1.02 on 1536->384 7x7; on 5x5 and 3x3 maps 0.99 and 1.01; with 3x3 and 5x5 kernels on 5x5-7x7 maps
+// 0.99-1.05, which keep 32 rows.)
 std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_row_blocks = 1, bool for_forward = false,
                              int64_t tile_bytes = kTileBytes, bool rows_are_columns = false,
                              bool whole_channels = false, bool cut_groups = false) {
@@ -354,8 +363,12 @@ std::vector<Tile> make_tiles(const Geometry& g, int64_t elem_size, int64_t min_r
         (J * g.out_pixels() * elem_size <= kSmallIm2colBytes || (for_forward && rows_per_tile < kForwardCutRows));
     const bool large_im2col = for_forward && !rows_are_columns && g.out_pixels() > kMaxFoldedPixels &&
                               J * g.out_pixels() * elem_size >= kForwardLargeIm2colBytes;
+    const bool wide_direct = for_forward && rows_are_columns && g.im2col_is_identity() &&
+                             g.out_pixels() >= kTransposedDirectTileMinPixels;
     const int64_t rows_wanted =
-        cut_columns ? (large_im2col ? kForwardLargeIm2colTileRows : kMinTileRows) : rows_per_tile;
+        cut_columns ? (large_im2col ? kForwardLargeIm2colTileRows
+                                    : (wide_direct ? kTransposedDirectTileRows : kMinTileRows))
+                    : rows_per_tile;
     const int64_t rows =
         min_row_blocks > g.groups
             ? std::min(rows_wanted, std::max(kMinSplitRows, (Cog * g.groups + min_row_blocks - 1) / min_row_blocks))
