@@ -1,7 +1,7 @@
 """A/B of the CPU kernels' path overrides within one process, call by call: which variant is faster.
 
 The extension reads its ODCONV_CPU_* overrides (ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_BACKWARD_TRANSPOSED_GX,
-ODCONV_CPU_CONV_PATH, ODCONV_CPU_DEAD_TAPS, ODCONV_CPU_FOLDED_GRAD_W, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS,
+ODCONV_CPU_CONV_PATH, ODCONV_CPU_DEAD_TAPS, ODCONV_CPU_DEPTHWISE, ODCONV_CPU_FOLDED_GRAD_W, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS,
 ODCONV_CPU_RAGGED_TAIL, ODCONV_CPU_SHARED_KERNEL, ODCONV_CPU_SKIP_PADDED_ROWS, ODCONV_CPU_TAP_MAJOR,
 ODCONV_CPU_TRANSPOSED_FORWARD) at every call, so one process can alternate them.
 This script times the compiled ops (forward, and the backward op with both gradient groups) of each

@@ -394,7 +394,7 @@ def test_both_cpu_algorithms_gradcheck(path, monkeypatch):
 def test_bad_cpu_algorithm_names_the_variable(monkeypatch):
     monkeypatch.setenv("ODCONV_CPU_CONV_PATH", "fast")
     with pytest.raises(RuntimeError, match="ODCONV_CPU_CONV_PATH.*auto, always or never.*'fast'"):
-        ext(make_inputs(2, 4, 4, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)
+        ext(make_inputs(2, 4, 8, 5, 3, 2, 4), (1, 1), (1, 1), (1, 1), 4)  # depthwise with a multiplier of 2
 
 
 # ---- the float32 forward of layers on maps of at least 256 output pixels runs the convolution primitive on each
@@ -868,6 +868,84 @@ def test_dead_taps_override_is_checked(monkeypatch):
     x, w, ch, f, s, a = make_inputs(2, 8, 8, 1, 3, 2, 1, dtype=torch.float32, requires_grad=False)
     with pytest.raises(RuntimeError, match="ODCONV_CPU_DEAD_TAPS.*auto or never.*'always'"):
         torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 1)
+
+
+# ---- Depthwise layers (one input and one output channel per group) go plane block by plane block through
+# csrc/cpu/depthwise_cpu.cpp, sixteen channels at a time over the taps inside the map; ODCONV_CPU_DEPTHWISE=never
+# sends them to the convolution path. Channels in blocks of 16 and a ragged last one, runs of four interior
+# output pixels and border pixels one by one, a 7x7 kernel on a 7x7 map (no interior pixel), stride 2 with and
+# without padding on a rectangular map, dilation 2, an even kernel, batch 1, K = 1 and 5, planes of whole
+# 16-pixel transposes and a tail; a channel multiplier of 2 (not depthwise: the convolution path either way). --
+DEPTHWISE = [
+    (3, 20, 20, 9, 3, 4, 1, 1, 1, 20),
+    (2, 16, 16, 7, 7, 3, 1, 3, 1, 16),
+    (2, 37, 37, (11, 19), 3, 2, 2, 1, 1, 37),
+    (1, 24, 24, 12, 3, 5, 1, 2, 2, 24),
+    (3, 8, 8, 10, 4, 1, 1, 1, 1, 8),
+    (2, 18, 18, 13, 3, 4, 2, 0, 1, 18),
+    (2, 33, 33, 21, 5, 4, 1, 2, 1, 33),
+    (2, 12, 24, 8, 3, 4, 1, 1, 1, 12),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("path", ["auto", "never"])
+@pytest.mark.parametrize("case", DEPTHWISE, ids=case_id)
+def test_depthwise_matches_reference(case, path, monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_DEPTHWISE", path)
+    assert_case_matches_reference(case)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_depthwise_16_bit(dtype):
+    # (on float32 copies)
+    assert_case_matches_reference(DEPTHWISE[0], (dtype,))
+
+
+@requires_extension
+@pytest.mark.parametrize("conv", [((1, 1), (1, 1), (1, 1)), ((2, 2), (2, 2), (2, 2))], ids=["plain", "stride2_dilation2"])
+def test_depthwise_gradcheck(conv):
+    inputs = make_inputs(2, 18, 18, 7, 3, 3, 18)
+    assert torch.autograd.gradcheck(lambda *t: ext(t, *conv, 18), inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_extension
+@pytest.mark.parametrize("case", DEPTHWISE[:3], ids=case_id)
+def test_depthwise_gradient_groups(case):
+    # grad_x alone and the parameter gradients alone are bit for bit the full backward's
+    assert_gradient_groups_agree(case, tol=0, check_reference=True)
+
+
+@requires_extension
+def test_depthwise_takes_its_path(monkeypatch):
+    inputs, conv, grad_out = float32_layer(DEPTHWISE[0])
+    results = []
+    for mode in ("auto", "never"):
+        monkeypatch.setenv("ODCONV_CPU_DEPTHWISE", mode)
+        results.append([torch.ops.odconv.odconv2d(*inputs, *conv),
+                        *torch.ops.odconv.odconv2d_backward(grad_out, *inputs, *conv, [True, True])])
+    assert not any(torch.equal(a, b) for a, b in zip(*results))  # other sums, other roundings, in every output
+
+
+@requires_extension
+def test_depthwise_opcheck():
+    batch, cin, cout, size, kernel, K, stride, padding, dilation, groups = unpack(DEPTHWISE[2])
+    inputs = make_inputs(batch, cin, cout, size, kernel, K, groups, dtype=torch.float32)
+    args = (*inputs, list(stride), list(padding), list(dilation), groups)
+    torch.library.opcheck(torch.ops.odconv.odconv2d.default, args)
+    out = torch.ops.odconv.odconv2d(*args).detach()
+    plain = [t.detach() for t in inputs]
+    backward_args = (torch.randn_like(out), *plain, list(stride), list(padding), list(dilation), groups, [True, True])
+    torch.library.opcheck(torch.ops.odconv.odconv2d_backward.default, backward_args)
+
+
+@requires_extension
+def test_depthwise_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ODCONV_CPU_DEPTHWISE", "always")
+    x, w, ch, f, s, a = make_inputs(2, 8, 8, 6, 3, 2, 8, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="ODCONV_CPU_DEPTHWISE.*auto or never.*'always'"):
+        torch.ops.odconv.odconv2d(x, w, ch, f, s, a, [1, 1], [1, 1], [1, 1], 8)
 
 
 # ---- float32 rows of stride 2 in im2col (forward, im2row) and col2im (grad_x) move 16 outputs at a

@@ -75,14 +75,16 @@
 // brgemm_column_block()); other dtypes, tiny groups and older torch use at::mm / at::bmm, which reach
 // MKL/oneDNN/OpenBLAS. The backward of bfloat16 and float16
 // inputs runs the float32 kernels on float32 copies (odconv2d_backward_cpu), and so does their forward
-// on maps of at most 16x16 (odconv2d_cpu). Depthwise-like layers, and the float32 forward and
-// backward of most layers on maps of 256 pixels or more, take the convolution primitive instead (see
-// "Convolution path" below). Inside the parallel region these run
+// on maps of at most 16x16 (odconv2d_cpu). Depthwise layers (one channel in and out per group) run
+// csrc/cpu/depthwise_cpu.cpp instead (use_direct_depthwise); depthwise-like layers with a channel
+// multiplier, and the float32 forward and backward of most layers on maps of 256 pixels or more, take the
+// convolution primitive (see "Convolution path" below). Inside the parallel region these run
 // single-threaded, one thread per run of samples. Before any of this, kernel rows and columns that read
 // only padding for every output pixel (a 3x3 kernel on 1x1 maps, dilations as large as the map) are
 // dropped from both ends, and the layer runs as the smaller kernel's ("Kernel rows and columns that read
 // only padding" below).
 #include "../odconv.h"
+#include "depthwise_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -221,7 +223,8 @@ void advise_huge_pages(const at::Tensor& t) {
 // (the first "auto"): the overrides of the kernels' choices of path (ODCONV_CPU_TAP_MAJOR,
 // ODCONV_CPU_SKIP_PADDED_ROWS, ODCONV_CPU_BACKWARD_SPLIT, ODCONV_CPU_BACKWARD_TRANSPOSED_GX,
 // ODCONV_CPU_CONV_PATH, ODCONV_CPU_TRANSPOSED_FORWARD, ODCONV_CPU_FORWARD_SPLIT, ODCONV_CPU_MASKED_TAPS,
-// ODCONV_CPU_RAGGED_TAIL, ODCONV_CPU_SHARED_KERNEL, ODCONV_CPU_DEAD_TAPS) that tests and A/B runs use.
+// ODCONV_CPU_RAGGED_TAIL, ODCONV_CPU_SHARED_KERNEL, ODCONV_CPU_DEAD_TAPS, ODCONV_CPU_DEPTHWISE) that tests and
+// A/B runs use.
 std::string path_override(const char* name, std::initializer_list<const char*> choices) {
   const char* env = std::getenv(name);
   const std::string mode = env == nullptr ? "auto" : env;
@@ -4532,9 +4535,29 @@ at::Tensor live_taps(const at::Tensor& t_in, DeadTaps d, bool dead_to_zero = fal
 }
 
 // The forward of checked inputs, by path.
+// Depthwise layers (one input and one output channel per group) take depthwise_cpu.cpp's kernels (sixteen
+// channels at a time over the taps inside the map), 16-bit ones on float32 copies. Against the convolution
+// path they took before (benchmarks/ab_env.py, ODCONV_CPU_DEPTHWISE=never against auto, 4 rounds, memory
+// kept, Zen 4 EPYC, results/ab_depthwise_direct_avx512_cpu.json, MobileNetV2's, EfficientNet's and ConvNeXt's
+// depthwise layers at B32 and B1): forward 0.45-0.89 on 3x3 and 5x5 kernels from 7x7 to 112x112 maps (strided
+// too), 1.07 and 1.12 with 7x7 kernels on 56x56 and 7x7 maps; backward 0.14-0.24 with 5x5 and 7x7 kernels,
+// 0.43-0.90 with 3x3 on maps of up to 16x16 and stride 2 from 112x112, 1.02 and 1.18 with 3x3 on 56x56 and
+// 112x112 (oneDNN's backward of per-sample kernels is slow where the kernel is large, its forward reorders
+// them). ODCONV_CPU_DEPTHWISE=auto (default) | never (the convolution path, as layers with a channel
+// multiplier take) overrides it (tests run both).
+bool use_direct_depthwise(const Geometry& g) {
+  return is_depthwise(g) && path_override("ODCONV_CPU_DEPTHWISE", {"auto", "never"}) == "auto";
+}
+
 at::Tensor forward_checked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
                            const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att,
                            const Geometry& g) {
+  if (use_direct_depthwise(g)) {
+    if (!is_16bit(x)) return depthwise_forward_cpu(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
+    return depthwise_forward_cpu(to_float(x), to_float(weight), to_float(channel_att), to_float(filter_att),
+                                 to_float(spatial_att), to_float(kernel_att), g)
+        .to(x.scalar_type());
+  }
   if (use_conv_path(g, x.scalar_type(), /*backward=*/false)) {
     return forward_conv_path(x, weight, channel_att, filter_att, spatial_att, kernel_att, g);
   }
@@ -4586,6 +4609,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channel_att,
     const at::Tensor& filter_att, const at::Tensor& spatial_att, const at::Tensor& kernel_att, const Geometry& g,
     std::array<bool, 2> output_mask) {
+  if (use_direct_depthwise(g)) {
+    return depthwise_backward_cpu(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g,
+                                  output_mask[0], output_mask[1]);
+  }
   if (use_conv_path(g, x.scalar_type(), /*backward=*/true)) {
     return backward_conv_path(grad_out, x, weight, channel_att, filter_att, spatial_att, kernel_att, g,
                               output_mask[0], output_mask[1]);

@@ -1,0 +1,421 @@
+// Depthwise ODConv layers on the CPU (groups == Cin == Cout: one input and one output channel per
+// group), sixteen channels at a time (notation: csrc/odconv.h).
+//
+// A depthwise layer's per-sample kernel is one kh x kw plane per channel. With t = u*kw + v a tap,
+// fc = f[b,c] * ch[b,c] and A[t] = sum_k a[b,k] W_k[c,t]:
+//   w[t]              = fc * s[b,t] * A[t]
+//   out[b,c,oh,ow]    = sum_t w[t] * x[b,c, oh*sh - ph + u*dh, ow*sw - pw + v*dw]   (taps inside the map)
+// and the backward, with gy = grad_out[b,c] and gk[t] = sum_{oh,ow} gy[oh,ow] * x[b,c, (the same pixel)]
+// the gradient w.r.t. w[t]:
+//   grad_x[b,c, that pixel] += w[t] * gy[oh,ow]
+//   gA[t]             = gk[t] * fc * s[b,t]
+//   grad_W_k[c,t]    += a[b,k] * gA[t]                      (summed over the batch)
+//   grad_a[b,k]      += sum_t gA[t] * W_k[c,t]              (summed over the channels)
+//   grad_s[b,t]      += gk[t] * fc * A[t]                   (summed over the channels)
+//   grad_f[b,c]       = ch[b,c] * sum_t gk[t] s[b,t] A[t],  grad_ch[b,c] = f[b,c] * (the same sum)
+//
+// Why not the convolution primitive (the path depthwise layers took before, and still take with a channel
+// multiplier or ODCONV_CPU_DEPTHWISE=never): oneDNN's depthwise kernels work on channel-blocked copies, so
+// each call reorders x, out and the weights, and with per-sample kernels the weights are B*C*kh*kw
+// values, as many as x itself for a 7x7 kernel on a 7x7 map; its backward of per-sample kernels ran
+// several times its forward. Here a block of kLanes channels of one sample is gathered into
+// channels-last buffers (pixel-major, kLanes values a pixel), so that every tap of every output pixel
+// is one vector multiply-add over the block's channels, and only the taps inside the map are visited
+// (as a direct convolution skips the padding; an im2col product multiplies its zeros).
+// Buffers per task (L = kLanes, Ho*Wo = P, H*W = the input plane):
+//   xb   (H*W, L)    x of the block, channels-last (lanes past the last channel: 0)
+//   yb   (P, L)      out of the block (forward), or gy of the block (backward)
+//   gxb  (H*W, L)    grad_x of the block (backward)
+//   A, w (taps, L)   A and the kernel of each channel; gk (taps, L) the gradient w.r.t. w
+// The forward's tasks are (sample, block) pairs. The backward's are blocks of channels for a slice of the
+// batch: each sums grad_W of its block and grad_a, grad_s of its samples into its own buffer, and those
+// are added up after, in task order (grad_f and grad_ch of a (sample, channel) have one writer).
+#include "depthwise_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace odconv {
+namespace {
+
+constexpr int64_t kLanes = 16;  // channels per block: a float32 vector of AVX-512
+
+// The range [lo, hi) of kernel taps along one axis that fall inside [0, size) for output position o.
+inline void taps_inside(int64_t o, int64_t stride, int64_t pad, int64_t dil, int64_t kernel, int64_t size,
+                        int64_t& lo, int64_t& hi) {
+  const int64_t first = o * stride - pad;  // input position of tap 0
+  lo = first >= 0 ? 0 : (-first + dil - 1) / dil;
+  hi = size - first <= 0 ? 0 : std::min(kernel, (size - first + dil - 1) / dil);
+  lo = std::min(lo, hi);
+}
+
+// Per output row and column, the taps inside the map (computed once per call).
+struct TapRanges {
+  std::vector<int64_t> u_lo, u_hi, v_lo, v_hi;
+  explicit TapRanges(const Geometry& g)
+      : u_lo(g.out_h), u_hi(g.out_h), v_lo(g.out_w), v_hi(g.out_w) {
+    for (int64_t oh = 0; oh < g.out_h; ++oh)
+      taps_inside(oh, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.height, u_lo[oh], u_hi[oh]);
+    for (int64_t ow = 0; ow < g.out_w; ++ow)
+      taps_inside(ow, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.width, v_lo[ow], v_hi[ow]);
+  }
+};
+
+#if defined(__AVX512F__)
+// (GCC 12 warns that the unpack and shuffle intrinsics' internal __Y is (or may be) used uninitialized: a false
+// positive of their headers.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// out rows j < n_out (16 floats each, ldo apart) = column j of the 16 x 16 block whose row i < n_in is at
+// in + i * ldi (rows past n_in: zeros).
+inline void transpose_16x16(const float* in, int64_t ldi, int64_t n_in, float* out, int64_t ldo, int64_t n_out) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < n_in ? _mm512_loadu_ps(in + i * ldi) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave of row pairs
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 64-bit interleave: r[i + j] holds columns j, j + 4, j + 8, j + 12 of rows i..i+3
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int j = 0; j < 4; ++j) {  // 128-bit lanes: columns j, j + 4, j + 8, j + 12
+    const __m512 v0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    const __m512 c[4] = {_mm512_shuffle_f32x4(v0, w0, 0x88), _mm512_shuffle_f32x4(v1, w1, 0x88),
+                         _mm512_shuffle_f32x4(v0, w0, 0xdd), _mm512_shuffle_f32x4(v1, w1, 0xdd)};
+    for (int q = 0; q < 4; ++q)
+      if (j + 4 * q < n_out) _mm512_storeu_ps(out + (j + 4 * q) * ldo, c[q]);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// dst[e * kLanes + l] = src[l * plane + e] for lanes l < n (the others 0), e < plane.
+template <typename scalar_t>
+void gather_lanes(const scalar_t* src, int64_t plane, int64_t n, scalar_t* dst) {
+  int64_t e0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>)
+    for (; e0 + 16 <= plane; e0 += 16) transpose_16x16(src + e0, plane, n, dst + e0 * kLanes, kLanes, 16);
+#endif
+  for (int64_t e = e0; e < plane; ++e) {
+    for (int64_t l = 0; l < n; ++l) dst[e * kLanes + l] = src[l * plane + e];
+    for (int64_t l = n; l < kLanes; ++l) dst[e * kLanes + l] = scalar_t(0);
+  }
+}
+
+// dst[l * plane + e] = src[e * kLanes + l] for lanes l < n.
+template <typename scalar_t>
+void scatter_lanes(const scalar_t* src, int64_t plane, int64_t n, scalar_t* dst) {
+  int64_t e0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>)
+    for (; e0 + 16 <= plane; e0 += 16) transpose_16x16(src + e0 * kLanes, kLanes, 16, dst + e0, plane, n);
+#endif
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t e = e0; e < plane; ++e) dst[l * plane + e] = src[e * kLanes + l];
+}
+
+// The K kernels with the channels last, (K, taps, Cp), Cp = C rounded up to kLanes (zeros past C): a block's
+// taps are then kLanes consecutive values of each kernel.
+template <typename scalar_t>
+std::vector<scalar_t> kernels_channels_last(const at::Tensor& weight, const Geometry& g) {
+  const int64_t C = g.out_channels, taps = g.taps(), K = g.kernel_num;
+  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  std::vector<scalar_t> wt(K * taps * Cp, scalar_t(0));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < taps; ++t) wt[(k * taps + t) * Cp + c] = w[(k * C + c) * taps + t];
+  return wt;
+}
+
+// A (taps, L) and w (taps, L) of the block of channels [c0, c0 + kLanes) of sample b from wt
+// (kernels_channels_last); fc (L) = f * ch of those channels (0 past the last channel).
+template <typename scalar_t>
+void block_kernels(const scalar_t* wt, const scalar_t* fc, const scalar_t* s, const scalar_t* a, const Geometry& g,
+                   int64_t c0, scalar_t* __restrict__ A, scalar_t* __restrict__ w) {
+  const int64_t taps = g.taps(), K = g.kernel_num;
+  const int64_t Cp = (g.out_channels + kLanes - 1) / kLanes * kLanes;
+  for (int64_t t = 0; t < taps; ++t) {
+    scalar_t* __restrict__ At = A + t * kLanes;
+    const scalar_t* __restrict__ w0 = wt + t * Cp + c0;
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) At[l] = a[0] * w0[l];
+    for (int64_t k = 1; k < K; ++k) {
+      const scalar_t* __restrict__ wk = wt + (k * taps + t) * Cp + c0;
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) At[l] += a[k] * wk[l];
+    }
+    const scalar_t st = s[t];
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) w[t * kLanes + l] = fc[l] * st * At[l];
+  }
+}
+
+// fc[l] = f[b, c0 + l] * ch[b, c0 + l] for the block's n channels, 0 for the other lanes.
+template <typename scalar_t>
+inline void block_scales(const scalar_t* f, const scalar_t* ch, int64_t n, scalar_t* fc) {
+  for (int64_t l = 0; l < kLanes; ++l) fc[l] = l < n ? f[l] * ch[l] : scalar_t(0);
+}
+
+// yb (P, L) = the block's output from xb and w, over the taps inside the map. Runs of kPixels output pixels
+// whose taps all lie inside the map share each tap's load of w (kPixels accumulators); the others, at the
+// borders, go one by one over their taps inside the map.
+constexpr int64_t kPixels = 4;
+
+template <typename scalar_t>
+void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__ w, const Geometry& g,
+                   const TapRanges& r, scalar_t* __restrict__ yb) {
+  const int64_t L = kLanes, kh = g.kernel_h, kw = g.kernel_w, xs_step = g.stride_w * L, v_step = g.dil_w * L;
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const int64_t u_lo = r.u_lo[oh], u_hi = r.u_hi[oh];
+    int64_t ow = 0;
+    while (ow < g.out_w) {
+      if (r.v_lo[ow] == 0 && r.v_hi[ow] == kw && ow + kPixels <= g.out_w && r.v_hi[ow + kPixels - 1] == kw) {
+        scalar_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+        for (int64_t u = u_lo; u < u_hi; ++u) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
+          const scalar_t* xrow = xb + (ih * g.width + ow * g.stride_w - g.pad_w) * L;
+          const scalar_t* wrow = w + u * kw * L;
+          for (int64_t v = 0; v < kw; ++v) {
+            const scalar_t* __restrict__ ws = wrow + v * L;
+            const scalar_t* __restrict__ x0 = xrow + v * v_step;
+            const scalar_t* __restrict__ x1 = x0 + xs_step;
+            const scalar_t* __restrict__ x2 = x1 + xs_step;
+            const scalar_t* __restrict__ x3 = x2 + xs_step;
+#pragma omp simd
+            for (int64_t l = 0; l < kLanes; ++l) {
+              a0[l] += ws[l] * x0[l];
+              a1[l] += ws[l] * x1[l];
+              a2[l] += ws[l] * x2[l];
+              a3[l] += ws[l] * x3[l];
+            }
+          }
+        }
+        scalar_t* out = yb + (oh * g.out_w + ow) * L;
+        std::copy_n(a0, L, out);
+        std::copy_n(a1, L, out + L);
+        std::copy_n(a2, L, out + 2 * L);
+        std::copy_n(a3, L, out + 3 * L);
+        ow += kPixels;
+        continue;
+      }
+      scalar_t acc[kLanes] = {};
+      for (int64_t u = u_lo; u < u_hi; ++u) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
+        for (int64_t v = r.v_lo[ow]; v < r.v_hi[ow]; ++v) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w;
+          const scalar_t* __restrict__ xs = xb + (ih * g.width + iw) * L;
+          const scalar_t* __restrict__ ws = w + (u * kw + v) * L;
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) acc[l] += ws[l] * xs[l];
+        }
+      }
+      std::copy_n(acc, L, yb + (oh * g.out_w + ow) * L);
+      ++ow;
+    }
+  }
+  (void)kh;
+}
+
+// gxb (H*W, L) = the block's grad_x (if gxb) and gk (taps, L) its gradient w.r.t. w (if gk), from gyb and
+// xb, over the taps inside the map.
+template <typename scalar_t>
+void block_backward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__ gyb, const scalar_t* __restrict__ w,
+                    const Geometry& g, const TapRanges& r, scalar_t* __restrict__ gxb, scalar_t* __restrict__ gk) {
+  if (gxb != nullptr) std::fill_n(gxb, g.height * g.width * kLanes, scalar_t(0));
+  if (gk != nullptr) std::fill_n(gk, g.taps() * kLanes, scalar_t(0));
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const scalar_t* __restrict__ gys = gyb + (oh * g.out_w + ow) * kLanes;
+      for (int64_t u = r.u_lo[oh]; u < r.u_hi[oh]; ++u) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + u * g.dil_h;
+        for (int64_t v = r.v_lo[ow]; v < r.v_hi[ow]; ++v) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + v * g.dil_w, t = u * g.kernel_w + v;
+          const int64_t e = (ih * g.width + iw) * kLanes;
+          if (gxb != nullptr) {
+            const scalar_t* __restrict__ ws = w + t * kLanes;
+            scalar_t* __restrict__ gxs = gxb + e;
+#pragma omp simd
+            for (int64_t l = 0; l < kLanes; ++l) gxs[l] += ws[l] * gys[l];
+          }
+          if (gk != nullptr) {
+            const scalar_t* __restrict__ xs = xb + e;
+            scalar_t* __restrict__ gks = gk + t * kLanes;
+#pragma omp simd
+            for (int64_t l = 0; l < kLanes; ++l) gks[l] += gys[l] * xs[l];
+          }
+        }
+      }
+    }
+}
+
+template <typename scalar_t>
+void forward_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f,
+                    const at::Tensor& s, const at::Tensor& a, const Geometry& g, at::Tensor& out) {
+  const TapRanges r(g);
+  const int64_t C = g.out_channels, taps = g.taps(), blocks = (C + kLanes - 1) / kLanes;
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_pixels();
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t *ch_ptr = ch.const_data_ptr<scalar_t>(), *f_ptr = f.const_data_ptr<scalar_t>();
+  const scalar_t *s_ptr = s.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  const std::vector<scalar_t> wt = kernels_channels_last<scalar_t>(weight, g);
+  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<scalar_t> xb(in_plane * kLanes), yb(out_plane * kLanes), A(taps * kLanes), w(taps * kLanes);
+    scalar_t fc[kLanes];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / blocks, c0 = (i % blocks) * kLanes, n = std::min(kLanes, C - c0);
+      gather_lanes(x_ptr + (b * C + c0) * in_plane, in_plane, n, xb.data());
+      block_scales(f_ptr + b * C + c0, ch_ptr + b * C + c0, n, fc);
+      block_kernels(wt.data(), fc, s_ptr + b * taps, a_ptr + b * g.kernel_num, g, c0, A.data(), w.data());
+      block_forward(xb.data(), w.data(), g, r, yb.data());
+      scatter_lanes(yb.data(), out_plane, n, y + (b * C + c0) * out_plane);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_blocks(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ch,
+                     const at::Tensor& f, const at::Tensor& s, const at::Tensor& a, const Geometry& g, bool want_x,
+                     bool want_params, at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_ch, at::Tensor& grad_f,
+                     at::Tensor& grad_s, at::Tensor& grad_a) {
+  const TapRanges r(g);
+  const int64_t B = g.batch, C = g.out_channels, taps = g.taps(), K = g.kernel_num, k_stride = C * taps;
+  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
+  const int64_t blocks = (C + kLanes - 1) / kLanes, in_plane = g.height * g.width, out_plane = g.out_pixels();
+  const scalar_t *gy_ptr = gy.const_data_ptr<scalar_t>(), *x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* ch_ptr = ch.const_data_ptr<scalar_t>();
+  const scalar_t *f_ptr = f.const_data_ptr<scalar_t>(), *s_ptr = s.const_data_ptr<scalar_t>();
+  const scalar_t* a_ptr = a.const_data_ptr<scalar_t>();
+  scalar_t* gx_ptr = want_x ? grad_x.data_ptr<scalar_t>() : nullptr;
+  scalar_t *gch_ptr = grad_ch.data_ptr<scalar_t>(), *gf_ptr = grad_f.data_ptr<scalar_t>();
+  // tasks: each block of channels for a slice of the batch (slices only where the blocks are fewer than
+  // twice the threads); task i's sums: grad_W of its block (K, taps, L), grad_a (B, K), grad_s (B, taps)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((2 * threads + blocks - 1) / blocks, B));
+  const int64_t tasks = blocks * slices;
+  const int64_t gw_elems = K * kLanes * taps, partial = gw_elems + B * (K + taps);
+  std::vector<scalar_t> partials(want_params ? tasks * partial : 0, scalar_t(0));
+  const std::vector<scalar_t> wt = kernels_channels_last<scalar_t>(weight, g);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> xb(in_plane * kLanes), gyb(out_plane * kLanes), gxb(want_x ? in_plane * kLanes : 0);
+    std::vector<scalar_t> A(taps * kLanes), w(taps * kLanes), gk(want_params ? taps * kLanes : 0);
+    scalar_t fc[kLanes];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t blk = task / slices, slice = task % slices;
+      const int64_t c0 = blk * kLanes, n = std::min(kLanes, C - c0);
+      const int64_t b0 = B * slice / slices, b1 = B * (slice + 1) / slices;
+      scalar_t* part = want_params ? partials.data() + task * partial : nullptr;
+      for (int64_t b = b0; b < b1; ++b) {
+        gather_lanes(gy_ptr + (b * C + c0) * out_plane, out_plane, n, gyb.data());
+        if (want_params) gather_lanes(x_ptr + (b * C + c0) * in_plane, in_plane, n, xb.data());
+        block_scales(f_ptr + b * C + c0, ch_ptr + b * C + c0, n, fc);
+        block_kernels(wt.data(), fc, s_ptr + b * taps, a_ptr + b * K, g, c0, A.data(), w.data());
+        block_backward(xb.data(), gyb.data(), w.data(), g, r, want_x ? gxb.data() : nullptr,
+                       want_params ? gk.data() : nullptr);
+        if (want_x) scatter_lanes(gxb.data(), in_plane, n, gx_ptr + (b * C + c0) * in_plane);
+        if (!want_params) continue;
+        scalar_t* gw = part;                          // (K, taps, L)
+        scalar_t* ga = part + gw_elems + b * K;       // grad_a[b]
+        scalar_t* gs = part + gw_elems + B * K + b * taps;  // grad_s[b]
+        // over the block's lanes (0 past its last channel, through fc and A): gA = gk fc s, grad_W's sums,
+        // grad_a's and grad_s's, and per channel sum_t gk s A for grad_f and grad_ch
+        scalar_t sum_sA[kLanes] = {};
+        const scalar_t* sb = s_ptr + b * taps;
+        for (int64_t t = 0; t < taps; ++t) {
+          const scalar_t* __restrict__ gkt = gk.data() + t * kLanes;
+          const scalar_t* __restrict__ At = A.data() + t * kLanes;
+          const scalar_t st = sb[t];
+          scalar_t gA[kLanes], gs_t = 0;
+#pragma omp simd reduction(+ : gs_t)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            gA[l] = gkt[l] * fc[l] * st;
+            sum_sA[l] += gkt[l] * st * At[l];
+            gs_t += gkt[l] * fc[l] * At[l];
+          }
+          gs[t] += gs_t;
+          for (int64_t k = 0; k < K; ++k) {
+            const scalar_t ak = a_ptr[b * K + k];
+            const scalar_t* __restrict__ wk = wt.data() + (k * taps + t) * Cp + c0;
+            scalar_t* __restrict__ gwk = gw + (k * taps + t) * kLanes;
+            scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              gwk[l] += ak * gA[l];
+              dot += gA[l] * wk[l];
+            }
+            ga[k] += dot;
+          }
+        }
+        for (int64_t l = 0; l < n; ++l) {
+          const int64_t p = b * C + c0 + l;
+          gf_ptr[p] = ch_ptr[p] * sum_sA[l];
+          gch_ptr[p] = f_ptr[p] * sum_sA[l];
+        }
+      }
+    }
+  });
+  if (!want_params) return;
+  scalar_t *gw_ptr = grad_w.data_ptr<scalar_t>(), *ga_ptr = grad_a.data_ptr<scalar_t>();
+  scalar_t* gs_ptr = grad_s.data_ptr<scalar_t>();
+  for (int64_t task = 0; task < tasks; ++task) {
+    const scalar_t* part = partials.data() + task * partial;
+    const int64_t c0 = (task / slices) * kLanes, n = std::min(kLanes, C - c0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t l = 0; l < n; ++l)
+        for (int64_t t = 0; t < taps; ++t)
+          gw_ptr[k * k_stride + (c0 + l) * taps + t] += part[(k * taps + t) * kLanes + l];
+    for (int64_t i = 0; i < B * K; ++i) ga_ptr[i] += part[gw_elems + i];
+    for (int64_t i = 0; i < B * taps; ++i) gs_ptr[i] += part[gw_elems + B * K + i];
+  }
+}
+
+}  // namespace
+
+at::Tensor depthwise_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
+                                 const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in,
+                                 const Geometry& g) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_cpu_depthwise", [&] {
+    forward_blocks<scalar_t>(x, weight, ch, f, s, a, g, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& ch_in,
+    const at::Tensor& f_in, const at::Tensor& s_in, const at::Tensor& a_in, const Geometry& g, bool want_x,
+    bool want_params) {
+  const at::Tensor gy = grad_out.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ch = ch_in.contiguous(), f = f_in.contiguous(), s = s_in.contiguous(), a = a_in.contiguous();
+  at::Tensor grad_x = want_x ? at::empty_like(x) : at::zeros_like(x);
+  at::Tensor grad_w = at::zeros_like(weight), grad_ch = at::zeros_like(ch), grad_f = at::zeros_like(f);
+  at::Tensor grad_s = at::zeros({g.batch, g.taps()}, x.options()), grad_a = at::zeros_like(a);
+  if (want_x || want_params) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "odconv2d_backward_cpu_depthwise", [&] {
+      backward_blocks<scalar_t>(gy, x, weight, ch, f, s, a, g, want_x, want_params, grad_x, grad_w, grad_ch, grad_f,
+                                grad_s, grad_a);
+    });
+  }
+  return std::make_tuple(grad_x, grad_w, grad_ch, grad_f, grad_s.view({g.batch, g.kernel_h, g.kernel_w}), grad_a);
+}
+
+}  // namespace odconv
