@@ -155,6 +155,21 @@ SUITES = {
         LayerShape(32, 2048, 512, 7, 1, 4, 1, 1),     # layer4 reduction
         LayerShape(32, 512, 2048, 7, 1, 4, 1, 1),     # layer4 expansion
     ],
+    # ConvNeXt-T's layers at batch 32 and 224x224 input, with ODConv in place of every convolution: the 4x4
+    # stride-4 stem, the 7x7 depthwise layer of each stage (56x56 to 7x7), the MLP's 1x1 expansion and
+    # projection on the first and last stage's maps, and a 2x2 stride-2 downsampling layer.
+    "convnext": [
+        LayerShape(32, 3, 96, 224, 4, 4, 4, 1, 0),     # stem, 4x4 stride 4
+        LayerShape(32, 96, 96, 56, 7, 4, 1, 96),       # stage 1 depthwise 7x7
+        LayerShape(32, 96, 384, 56, 1, 4, 1, 1),       # stage 1 MLP expansion
+        LayerShape(32, 384, 96, 56, 1, 4, 1, 1),       # stage 1 MLP projection
+        LayerShape(32, 96, 192, 56, 2, 4, 2, 1, 0),    # downsampling, 2x2 stride 2
+        LayerShape(32, 192, 192, 28, 7, 4, 1, 192),    # stage 2 depthwise 7x7
+        LayerShape(32, 384, 384, 14, 7, 4, 1, 384),    # stage 3 depthwise 7x7
+        LayerShape(32, 768, 768, 7, 7, 4, 1, 768),     # stage 4 depthwise 7x7
+        LayerShape(32, 768, 3072, 7, 1, 4, 1, 1),      # stage 4 MLP expansion
+        LayerShape(32, 3072, 768, 7, 1, 4, 1, 1),      # stage 4 MLP projection
+    ],
     # ResNeXt-50 (32x4d)'s grouped 3x3 layers, 32 groups of 4 to 32 channels, at batch 32 and 224x224 input:
     # per stage the stride-1 layer and the strided one that opens it (layer1 has none).
     "resnext50": [

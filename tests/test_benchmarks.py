@@ -136,6 +136,9 @@ def test_parse_shapes():
     resnext = parse_shapes("resnext50")
     assert len(set(resnext)) == 7 and all(s.kernel == 3 and s.groups == 32 for s in resnext)
     assert [s.out_size for s in resnext] == [56, 28, 28, 14, 14, 7, 7]
+    convnext = parse_shapes("convnext")  # stem 224 -> 56, four 7x7 depthwise layers, MLPs, a 2x2 downsampling
+    assert len(set(convnext)) == 10 and [s.out_size for s in convnext] == [56, 56, 56, 56, 28, 28, 14, 7, 7, 7]
+    assert sum(s.kernel == 7 and s.groups == s.in_channels for s in convnext) == 4
     unpadded = parse_shapes("2,8,16,6,3,4,1,1,0")[0]  # a 4x4 output with every tap inside the 6x6 map
     assert (unpadded.padding, unpadded.out_size, unpadded.name) == (0, 4, "B2 8->16 6x6 k3 K4 s1 g1 p0")
     assert unpadded.conv_args()[1] == (0, 0) and parse_shapes("2,8,16,6,3,4,1,1,1")[0].name.endswith("g1")
