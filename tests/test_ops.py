@@ -875,7 +875,9 @@ def test_dead_taps_override_is_checked(monkeypatch):
 # sends them to the convolution path. Channels in blocks of 16 and a ragged last one, runs of four interior
 # output pixels and border pixels one by one, a 7x7 kernel on a 7x7 map (no interior pixel), stride 2 with and
 # without padding on a rectangular map, dilation 2, an even kernel, batch 1, K = 1 and 5, planes of whole
-# 16-pixel transposes and a tail; a channel multiplier of 2 (not depthwise: the convolution path either way). --
+# 16-pixel transposes and a tail; a channel multiplier of 2 (not depthwise: the convolution path either way);
+# float32 on AVX-512 forwards rows of 8 pixels on small maps (7x7 with a 7x7 kernel, 6x6 from stride 2, 11x11
+# with a dilated 5x5 kernel: 8 + 3 pixels a row). ----------------------------------------------------------
 DEPTHWISE = [
     (3, 20, 20, 9, 3, 4, 1, 1, 1, 20),
     (2, 16, 16, 7, 7, 3, 1, 3, 1, 16),
@@ -885,6 +887,7 @@ DEPTHWISE = [
     (2, 18, 18, 13, 3, 4, 2, 0, 1, 18),
     (2, 33, 33, 21, 5, 4, 1, 2, 1, 33),
     (2, 12, 24, 8, 3, 4, 1, 1, 1, 12),
+    (2, 20, 20, 11, 5, 3, 1, 4, 2, 20),
 ]
 
 

@@ -290,6 +290,45 @@ void flip_kernel(const scalar_t* w, const Geometry& g, scalar_t* wf) {
   for (int64_t t = 0; t < taps; ++t) std::copy_n(w + (taps - 1 - t) * kLanes, kLanes, wf + t * kLanes);
 }
 
+#if defined(__AVX512F__)
+// float32 rows of up to 8 output pixels at a time, their 8 sums in registers, each tap's kernel loaded once per
+// 8 pixels and multiplied into the pixels whose input column lies inside the map: on small maps, where
+// block_forward finds few or no runs of interior pixels (a 7x7 kernel on a 7x7 map has none) and goes pixel
+// by pixel. (benchmarks/ab_env.py against block_forward with a temporary switch, 4-8 rounds, memory kept,
+// Zen 4 EPYC, results/ab_depthwise_forward_rows8_avx512_cpu*.json: forward 0.77-0.79 with 5x5 and 7x7
+// kernels on 7x7, 0.88-0.89 on 14x14 and with 3x3 on 4x4, 0.90 with 3x3 on 7x7; 0.97-1.07 with 3x3 on
+// 14x14-112x112 and 5x5/7x7 on 28x28, 1.17 with 3x3 on 10x10 (noisy, 0.95-1.33): those keep block_forward.)
+// (An earlier try in plain C++ with an array of 8 sums and `#pragma GCC unroll` read 1.06-1.80: GCC kept the
+// sums in memory.)
+inline void block_forward_rows8(const float* __restrict__ xb, const float* __restrict__ w, const Geometry& g,
+                                const TapRanges& r, float* __restrict__ yb) {
+  const int64_t L = kLanes, kw = g.kernel_w, sw = g.stride_w, W = g.width;
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += 8) {
+      const int64_t nj = std::min<int64_t>(8, g.out_w - ow0);
+      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+      for (int64_t u = r.u_lo[oh]; u < r.u_hi[oh]; ++u) {
+        const float* xrow = xb + (oh * g.stride_h - g.pad_h + u * g.dil_h) * W * L;
+        for (int64_t v = 0; v < kw; ++v) {
+          const __m512 wv = _mm512_loadu_ps(w + (u * kw + v) * L);
+          const int64_t iw0 = ow0 * sw - g.pad_w + v * g.dil_w;
+          const int64_t jlo = iw0 >= 0 ? 0 : (-iw0 + sw - 1) / sw;
+          const int64_t jhi = std::min(nj, W - iw0 <= 0 ? int64_t(0) : (W - iw0 + sw - 1) / sw);
+          const float* x0 = xrow + iw0 * L;
+#define ODCONV_DW_TAP(j, c) \
+  if (j >= jlo && j < jhi) c = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + (j) * sw * L), c);
+          ODCONV_DW_TAP(0, c0) ODCONV_DW_TAP(1, c1) ODCONV_DW_TAP(2, c2) ODCONV_DW_TAP(3, c3)
+          ODCONV_DW_TAP(4, c4) ODCONV_DW_TAP(5, c5) ODCONV_DW_TAP(6, c6) ODCONV_DW_TAP(7, c7)
+#undef ODCONV_DW_TAP
+        }
+      }
+      float* out = yb + (oh * g.out_w + ow0) * L;
+      const __m512 cs[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+      for (int64_t j = 0; j < nj; ++j) _mm512_storeu_ps(out + j * L, cs[j]);
+    }
+}
+#endif
+
 template <typename scalar_t>
 void forward_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ch, const at::Tensor& f,
                     const at::Tensor& s, const at::Tensor& a, const Geometry& g, at::Tensor& out) {
@@ -301,6 +340,9 @@ void forward_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const scalar_t *s_ptr = s.const_data_ptr<scalar_t>(), *a_ptr = a.const_data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   const std::vector<scalar_t> wt = kernels_channels_last<scalar_t>(weight, g);
+  // float32 with AVX-512: rows of 8 pixels in registers on maps of at most 8 output columns, or 16 with kernels
+  // 5 or more wide (block_forward_rows8)
+  const bool rows8 = g.out_w <= 8 || (g.out_w <= 16 && g.kernel_w >= 5);
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<scalar_t> xb(in_plane * kLanes), yb(out_plane * kLanes), A(taps * kLanes), w(taps * kLanes);
     scalar_t fc[kLanes];
@@ -309,7 +351,16 @@ void forward_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       gather_lanes(x_ptr + (b * C + c0) * in_plane, in_plane, n, xb.data());
       block_scales(f_ptr + b * C + c0, ch_ptr + b * C + c0, n, fc);
       block_kernels(wt.data(), fc, s_ptr + b * taps, a_ptr + b * g.kernel_num, g, c0, A.data(), w.data());
-      block_forward(xb.data(), w.data(), g, r, yb.data());
+      bool done = false;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (rows8) {
+          block_forward_rows8(xb.data(), w.data(), g, r, yb.data());
+          done = true;
+        }
+      }
+#endif
+      if (!done) block_forward(xb.data(), w.data(), g, r, yb.data());
       scatter_lanes(yb.data(), out_plane, n, y + (b * C + c0) * out_plane);
     }
   });
