@@ -182,7 +182,7 @@ constexpr int64_t kPixels = 4;
 template <typename scalar_t>
 void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__ w, const Geometry& g,
                    const TapRanges& r, scalar_t* __restrict__ yb) {
-  const int64_t L = kLanes, kh = g.kernel_h, kw = g.kernel_w, xs_step = g.stride_w * L, v_step = g.dil_w * L;
+  const int64_t L = kLanes, kw = g.kernel_w, xs_step = g.stride_w * L, v_step = g.dil_w * L;
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     const int64_t u_lo = r.u_lo[oh], u_hi = r.u_hi[oh];
     int64_t ow = 0;
@@ -231,7 +231,6 @@ void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__
       ++ow;
     }
   }
-  (void)kh;
 }
 
 // gxb (H*W, L) = the block's grad_x (if gxb) and gk (taps, L) its gradient w.r.t. w (if gk), from gyb and
@@ -342,7 +341,7 @@ void forward_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const std::vector<scalar_t> wt = kernels_channels_last<scalar_t>(weight, g);
   // float32 with AVX-512: rows of 8 pixels in registers on maps of at most 8 output columns, or 16 with kernels
   // 5 or more wide (block_forward_rows8)
-  const bool rows8 = g.out_w <= 8 || (g.out_w <= 16 && g.kernel_w >= 5);
+  [[maybe_unused]] const bool rows8 = g.out_w <= 8 || (g.out_w <= 16 && g.kernel_w >= 5);  // (unused without AVX-512)
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<scalar_t> xb(in_plane * kLanes), yb(out_plane * kLanes), A(taps * kLanes), w(taps * kLanes);
     scalar_t fc[kLanes];

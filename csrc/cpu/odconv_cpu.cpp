@@ -2121,9 +2121,9 @@ at::Tensor forward_kernel(
   // B16 384->384 6x6 5x5, B128 256->256 6x6, B16 1024->1024 7x7 and B256 512->512 7x7, 0.87-0.96 on
   // B32 512->512 7x7, 0.93-0.97 on B64 256->256 5x5, B32 1024->1024 3x3, K = 8 and stride 2 onto 7x7;
   // K = 1 1.02.)
-  const bool block_runs = is_float && tap_major && !tap_major_once && !tiles_shared && g.groups == 1 &&
-                          block_channels * g.taps() < J;
   const int64_t block_cols = block_channels * g.taps();  // a column block's columns, at most
+  const bool block_runs =
+      is_float && tap_major && !tap_major_once && !tiles_shared && g.groups == 1 && block_cols < J;
   const int64_t per_run = samples_per_run(
       block_runs ? (P * Cout + g.in_channels * g.height * g.width + P * block_cols) * static_cast<int64_t>(sizeof(scalar_t))
                  : (reads_x ? 0 : im2col_bytes(g, sizeof(scalar_t))),
