@@ -25,6 +25,14 @@ a bound for a hand-written micro-kernel that fuses the aggregation into the prod
 below the target proves nothing either way: the aggregation and the other per-sample passes come on
 top.
 
+The same for the extension's other way, its convolution path (the float32 forward and backward of
+dense layers on maps of 256+ pixels: one call of the convolution primitive per sample and thread):
+`conv` times F.conv2d on one sample at a time, and aten's convolution_backward (grad_x and the
+kernel's gradient) likewise, the kernel built once and shared, so before any of ODConv's own work,
+against the same batched convolution:
+
+  conv bound = time of the B one-sample convolutions / (static time * floor)
+
 The process makes glibc keep freed memory first (odconv.keep_freed_memory(), as train.py and bench_op.py
 do), so the static convolution is not timed taking its large buffers as fresh pages on every call
 (--release-memory: glibc's default, as the runs before 2026-12-07 14:10 UTC).
@@ -185,6 +193,27 @@ def per_sample_products(shape, primitive, brgemm_products=None):
     }
 
 
+def sample_convolutions(shape):
+    """{"fwd": fn, "bwd": fn}: the layer's convolution (forward; backward with grad_x and the kernel's
+    gradient) called on one sample at a time, the kernel shared, as the extension's convolution path
+    calls it on a sample's own kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen)
+    w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel, generator=gen)
+    stride, padding, dilation, groups = shape.conv_args()
+    gy = torch.randn(shape.batch, shape.out_channels, shape.out_size, shape.out_size, generator=gen)
+
+    def fwd():
+        for b in range(shape.batch):
+            F.conv2d(x[b:b + 1], w, None, stride, padding, dilation, groups)
+
+    def bwd():
+        for b in range(shape.batch):
+            torch.ops.aten.convolution_backward(gy[b:b + 1], x[b:b + 1], w, None, list(stride), list(padding),
+                                                list(dilation), False, [0, 0], groups, [True, True, False])
+    return {"fwd": fwd, "bwd": bwd}
+
+
 def static_times(shape, min_run_time):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen)
@@ -227,19 +256,23 @@ def main(argv=None):
     rows = []
     columns = " | ".join(f"{name} fwd ms" for name in primitives)
     bwd_columns = " | ".join(f"{name} fwd+bwd ms" for name in primitives)
-    print(f"| shape | static fwd ms | {columns} | fwd bound | static fwd+bwd ms | {bwd_columns} | fwd+bwd bound |")
-    print("|---|" + "---|" * (4 + 2 * len(primitives)))
+    print(f"| shape | static fwd ms | {columns} | fwd bound | conv fwd ms | conv fwd bound "
+          f"| static fwd+bwd ms | {bwd_columns} | fwd+bwd bound | conv fwd+bwd ms | conv fwd+bwd bound |")
+    print("|---|" + "---|" * (8 + 2 * len(primitives)))
     for shape in parse_shapes(args.shapes):
         products = {name: per_sample_products(shape, name, brgemm_products) for name in primitives}
         # per primitive and product, each variant's fastest time (VARIANTS names them) and the fastest
         variants = {name: {product: [float("inf")] * len(fns) for product, fns in by_product.items()}
                     for name, by_product in products.items()}
+        convolutions = sample_convolutions(shape)
+        conv = {step: float("inf") for step in convolutions}
         static_fwd, static_fwdbwd = float("inf"), float("inf")
         for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits both sides
             for name, by_product in products.items():
                 for product, fns in by_product.items():
                     variants[name][product] = [min(t, timed(fn, args.min_run_time))
                                                for t, fn in zip(variants[name][product], fns)]
+            conv = {step: min(t, timed(convolutions[step], args.min_run_time)) for step, t in conv.items()}
             fwd, fwdbwd = static_times(shape, args.min_run_time)
             static_fwd, static_fwdbwd = min(static_fwd, fwd), min(static_fwdbwd, fwdbwd)
         best = {name: {product: min(times) for product, times in by_product.items()}
@@ -251,13 +284,17 @@ def main(argv=None):
         row = {"shape": shape.as_dict(), "name": shape.name, "static_fwd_s": static_fwd,
                "static_fwdbwd_s": static_fwdbwd, "gemm_s": best, "variants_s": variants, "fastest_gemm_s": fastest,
                "bound_fwd": fastest["fwd"] / (static_fwd * shape.floor),
-               "bound_fwdbwd": sum(fastest.values()) / (static_fwdbwd * shape.floor)}
+               "bound_fwdbwd": sum(fastest.values()) / (static_fwdbwd * shape.floor),
+               "sample_conv_s": conv, "bound_conv_fwd": conv["fwd"] / (static_fwd * shape.floor),
+               "bound_conv_fwdbwd": (conv["fwd"] + conv["bwd"]) / (static_fwdbwd * shape.floor)}
         rows.append(row)
-        flag = lambda mode: " (above target)" if row[f"bound_{mode}"] > TARGETS[mode] else ""  # noqa: E731
+        flag = lambda mode: " (above target)" if row[f"bound_{mode}"] > TARGETS[mode.split("_")[-1]] else ""  # noqa: E731
         fwd_ms = " | ".join(f"{gemm_fwd[name] * 1e3:.2f}" for name in primitives)
         fwdbwd_ms = " | ".join(f"{gemm_fwdbwd[name] * 1e3:.2f}" for name in primitives)
         print(f"| {shape.name} | {static_fwd * 1e3:.2f} | {fwd_ms} | {row['bound_fwd']:.2f}{flag('fwd')} "
-              f"| {static_fwdbwd * 1e3:.2f} | {fwdbwd_ms} | {row['bound_fwdbwd']:.2f}{flag('fwdbwd')} |",
+              f"| {conv['fwd'] * 1e3:.2f} | {row['bound_conv_fwd']:.2f}{flag('conv_fwd')} "
+              f"| {static_fwdbwd * 1e3:.2f} | {fwdbwd_ms} | {row['bound_fwdbwd']:.2f}{flag('fwdbwd')} "
+              f"| {(conv['fwd'] + conv['bwd']) * 1e3:.2f} | {row['bound_conv_fwdbwd']:.2f}{flag('conv_fwdbwd')} |",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -193,6 +193,10 @@ def test_gemm_bound_smoke_run(tmp_path, capsys):
         floor = row["shape"]["floor"]
         assert row["bound_fwd"] == pytest.approx(fastest["fwd"] / (row["static_fwd_s"] * floor))
         assert row["bound_fwdbwd"] == pytest.approx(sum(fastest.values()) / (row["static_fwdbwd_s"] * floor))
+        conv = row["sample_conv_s"]  # the convolution path's bound: one-sample convolutions
+        assert set(conv) == {"fwd", "bwd"} and all(t > 0 for t in conv.values())
+        assert row["bound_conv_fwd"] == pytest.approx(conv["fwd"] / (row["static_fwd_s"] * floor))
+        assert row["bound_conv_fwdbwd"] == pytest.approx((conv["fwd"] + conv["bwd"]) / (row["static_fwdbwd_s"] * floor))
 
 
 @pytest.mark.parametrize("shared", ["a", "b", "neither"])
