@@ -174,10 +174,60 @@ inline void block_scales(const scalar_t* f, const scalar_t* ch, int64_t n, scala
   for (int64_t l = 0; l < kLanes; ++l) fc[l] = l < n ? f[l] * ch[l] : scalar_t(0);
 }
 
-// yb (P, L) = the block's output from xb and w, over the taps inside the map. Runs of kPixels output pixels
-// whose taps all lie inside the map share each tap's load of w (kPixels accumulators); the others, at the
-// borders, go one by one over their taps inside the map.
+// yb (P, L) = the block's output from xb and w, over the taps inside the map. Runs of output pixels whose
+// taps all lie inside the map share each tap's load of w, their sums in registers (runs of kInteriorRun
+// first in float32 on AVX-512, interior_run8; then of kPixels); the others, at the borders, go one by one
+// over their taps inside the map.
 constexpr int64_t kPixels = 4;
+
+#if defined(__AVX512F__)
+// out (8, L) = 8 consecutive output pixels of a row whose taps all lie inside the map (along the row; rows
+// [u_lo, u_hi) of the kernel), their 8 sums in registers: each tap's kernel is loaded once per 8 pixels, and
+// each multiply-add is one 512-bit instruction (GCC 12 compiles the kPixels loop below to pairs of 256-bit
+// ones: -march=native prefers 256-bit vectors). block_forward takes it first, in float32 on AVX-512; the
+// kPixels runs and single pixels finish the row. (benchmarks/ab_env.py, a temporary switch, 5 rounds,
+// memory kept, Intel Xeon, results/ab_depthwise_interior_run8_intel.json: forward 0.83 on B32 144 channels
+// 56x56 3x3, 0.88 on 32 channels 112x112, 0.93 on 96 channels 112x112 stride 2, 0.93 on 28x28 7x7, 0.93 on
+// 14x14 3x3, 0.96 on 28x28 5x5, 0.99-1.03 with 7x7 kernels on 56x56, 14x14 and 7x7 (no run of 8 on 7x7);
+// backward, whose grad_x runs this loop, 0.94-0.98, 1.01-1.03 on 112x112 stride 2 and 28x28 5x5. Against
+// the build before, benchmarks/ab_builds.py --paired, one thread, 4 rounds,
+// results/ab_depthwise_interior_run8_paired_intel.json: forward 0.93-0.97 on seven depthwise layers, 1.03
+// [0.88-1.15] on B64 128 channels 16x16; backward 0.96-1.02. Not measured on the EPYCs, whose AVX-512 units
+// split 512-bit instructions in two.)
+constexpr int64_t kInteriorRun = 8;
+
+// x_col points at the input column of tap v = 0 of the first pixel in row 0 of xb; input row ih0 + u * dil_h
+// is read for kernel row u.
+inline void interior_run8(const float* __restrict__ x_col, const float* __restrict__ w, int64_t ih0, int64_t dil_h,
+                          int64_t u_lo, int64_t u_hi, int64_t kw, int64_t row_size, int64_t v_step, int64_t xs_step,
+                          float* __restrict__ out) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (int64_t u = u_lo; u < u_hi; ++u) {
+    const float* xr = x_col + (ih0 + u * dil_h) * row_size;
+    const float* wr = w + u * kw * kLanes;
+    for (int64_t v = 0; v < kw; ++v) {
+      const __m512 wv = _mm512_loadu_ps(wr + v * kLanes);
+      const float* xs = xr + v * v_step;
+      c0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs), c0);
+      c1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + xs_step), c1);
+      c2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 2 * xs_step), c2);
+      c3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 3 * xs_step), c3);
+      c4 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 4 * xs_step), c4);
+      c5 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 5 * xs_step), c5);
+      c6 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 6 * xs_step), c6);
+      c7 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 7 * xs_step), c7);
+    }
+  }
+  _mm512_storeu_ps(out, c0);
+  _mm512_storeu_ps(out + kLanes, c1);
+  _mm512_storeu_ps(out + 2 * kLanes, c2);
+  _mm512_storeu_ps(out + 3 * kLanes, c3);
+  _mm512_storeu_ps(out + 4 * kLanes, c4);
+  _mm512_storeu_ps(out + 5 * kLanes, c5);
+  _mm512_storeu_ps(out + 6 * kLanes, c6);
+  _mm512_storeu_ps(out + 7 * kLanes, c7);
+}
+#endif
 
 template <typename scalar_t>
 void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__ w, const Geometry& g,
@@ -187,6 +237,17 @@ void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__
     const int64_t u_lo = r.u_lo[oh], u_hi = r.u_hi[oh];
     int64_t ow = 0;
     while (ow < g.out_w) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (r.v_lo[ow] == 0 && ow + kInteriorRun <= g.out_w && r.v_hi[ow + kInteriorRun - 1] == kw) {
+          const int64_t ih0 = oh * g.stride_h - g.pad_h;
+          interior_run8(xb + (ow * g.stride_w - g.pad_w) * L, w, ih0, g.dil_h, u_lo, u_hi, kw, g.width * L, v_step,
+                        xs_step, yb + (oh * g.out_w + ow) * L);
+          ow += kInteriorRun;
+          continue;
+        }
+      }
+#endif
       if (r.v_lo[ow] == 0 && r.v_hi[ow] == kw && ow + kPixels <= g.out_w && r.v_hi[ow + kPixels - 1] == kw) {
         scalar_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
         for (int64_t u = u_lo; u < u_hi; ++u) {
