@@ -878,7 +878,8 @@ def test_dead_taps_override_is_checked(monkeypatch):
 # without padding on a rectangular map, dilation 2, an even kernel, batch 1, K = 1 and 5, planes of whole
 # 16-pixel transposes and a tail; a channel multiplier of 2 (not depthwise: the convolution path either way);
 # float32 on AVX-512 forwards rows of 8 pixels on small maps (7x7 with a 7x7 kernel, 6x6 from stride 2, 11x11
-# with a dilated 5x5 kernel: 8 + 3 pixels a row). ----------------------------------------------------------
+# with a dilated 5x5 kernel: 8 + 3 pixels a row), and runs of 8 interior pixels on larger ones (21x21 5x5,
+# 12x12 dilated, 19 wide at stride 2, 30 wide at stride 3: interior_run8's three steps). ---------------------
 DEPTHWISE = [
     (3, 20, 20, 9, 3, 4, 1, 1, 1, 20),
     (2, 16, 16, 7, 7, 3, 1, 3, 1, 16),
@@ -889,6 +890,7 @@ DEPTHWISE = [
     (2, 33, 33, 21, 5, 4, 1, 2, 1, 33),
     (2, 12, 24, 8, 3, 4, 1, 1, 1, 12),
     (2, 20, 20, 11, 5, 3, 1, 4, 2, 20),
+    (1, 17, 17, 30, 3, 2, 3, 1, 1, 17),  # a run of 8 interior pixels at stride 3 (interior_run8's generic step)
 ]
 
 

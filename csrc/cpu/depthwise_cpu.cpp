@@ -198,9 +198,16 @@ constexpr int64_t kInteriorRun = 8;
 
 // x_col points at the input column of tap v = 0 of the first pixel in row 0 of xb; input row ih0 + u * dil_h
 // is read for kernel row u.
+// XS is the step between the pixels' inputs (stride_w * kLanes) when known at compile time (strides 1 and 2:
+// immediate offsets), 0 for the argument xs_step (GCC 12 then spills the eight offsets and reloads them
+// at every tap, as many loads as the multiply-adds' own: benchmarks/ab_env.py against that with a temporary
+// switch, 5 rounds, Intel Xeon, results/ab_depthwise_run8_immediate_offsets_intel.json: forward 0.97 with
+// 7x7 kernels on 56x56-14x14 and on 112x112 3x3, 0.99 on the others; backward 0.98-1.02).
+template <int64_t XS>
 inline void interior_run8(const float* __restrict__ x_col, const float* __restrict__ w, int64_t ih0, int64_t dil_h,
                           int64_t u_lo, int64_t u_hi, int64_t kw, int64_t row_size, int64_t v_step, int64_t xs_step,
                           float* __restrict__ out) {
+  const int64_t step = XS > 0 ? XS : xs_step;
   __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   for (int64_t u = u_lo; u < u_hi; ++u) {
     const float* xr = x_col + (ih0 + u * dil_h) * row_size;
@@ -209,13 +216,13 @@ inline void interior_run8(const float* __restrict__ x_col, const float* __restri
       const __m512 wv = _mm512_loadu_ps(wr + v * kLanes);
       const float* xs = xr + v * v_step;
       c0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs), c0);
-      c1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + xs_step), c1);
-      c2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 2 * xs_step), c2);
-      c3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 3 * xs_step), c3);
-      c4 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 4 * xs_step), c4);
-      c5 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 5 * xs_step), c5);
-      c6 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 6 * xs_step), c6);
-      c7 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 7 * xs_step), c7);
+      c1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + step), c1);
+      c2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 2 * step), c2);
+      c3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 3 * step), c3);
+      c4 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 4 * step), c4);
+      c5 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 5 * step), c5);
+      c6 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 6 * step), c6);
+      c7 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + 7 * step), c7);
     }
   }
   _mm512_storeu_ps(out, c0);
@@ -241,8 +248,14 @@ void block_forward(const scalar_t* __restrict__ xb, const scalar_t* __restrict__
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (r.v_lo[ow] == 0 && ow + kInteriorRun <= g.out_w && r.v_hi[ow + kInteriorRun - 1] == kw) {
           const int64_t ih0 = oh * g.stride_h - g.pad_h;
-          interior_run8(xb + (ow * g.stride_w - g.pad_w) * L, w, ih0, g.dil_h, u_lo, u_hi, kw, g.width * L, v_step,
-                        xs_step, yb + (oh * g.out_w + ow) * L);
+          const float* x_col = xb + (ow * g.stride_w - g.pad_w) * L;
+          float* out = yb + (oh * g.out_w + ow) * L;
+          if (g.stride_w == 1)
+            interior_run8<kLanes>(x_col, w, ih0, g.dil_h, u_lo, u_hi, kw, g.width * L, v_step, xs_step, out);
+          else if (g.stride_w == 2)
+            interior_run8<2 * kLanes>(x_col, w, ih0, g.dil_h, u_lo, u_hi, kw, g.width * L, v_step, xs_step, out);
+          else
+            interior_run8<0>(x_col, w, ih0, g.dil_h, u_lo, u_hi, kw, g.width * L, v_step, xs_step, out);
           ow += kInteriorRun;
           continue;
         }
