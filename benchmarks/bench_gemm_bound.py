@@ -193,15 +193,20 @@ def per_sample_products(shape, primitive, brgemm_products=None):
     }
 
 
+def static_layer(shape):
+    """x, the static layer's kernel w and a gradient gy of its output (seeded), and its conv_args()."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen)
+    w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel, generator=gen)
+    gy = torch.randn(shape.batch, shape.out_channels, shape.out_size, shape.out_size, generator=gen)
+    return x, w, gy, shape.conv_args()
+
+
 def sample_convolutions(shape):
     """{"fwd": fn, "bwd": fn}: the layer's convolution (forward; backward with grad_x and the kernel's
     gradient) called on one sample at a time, the kernel shared, as the extension's convolution path
     calls it on a sample's own kernel."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen)
-    w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel, generator=gen)
-    stride, padding, dilation, groups = shape.conv_args()
-    gy = torch.randn(shape.batch, shape.out_channels, shape.out_size, shape.out_size, generator=gen)
+    x, w, gy, (stride, padding, dilation, groups) = static_layer(shape)
 
     def fwd():
         for b in range(shape.batch):
@@ -215,15 +220,11 @@ def sample_convolutions(shape):
 
 
 def static_times(shape, min_run_time):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen)
-    w = torch.randn(shape.out_channels, shape.in_channels // shape.groups, shape.kernel, shape.kernel, generator=gen)
-    stride, padding, dilation, groups = shape.conv_args()
+    x, w, gy, (stride, padding, dilation, groups) = static_layer(shape)
     conv = lambda xx, ww: F.conv2d(xx, ww, None, stride, padding, dilation, groups)  # noqa: E731
     with torch.no_grad():
         fwd = timed(lambda: conv(x, w), min_run_time)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    gy = torch.randn(conv(x, w).shape, generator=gen)
 
     def step():
         torch.autograd.grad(conv(xg, wg), (xg, wg), gy)
