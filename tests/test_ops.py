@@ -1046,6 +1046,9 @@ BLOCK_CASES = [
     (3, 100, 100, 7, 3, 8, 1, 1, 1, 1),    # P = 49 <= Cout/2, above the folded maps (folded on AVX-512): 32 + 1-2
     (2, 3300, 8, 2, 1, 8, 1, 0, 1, 1),     # 1x1 without im2col: parts of 1100 channels in blocks of 560 + 540
     (40, 100, 40, 6, 3, 8, 1, 1, 1, 1),    # folded (P = 36): 32 + 1-2, two chunks per block
+    # folded, 1x1 on 4x4 with 800 rows: 8 MB of W_k and grad_W would cut a part's 380 channels into blocks of
+    # 163 columns (float64; 327 in float32), the folded backward's 384 columns at least keep them in one block
+    (2, 1140, 800, 4, 1, 4, 1, 0, 1, 1),
     (3, 40, 24, 9, 3, 7, 1, 1, 1, 1),      # not folded (P = 81 > Cout/2), K = 7: the reduction's kernels in 4 + 3
     # not folded, chunks of one sample in float64 (two in float32: im2row and gcols fill the budget); G kept for 7
     # samples (14) before the grad_W products: products after 7, 14 and 16 (after 14 and 16)

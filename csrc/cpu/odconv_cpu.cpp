@@ -2901,6 +2901,17 @@ constexpr int64_t kColumnsSlotPad = 16;  // floats between the samples' slots: t
 constexpr int64_t kFoldedBackwardMaxPixels = 36;
 constexpr int64_t kFoldedBackwardMaxPixelsDirect = 64;  // 1x1 kernels without im2col
 constexpr int64_t kBlockBytes = 8 * 1024 * 1024;  // a block's slices of W_k and grad_W, at most
+// The folded backward's blocks are at least kFoldedMinBlockColumns wide (a part's whole columns where it has
+// fewer; the tile's kTileBytes still caps them), whatever kBlockBytes would allow. Its per-row and per-tile
+// work does not shrink with a block: each row of a tile ends its pass over the row with S x K horizontal
+// sums (reduce_rows_folded_avx512), and each tile transposes and scales every sample's rows of gy; on
+// layers of many rows kBlockBytes cut blocks of 48-144 columns (2 x K x Cog x 4 bytes per column: 80 on
+// ConvNeXt's 768->3072 1x1 on 7x7), where these took a third of the backward's own code (perf, B32
+// 768->3072 7x7: reduce_rows_folded 20 % and backward_folded_chunk's own loops 6 % of the cycles, 17 % and
+// 2 % with one block per part). There the chunks' re-reads of the wider blocks' slices cost less than
+// that: a block of 384 columns of that layer holds 19 MB of W_k and grad_W, and two chunks of 16 read it.
+// (benchmarks/ab_env.py with a temporary switch, Zen 4 EPYC, results/ab_folded_min_block_columns_avx512_cpu.json.)
+constexpr int64_t kFoldedMinBlockColumns = 384;
 constexpr int64_t kFoldedThreadBytesBackward = 2 * 1024 * 1024;     // the folded backward's budget (see above)
 constexpr int64_t kFoldedMaxThreadBytesBackward = 4 * 1024 * 1024;  // and its most, for parts of > 16 MB of kernels
 constexpr int64_t kFoldedSubSamples = 8;  // samples whose Q' and A the folded backward holds at a time
@@ -2950,15 +2961,18 @@ struct ColumnBlock {
 };
 
 // The channels [c_begin, c_end) in blocks of whole channels, as few as keep each block's slices of
-// W_k and grad_W within kBlockBytes and its tile of W_k within kTileBytes; blocks of several
+// W_k and grad_W within kBlockBytes (or, where that is narrower, min_columns wide: the folded
+// backward's kFoldedMinBlockColumns) and its tile of W_k within kTileBytes; blocks of several
 // channels take a multiple of 16 columns (a vector of floats, a block of brgemm) where they can.
 // With groups the channels are first cut at the groups' boundaries: a block's tiles are rows of its
 // group (Tile::g0) by columns of that group's J.
-std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int64_t c_begin, int64_t c_end) {
+std::vector<ColumnBlock> column_blocks(const Geometry& g, int64_t elem_size, int64_t c_begin, int64_t c_end,
+                                       int64_t min_columns = 1) {
   const int64_t taps = g.taps(), Cog = g.out_per_group, Cig = g.in_per_group, K = g.kernel_num;
   const int64_t rows = std::min(kMinTileRows, Cog);
-  const int64_t most_columns =
-      std::max<int64_t>(1, std::min(kTileBytes / (K * rows * elem_size), kBlockBytes / (2 * K * Cog * elem_size)));
+  const int64_t most_columns = std::max<int64_t>(
+      1, std::min(kTileBytes / (K * rows * elem_size),
+                  std::max(min_columns, kBlockBytes / (2 * K * Cog * elem_size))));
   const int64_t align = channels_per_16_columns(taps);
   const int64_t row_step = even_step(Cog, rows);
   std::vector<ColumnBlock> out;
@@ -3177,7 +3191,8 @@ void backward_by_columns(const at::Tensor& gy, const at::Tensor& x, const at::Te
     part[p].c0 = Cin * p / parts;
     part[p].c1 = Cin * (p + 1) / parts;
     part_columns = std::max(part_columns, (part[p].c1 - part[p].c0) * taps);
-    part[p].blocks = column_blocks(g, sizeof(scalar_t), part[p].c0, part[p].c1);
+    part[p].blocks = column_blocks(g, sizeof(scalar_t), part[p].c0, part[p].c1,
+                                   folded ? kFoldedMinBlockColumns : 1);
     for (const ColumnBlock& blk : part[p].blocks) {
       widest = std::max(widest, (blk.c1 - blk.c0) * taps);
       max_tile = std::max(max_tile, max_tile_elems(blk.tiles));
