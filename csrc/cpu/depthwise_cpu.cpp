@@ -131,17 +131,24 @@ void scatter_lanes(const scalar_t* src, int64_t plane, int64_t n, scalar_t* dst)
     for (int64_t e = e0; e < plane; ++e) dst[l * plane + e] = src[e * kLanes + l];
 }
 
-// The K kernels with the channels last, (K, taps, Cp), Cp = C rounded up to kLanes (zeros past C): a block's
-// taps are then kLanes consecutive values of each kernel.
+// The K kernels with the channels last, block by block of kLanes channels: (K, blocks, taps, L), lanes past
+// the last channel 0. A block's kernel k is then taps x L consecutive values, built from its (L, taps) rows
+// of W_k by gather_lanes (16 x 16 transposes on AVX-512), in parallel over the K x blocks slices. (It was a
+// serial scalar loop into (K, taps, C) while the other threads waited: benchmarks/ab_env.py with a temporary
+// switch, 10 rounds, Zen 4 EPYC, results/ab_depthwise_kernels_block_major_avx512_cpu.json: forward 0.94 on
+// B32 960 channels 7x7 3x3, 0.96 on 384 channels 14x14 3x3, 0.98 on 768 channels 7x7 7x7, 0.99-1.02 on
+// larger maps; backward 0.97-1.03.)
 template <typename scalar_t>
 std::vector<scalar_t> kernels_channels_last(const at::Tensor& weight, const Geometry& g) {
-  const int64_t C = g.out_channels, taps = g.taps(), K = g.kernel_num;
-  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
+  const int64_t C = g.out_channels, taps = g.taps(), K = g.kernel_num, blocks = (C + kLanes - 1) / kLanes;
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  std::vector<scalar_t> wt(K * taps * Cp, scalar_t(0));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < taps; ++t) wt[(k * taps + t) * Cp + c] = w[(k * C + c) * taps + t];
+  std::vector<scalar_t> wt(K * blocks * taps * kLanes);
+  at::parallel_for(0, K * blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = i / blocks, c0 = (i % blocks) * kLanes;
+      gather_lanes(w + (k * C + c0) * taps, taps, std::min(kLanes, C - c0), wt.data() + i * taps * kLanes);
+    }
+  });
   return wt;
 }
 
@@ -150,15 +157,16 @@ std::vector<scalar_t> kernels_channels_last(const at::Tensor& weight, const Geom
 template <typename scalar_t>
 void block_kernels(const scalar_t* wt, const scalar_t* fc, const scalar_t* s, const scalar_t* a, const Geometry& g,
                    int64_t c0, scalar_t* __restrict__ A, scalar_t* __restrict__ w) {
-  const int64_t taps = g.taps(), K = g.kernel_num;
-  const int64_t Cp = (g.out_channels + kLanes - 1) / kLanes * kLanes;
+  const int64_t taps = g.taps(), K = g.kernel_num, blocks = (g.out_channels + kLanes - 1) / kLanes;
+  const int64_t k_stride = blocks * taps * kLanes;  // between kernels of a block in wt
+  wt += c0 / kLanes * taps * kLanes;                // the block's kernel 0
   for (int64_t t = 0; t < taps; ++t) {
     scalar_t* __restrict__ At = A + t * kLanes;
-    const scalar_t* __restrict__ w0 = wt + t * Cp + c0;
+    const scalar_t* __restrict__ w0 = wt + t * kLanes;
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) At[l] = a[0] * w0[l];
     for (int64_t k = 1; k < K; ++k) {
-      const scalar_t* __restrict__ wk = wt + (k * taps + t) * Cp + c0;
+      const scalar_t* __restrict__ wk = wt + k * k_stride + t * kLanes;
 #pragma omp simd
       for (int64_t l = 0; l < kLanes; ++l) At[l] += a[k] * wk[l];
     }
@@ -446,7 +454,6 @@ void backward_blocks(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
                      at::Tensor& grad_s, at::Tensor& grad_a) {
   const TapRanges r(g);
   const int64_t B = g.batch, C = g.out_channels, taps = g.taps(), K = g.kernel_num, k_stride = C * taps;
-  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
   const int64_t blocks = (C + kLanes - 1) / kLanes, in_plane = g.height * g.width, out_plane = g.out_pixels();
   const scalar_t *gy_ptr = gy.const_data_ptr<scalar_t>(), *x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* ch_ptr = ch.const_data_ptr<scalar_t>();
@@ -513,7 +520,7 @@ void backward_blocks(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
           gs[t] += gs_t;
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t ak = a_ptr[b * K + k];
-            const scalar_t* __restrict__ wk = wt.data() + (k * taps + t) * Cp + c0;
+            const scalar_t* __restrict__ wk = wt.data() + ((k * blocks + c0 / kLanes) * taps + t) * kLanes;
             scalar_t* __restrict__ gwk = gw + (k * taps + t) * kLanes;
             scalar_t dot = 0;
 #pragma omp simd reduction(+ : dot)
