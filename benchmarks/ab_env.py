@@ -11,6 +11,13 @@ calls alike: on the 2-vCPU EPYC of 2026-12-06 such ratios held to 2-3 % over 30 
 benchmarks/ab_builds.py's fastest medians of fresh processes (the way to compare two builds) moved
 by 10-20 %.
 
+--fresh-inputs gives every round new input tensors (the same values in new memory; the old ones stay
+allocated, so the memory really is new): on the Zen 4 EPYC of 2026-12-08 the folded backward's time on
+small maps depended on where its buffers and the inputs lay -- 38-41 ms against 54-60 ms for the same call
+on the GTSRB 6x6 layer, the static backward unchanged (HISTORY.md) -- and a process, or a run of calls,
+could stay in one such state; with fresh inputs each variant meets many of them, and the ratios
+compare the variants rather than one placement.
+
 By default the process keeps glibc's defaults, under which buffers of 32 MiB and more come as fresh pages on
 every call; --keep-freed-memory makes glibc keep freed memory first (odconv.keep_freed_memory(), as train.py,
 bench_op.py and sweep_shapes.py run), which A/B runs of allocation-heavy paths should use to read as training.
@@ -21,6 +28,8 @@ Examples
   python benchmarks/ab_env.py --variants "-" "ODCONV_CPU_TRANSPOSED_FORWARD=always" --shapes "32,256,256,14,3,4,1,1"
   python benchmarks/ab_env.py --variants "ODCONV_CPU_BACKWARD_SPLIT=samples" "ODCONV_CPU_BACKWARD_SPLIT=columns" \\
       --shapes "64,128,128,12,3,4,1,1;128,128,256,6,3,4,1,1" --modes bwd --rounds 30 --json ab_env.json
+  python benchmarks/ab_env.py --variants "-" "ODCONV_CPU_FOLDED_GRAD_W=products" --shapes "128,128,256,6,3,4,1,1" \
+      --modes bwd --rounds 10 --fresh-inputs --keep-freed-memory
 """
 import argparse
 import json
@@ -62,17 +71,26 @@ def apply(settings, defaults):
             os.environ[name] = value
 
 
-def interleave(op, variants, rounds, warmup):
-    """Per variant, its times (s) over `rounds` alternations of the variants."""
+def interleave(make_op, variants, rounds, warmup, fresh_inputs=False):
+    """Per variant, its times (s) over `rounds` alternations of the variants. make_op() gives the op to time
+    (on its own inputs); with fresh_inputs every round after the first calls it again, keeping the earlier
+    ops (and their inputs) alive, and runs the new op once per variant untimed first."""
     names = list(variants)
     defaults = {name: os.environ.get(name) for settings in variants.values() for name in settings}
     times = {name: [] for name in names}
+    ops = [make_op()]
     try:
         for name in names:
             apply(variants[name], defaults)
             for _ in range(warmup):
-                op()
+                ops[-1]()
         for r in range(rounds):
+            if fresh_inputs and r > 0:
+                ops.append(make_op())
+                for name in names:
+                    apply(variants[name], defaults)
+                    ops[-1]()
+            op = ops[-1]
             for name in (names if r % 2 == 0 else names[::-1]):
                 apply(variants[name], defaults)
                 start = time.perf_counter()
@@ -93,6 +111,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="make glibc keep freed memory, as train.py does (process-wide; default: glibc's defaults)")
+    p.add_argument("--fresh-inputs", action="store_true",
+                   help="new input tensors every round, the old ones kept (see above)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if len(args.variants) < 2:
@@ -120,7 +140,8 @@ def main(argv=None):
     for shape in parse_shapes(args.shapes):
         calls = layer_calls(shape)
         for mode in modes:
-            times = interleave(calls[mode], variants, args.rounds, args.warmup)
+            make_op = (lambda m=mode: layer_calls(shape)[m]) if args.fresh_inputs else (lambda m=mode: calls[m])
+            times = interleave(make_op, variants, args.rounds, args.warmup, args.fresh_inputs)
             row = {"name": shape.name, "op": mode, "variants": {}}
             for text in args.variants:
                 ratios = [t / t0 for t, t0 in zip(times[text], times[reference])]
@@ -132,6 +153,7 @@ def main(argv=None):
     if args.json:
         report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": machine_info("cpu"),
                   "threads": torch.get_num_threads(), "rounds": args.rounds, "reference": reference,
+                  "fresh_inputs": args.fresh_inputs,
                   "keep_freed_memory": kept, "results": results}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

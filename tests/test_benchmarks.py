@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -387,6 +388,37 @@ def test_ab_builds_env_reaches_one_side_only(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_CPU_EXTENSION, reason="times the compiled CPU extension")
+def test_ab_env_fresh_inputs_gives_every_round_new_tensors(tmp_path, monkeypatch):
+    import ab_env
+    real_layer_calls = ab_env.layer_calls
+    inputs, alive = [], []  # weak references to each set's x; whether every earlier x lived at each call
+
+    def watched_layer_calls(shape):
+        calls = real_layer_calls(shape)
+        fwd = calls["fwd"]
+        x = next(c.cell_contents for c in fwd.__closure__ if isinstance(c.cell_contents, torch.Tensor))
+        inputs.append(weakref.ref(x))
+        del x
+
+        def op():
+            alive.append(all(ref() is not None for ref in inputs))
+            return fwd()
+        return dict(calls, fwd=op)
+
+    monkeypatch.setattr(ab_env, "layer_calls", watched_layer_calls)
+    path = tmp_path / "ab_env.json"
+    ab_env.main(["--variants", "-", "ODCONV_CPU_FORWARD_SPLIT=samples", "--shapes", "2,4,6,6,3,2,1,1", "--modes", "fwd",
+                 "--rounds", "3", "--warmup", "0", "--fresh-inputs", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["fresh_inputs"] is True and len(report["results"][0]["variants"]["-"]["times_ms"]) == 3
+    assert len(inputs) == 1 + 3  # the shape's calls, then one set per round
+    assert alive and all(alive)  # the earlier rounds' inputs were kept: each round's memory is new
+    inputs.clear()
+    ab_env.main(["--variants", "-", "ODCONV_CPU_FORWARD_SPLIT=samples", "--shapes", "2,4,6,6,3,2,1,1", "--modes", "fwd",
+                 "--rounds", "3", "--warmup", "0", "--json", str(path)])
+    assert len(inputs) == 1 and json.loads(path.read_text())["fresh_inputs"] is False
+
+
 def test_ab_env_alternates_variants_in_one_process(tmp_path, capsys, monkeypatch):
     import ab_env
     monkeypatch.delenv("ODCONV_CPU_BACKWARD_SPLIT", raising=False)
