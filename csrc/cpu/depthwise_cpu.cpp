@@ -152,21 +152,26 @@ std::vector<scalar_t> kernels_channels_last(const at::Tensor& weight, const Geom
   return wt;
 }
 
+// Kernel k of the block of channels [c0, c0 + kLanes) in wt (kernels_channels_last): taps x L values.
+template <typename scalar_t>
+inline const scalar_t* block_kernel(const scalar_t* wt, const Geometry& g, int64_t k, int64_t c0) {
+  const int64_t blocks = (g.out_channels + kLanes - 1) / kLanes;
+  return wt + (k * blocks + c0 / kLanes) * g.taps() * kLanes;
+}
+
 // A (taps, L) and w (taps, L) of the block of channels [c0, c0 + kLanes) of sample b from wt
 // (kernels_channels_last); fc (L) = f * ch of those channels (0 past the last channel).
 template <typename scalar_t>
 void block_kernels(const scalar_t* wt, const scalar_t* fc, const scalar_t* s, const scalar_t* a, const Geometry& g,
                    int64_t c0, scalar_t* __restrict__ A, scalar_t* __restrict__ w) {
-  const int64_t taps = g.taps(), K = g.kernel_num, blocks = (g.out_channels + kLanes - 1) / kLanes;
-  const int64_t k_stride = blocks * taps * kLanes;  // between kernels of a block in wt
-  wt += c0 / kLanes * taps * kLanes;                // the block's kernel 0
+  const int64_t taps = g.taps(), K = g.kernel_num;
   for (int64_t t = 0; t < taps; ++t) {
     scalar_t* __restrict__ At = A + t * kLanes;
-    const scalar_t* __restrict__ w0 = wt + t * kLanes;
+    const scalar_t* __restrict__ w0 = block_kernel(wt, g, 0, c0) + t * kLanes;
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) At[l] = a[0] * w0[l];
     for (int64_t k = 1; k < K; ++k) {
-      const scalar_t* __restrict__ wk = wt + k * k_stride + t * kLanes;
+      const scalar_t* __restrict__ wk = block_kernel(wt, g, k, c0) + t * kLanes;
 #pragma omp simd
       for (int64_t l = 0; l < kLanes; ++l) At[l] += a[k] * wk[l];
     }
@@ -520,7 +525,7 @@ void backward_blocks(const at::Tensor& gy, const at::Tensor& x, const at::Tensor
           gs[t] += gs_t;
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t ak = a_ptr[b * K + k];
-            const scalar_t* __restrict__ wk = wt.data() + ((k * blocks + c0 / kLanes) * taps + t) * kLanes;
+            const scalar_t* __restrict__ wk = block_kernel(wt.data(), g, k, c0) + t * kLanes;
             scalar_t* __restrict__ gwk = gw + (k * taps + t) * kLanes;
             scalar_t dot = 0;
 #pragma omp simd reduction(+ : dot)
